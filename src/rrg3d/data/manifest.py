@@ -237,6 +237,16 @@ def record_files(record: dict[str, Any]) -> list[tuple[str, str]]:
     return files
 
 
+def record_affine(record: dict[str, Any], field: str) -> list[list[float]] | None:
+    """The affine a preprocessing cache recorded for a file of this record (``None`` for original scans)."""
+    geometry = (record.get("preprocess") or {}).get("images") or {}
+    if field.startswith("images."):
+        entry = geometry.get(field.split(".", 1)[1])
+    else:  # masks share the grid of the record's first image
+        entry = next(iter(geometry.values()), None)
+    return entry.get("affine") if isinstance(entry, dict) else None
+
+
 def relativize(path: str | os.PathLike[str], manifest_path: str | os.PathLike[str]) -> str:
     """``path`` relative to the manifest's folder when possible (POSIX separators), else absolute."""
     base = Path(manifest_path).resolve().parent
@@ -284,7 +294,8 @@ def validate_manifest(
         for field, relative in record_files(record):
             file_path = resolve(path, relative)
             try:
-                volume = read_volume(file_path, modality="SEG" if field == "masks.path" else None)
+                volume = read_volume(file_path, modality="SEG" if field == "masks.path" else None,
+                                     affine=record_affine(record, field))
             except RRG3DError as exc:
                 problems.append(Problem(str(path), record.get("_line"), field, str(exc)))
                 continue

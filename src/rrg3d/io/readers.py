@@ -227,14 +227,15 @@ def read_numpy(
     path: str | os.PathLike[str],
     spacing: Sequence[float] | None = None,
     origin: Sequence[float] = (0.0, 0.0, 0.0),
+    affine: np.ndarray | Sequence[Sequence[float]] | None = None,
 ) -> Volume:
     """Read ``.npy``/``.npz`` holding an array already in canonical ``[D, H, W]`` order.
 
-    Arrays carry no geometry, so spacing ``(sd, sh, sw)`` must be given, either as the argument or, for
-    ``.npz``, as a ``spacing`` entry (optionally with ``origin`` or a full 4×4 ``affine``).
+    Arrays carry no geometry, so it must be given: a 4×4 index→LPS ``affine`` (what preprocessing caches
+    record), or spacing ``(sd, sh, sw)`` (argument, or ``spacing``/``origin``/``affine`` entries of an ``.npz``).
     """
     path = Path(path)
-    affine = None
+    affine = None if affine is None else np.asarray(affine, dtype=np.float64)
     try:
         if _suffix(path) == ".npz":
             with np.load(path, allow_pickle=False) as archive:
@@ -246,7 +247,7 @@ def read_numpy(
                         raise VolumeReadError(path, f"cannot tell which entry is the image among {keys}")
                     key = candidates[0]
                 array = archive[key]
-                if "affine" in keys:
+                if "affine" in keys and affine is None:
                     affine = np.asarray(archive["affine"], dtype=np.float64)
                 if spacing is None and "spacing" in keys:
                     spacing = [float(s) for s in archive["spacing"]]
@@ -286,6 +287,7 @@ def read_volume(
     spacing: Sequence[float] | None = None,
     series: int | str | None = None,
     frame: int | None = None,
+    affine: np.ndarray | Sequence[Sequence[float]] | None = None,
 ) -> Volume:
     """Read any supported scan into a canonical :class:`Volume`.
 
@@ -293,6 +295,7 @@ def read_volume(
         path: a NIfTI/NRRD/MHA/MHD/NPY/NPZ file, a DICOM file (Enhanced multi-frame) or a folder of DICOM files.
         modality: override the modality (``"CT"``, ``"PT"``, ``"SEG"``, ...); DICOM reports its own.
         spacing: voxel size ``(sd, sh, sw)`` for NumPy arrays, which carry none.
+        affine: or the full 4×4 index→LPS affine for NumPy arrays (as preprocessing caches record it).
         series: which DICOM series of a folder holding several (index or SeriesInstanceUID hash prefix).
         frame: which frame of a 4D NIfTI.
     """
@@ -305,7 +308,7 @@ def read_volume(
     elif kind == "itk":
         volume = read_itk(path)
     elif kind == "numpy":
-        volume = read_numpy(path, spacing=spacing)
+        volume = read_numpy(path, spacing=spacing, affine=affine)
     else:
         from rrg3d.io.dicom import read_dicom
 

@@ -1,0 +1,39 @@
+"""Turn a public dataset's folder layout into an rrg3d manifest (CT-RATE, RadGenome-ChestCT,
+CTRG-Chest-548K, AutoPET-style PET/CT). Rows that cannot be used are listed with the reason and skipped.
+
+    rrg3d convert ctrate /data/CT-RATE --out ctrate.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HELP = "convert a public dataset layout into a manifest"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from rrg3d.data.adapters import ADAPTERS
+
+    datasets = parser.add_subparsers(dest="dataset", metavar="DATASET", required=True)
+    for name, adapter in ADAPTERS.items():
+        sub = datasets.add_parser(name, help=adapter.description, description=adapter.description)
+        sub.add_argument("root", type=Path, help="dataset root folder")
+        sub.add_argument("--out", type=Path, required=True, help="manifest to write (JSONL)")
+        adapter.add_arguments(sub)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rrg3d.data.adapters import get_adapter
+
+    adapter = get_adapter(args.dataset)
+    reserved = {"command", "dataset", "root", "out", "verbose", "_run"}
+    options = {k: v for k, v in vars(args).items() if k not in reserved}
+    result = adapter.convert(args.root, args.out, **options)
+    for study_id, reason in result.skipped[:50]:
+        print(f"skipped {study_id}: {reason}", file=sys.stderr)
+    if len(result.skipped) > 50:
+        print(f"... and {len(result.skipped) - 50} more skipped", file=sys.stderr)
+    print(f"wrote {result.n_records} records to {result.manifest} ({result.n_skipped} skipped)")
+    return 0 if result.n_records > 0 else 1

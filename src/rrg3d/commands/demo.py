@@ -1,0 +1,186 @@
+"""Run the main rrg3d job end to end on data that exists on any machine.
+
+Today (foundation stage) the demo: writes synthetic chest CTs in every supported format (NIfTI in two
+orientations, a DICOM series, NRRD, NPZ), adds the real CTs of ../shared/data when present plus a 2D DICOM
+slice shipped with pydicom and a truncated file (both must be rejected cleanly), builds a manifest,
+validates it, preprocesses it with the ``ctrate`` and ``m3d`` presets (resumable cache, errors recorded),
+checks HU plausibility and geometry, prints a table and writes a preview PNG. Training and report
+generation join this command when they land.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HELP = "run the end-to-end demo on generated and package-shipped volumes"
+
+SHARED_CANDIDATES = ("RRG3D_SHARED_DATA",)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="rrg3d_demo", help="output folder (default ./rrg3d_demo)")
+    parser.add_argument("--workers", type=int, default=2, help="preprocessing worker processes")
+    parser.add_argument("--presets", nargs="+", default=["ctrate", "m3d"], help="presets to run")
+    parser.add_argument("--no-shared", action="store_true", help="ignore ../shared/data even when present")
+
+
+def shared_data_dir() -> Path | None:
+    """``$RRG3D_SHARED_DATA`` or ``../shared/data`` beside the repository/working directory, if it exists."""
+    env = os.environ.get("RRG3D_SHARED_DATA")
+    candidates = [Path(env)] if env else []
+    here = Path(__file__).resolve()
+    candidates += [p / "shared" / "data" for p in (Path.cwd().parent, *here.parents)]
+    return next((p for p in candidates if (p / "ct").is_dir()), None)
+
+
+def _write_inputs(out: Path, use_shared: bool) -> list[dict[str, Any]]:
+    from rrg3d.data.synthetic import synthetic_chest
+    from rrg3d.io import write_volume
+    from rrg3d.io.dicom_write import write_dicom_series
+
+    scans = out / "scans"
+    records: list[dict[str, Any]] = []
+    report = ("Findings: The lungs are clear. No pleural effusion. Heart size is normal. "
+              "Impression: No acute cardiopulmonary abnormality.")
+
+    def add(study_id: str, path: Path, source: str, **extra: Any) -> None:
+        records.append({"id": study_id, "split": "train", "images": {"ct": os.path.relpath(path, out)},
+                        "report": report, "meta": {"source": source}, **extra})
+
+    chest = synthetic_chest(shape=(96, 160, 160), spacing=(2.5, 2.2, 2.2), seed=1)
+    add("synth_nifti", write_volume(chest, scans / "synth_nifti.nii.gz"), "synthetic (NIfTI)")
+    flipped = chest.replace(array=np.ascontiguousarray(chest.array[::-1, :, ::-1].transpose(2, 1, 0)),
+                            affine=_flip_affine(chest))
+    add("synth_nifti_flipped", write_volume(flipped, scans / "synth_nifti_flipped.nii.gz"),
+        "synthetic (NIfTI, permuted and flipped axes)")
+    add("synth_dicom", write_dicom_series(synthetic_chest(shape=(60, 128, 128), spacing=(3.0, 2.7, 2.7), seed=2),
+                                          scans / "synth_dicom"), "synthetic (DICOM series)")
+    add("synth_nrrd", write_volume(synthetic_chest(seed=3), scans / "synth_nrrd.nrrd"), "synthetic (NRRD)")
+    add("synth_npz", write_volume(synthetic_chest(seed=4), scans / "synth_npz.npz"), "synthetic (NPZ)")
+
+    truncated = scans / "truncated.nii.gz"
+    data = (scans / "synth_nifti.nii.gz").read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    add("bad_truncated", truncated, "corrupt on purpose (truncated gzip)")
+    try:
+        from pydicom.data import get_testdata_file
+
+        slice_2d = get_testdata_file("CT_small.dcm")
+        if slice_2d:
+            add("bad_single_slice", Path(slice_2d), "pydicom test data (one 2D CT slice)")
+    except Exception:  # pydicom data is optional here
+        pass
+
+    shared = shared_data_dir() if use_shared else None
+    if shared is not None:
+        for study_id, rel in (("real_abdomen_ct", "ct/totalseg_example/example_ct.nii.gz"),
+                              ("real_chest_cta", "ct/totalseg_chest_cta/ct_cropped.nii.gz"),
+                              ("real_dicom_series", "ct/totalseg_example/dicom")):
+            if (shared / rel).exists():
+                add(study_id, shared / rel, f"shared data: {rel}")
+    return records
+
+
+def _flip_affine(volume: Any) -> np.ndarray:
+    """Affine of ``array[::-1, :, ::-1].transpose(2, 1, 0)`` of a volume, so it shows the same anatomy."""
+    d, _, w = (n - 1 for n in volume.shape)
+    # new index (a, b, c) = old index (d - c, b, w - a)
+    old = np.array([[0, 0, -1, d], [0, 1, 0, 0], [-1, 0, 0, w], [0, 0, 0, 1]], dtype=np.float64)
+    return volume.affine @ old
+
+
+def _hu_check(path: Path) -> dict[str, float]:
+    from rrg3d.io import read_volume
+
+    array = read_volume(path).array.astype(np.float32)
+    return {"p1": float(np.percentile(array, 1)), "median": float(np.median(array)),
+            "p99": float(np.percentile(array, 99))}
+
+
+def _preview(cache: Path, out_png: Path, limit: int = 6) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rrg3d.data.manifest import load_manifest
+
+    records = load_manifest(cache / "manifest.jsonl")[:limit]
+    if not records:
+        return None
+    fig, axes = plt.subplots(2, len(records), figsize=(2.6 * len(records), 5.2), squeeze=False)
+    for col, record in enumerate(records):
+        array = np.load(cache / record["images"]["ct"], mmap_mode="r")
+        axes[0, col].imshow(array[array.shape[0] // 2], cmap="gray", vmin=0, vmax=1)
+        axes[0, col].set_title(record["id"], fontsize=7)
+        axes[1, col].imshow(array[:, array.shape[1] // 2][::-1], cmap="gray", vmin=0, vmax=1, aspect="auto")
+        for row in (0, 1):
+            axes[row, col].axis("off")
+    axes[0, 0].text(-0.1, 0.5, "axial", transform=axes[0, 0].transAxes, rotation=90, va="center", ha="right")
+    axes[1, 0].text(-0.1, 0.5, "coronal", transform=axes[1, 0].transAxes, rotation=90, va="center", ha="right")
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def run(args: argparse.Namespace) -> int:
+    from rrg3d.data.manifest import validate_manifest, write_manifest
+    from rrg3d.preprocess.batch import preprocess_manifest
+
+    start = time.perf_counter()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"[1/4] writing demo scans to {out / 'scans'}")
+    records = _write_inputs(out, use_shared=not args.no_shared)
+    manifest = write_manifest(records, out / "manifest.jsonl")
+    print(f"      {len(records)} studies in {manifest}")
+
+    print("[2/4] rrg3d validate: schema + opening every file")
+    _, problems = validate_manifest(manifest)
+    for problem in problems:
+        print(f"      problem: {problem}")
+
+    summaries = {}
+    for step, preset in enumerate(args.presets, start=3):
+        print(f"[{min(step, 3)}/4] rrg3d preprocess --preset {preset} (workers={args.workers})")
+        summary = preprocess_manifest(manifest, preset, out / f"cache_{preset}", workers=args.workers,
+                                      progress=True)
+        summaries[preset] = summary
+        print(f"      {summary.line()}")
+
+    print("[4/4] checks on the preprocessed tensors")
+    from rrg3d.data.manifest import load_manifest
+
+    rows = []
+    first = args.presets[0]
+    cache = out / f"cache_{first}"
+    originals = {r["id"]: r for r in records}
+    for record in load_manifest(cache / "manifest.jsonl"):
+        source = out / originals[record["id"]]["images"]["ct"]
+        hu = _hu_check(source)
+        tensor = np.load(cache / record["images"]["ct"], mmap_mode="r")
+        geometry = record["preprocess"]["images"]["ct"]
+        spacing = np.linalg.norm(np.asarray(geometry["affine"])[:3, :3], axis=0)
+        rows.append((record["id"], hu["p1"], hu["median"], tuple(tensor.shape), tuple(np.round(spacing, 3)),
+                     float(tensor.mean())))
+    print(f"      {'study':<22}{'HU p1':>8}{'HU median':>11}  {'tensor shape':<18}{'spacing mm':<22}{'mean':>6}")
+    for study_id, p1, median, shape, spacing, mean in rows:
+        print(f"      {study_id:<22}{p1:>8.0f}{median:>11.0f}  {str(shape):<18}{str(spacing):<22}{mean:>6.3f}")
+    errors = [json.loads(line) for line in (cache / "errors.jsonl").read_text().splitlines() if line.strip()]
+    for error in errors:
+        print(f"      recorded failure: {error['id']}: {error['error']}")
+    preview = _preview(cache, out / "preview.png")
+    if preview:
+        print(f"      preview of the {first} tensors: {preview}")
+    print(f"done in {time.perf_counter() - start:.1f} s; caches in {out}")
+    ok = all(s.succeeded > 0 for s in summaries.values())
+    return 0 if ok else 1

@@ -1,0 +1,235 @@
+"""Preprocess every study of a manifest into a tensor cache that training reads.
+
+Layout of the output folder::
+
+    DIR/preset.yaml          the full preset (the cache is only ever valid for this one)
+    DIR/manifest.jsonl       input records, images/masks pointing at the cached tensors, preset recorded
+    DIR/errors.jsonl         one record per failed study: {"id", "file", "error"}
+    DIR/summary.json         counts and timing of the last run
+    DIR/tensors/<id>.<image>.npy, DIR/tensors/<id>.mask.npy
+    DIR/records/<id>.json    per-study receipts; a study with a receipt for this preset is skipped on resume
+
+Tensors are written atomically, then the receipt, so a killed run resumes where it stopped and never
+trusts a half-written file. One bad study is recorded in ``errors.jsonl`` and the batch goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rrg3d.data.manifest import check_manifest, relativize, resolve, write_manifest
+from rrg3d.errors import RRG3DError
+from rrg3d.preprocess.presets import Preset, load_preset
+from rrg3d.utils.files import atomic_path, atomic_write_json, atomic_write_text
+
+
+@dataclasses.dataclass
+class BatchSummary:
+    """Outcome of one ``preprocess`` run."""
+
+    total: int = 0
+    processed: int = 0
+    skipped_done: int = 0
+    failed: int = 0
+    invalid_lines: int = 0
+    seconds: float = 0.0
+    out_dir: str = ""
+
+    @property
+    def succeeded(self) -> int:
+        return self.processed + self.skipped_done
+
+    def line(self) -> str:
+        return (f"{self.succeeded}/{self.total} studies ready ({self.processed} processed, {self.skipped_done} "
+                f"already done), {self.failed} failed, {self.invalid_lines} invalid manifest lines, "
+                f"{self.seconds:.1f} s → {self.out_dir}")
+
+
+def safe_name(study_id: str) -> str:
+    """A file-name-safe version of a study id (a hash suffix keeps distinct ids distinct)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", study_id).strip("._") or "study"
+    if cleaned == study_id:
+        return cleaned
+    return f"{cleaned[:80]}-{hashlib.sha1(study_id.encode()).hexdigest()[:8]}"
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, array)
+
+
+def process_record(record: dict[str, Any], manifest_path: str, preset_data: dict[str, Any], out_dir: str) -> dict:
+    """Preprocess one study (runs in a worker). Returns ``{"id", "record"}`` or ``{"id", "file", "error"}``."""
+    from rrg3d.io import read_volume
+
+    preset = load_preset(preset_data)
+    out = Path(out_dir)
+    name = safe_name(record["id"])
+    new_record = {k: v for k, v in record.items() if not k.startswith("_")}
+    current_file = None
+    try:
+        images: dict[str, str | None] = {}
+        reference = None
+        geometry: dict[str, Any] = {}
+        for key, relative in (record.get("images") or {}).items():
+            if not relative:
+                images[key] = relative
+                continue
+            current_file = str(resolve(manifest_path, relative))
+            modality = "PT" if key == "pet" else None
+            volume = read_volume(current_file, modality=modality)
+            item_preset = preset
+            if key == "pet" and preset.intensity.kind != "suv":
+                item_preset = load_preset("petct_suv")
+            result = item_preset.apply(volume)
+            target = out / "tensors" / f"{name}.{key}.npy"
+            _save_npy(target, result.array.astype(preset.cache_dtype, copy=False))
+            images[key] = relativize(target, out / "manifest.jsonl")
+            geometry[key] = {"shape": list(result.shape), "affine": result.affine.round(6).tolist(),
+                             "preset": item_preset.name, "sha256": item_preset.sha256}
+            reference = reference or volume
+        new_record["images"] = images
+        masks = record.get("masks")
+        if masks and masks.get("path"):
+            current_file = str(resolve(manifest_path, masks["path"]))
+            mask = read_volume(current_file, modality="SEG")
+            if mask.array.dtype.kind == "f":
+                mask = mask.replace(array=np.rint(mask.array).astype(np.int16))
+            if reference is not None and mask.shape != reference.shape:
+                raise RRG3DError(f"mask shape {mask.shape} differs from its image's {reference.shape}")
+            result = preset.apply_mask(mask)
+            target = out / "tensors" / f"{name}.mask.npy"
+            _save_npy(target, result.array.astype(np.uint8 if result.array.max(initial=0) < 256 else np.int16))
+            new_record["masks"] = dict(masks, path=relativize(target, out / "manifest.jsonl"))
+        new_record["preprocess"] = {"preset": preset.name, "sha256": preset.sha256, "images": geometry}
+        atomic_write_json(out / "records" / f"{name}.json", new_record)
+        return {"id": record["id"], "record": new_record}
+    except RRG3DError as exc:
+        return {"id": record["id"], "file": current_file, "error": str(exc)}
+    except MemoryError:
+        return {"id": record["id"], "file": current_file, "error": "out of memory while preprocessing"}
+    except Exception as exc:  # a bug or an unexpected library failure: record it, keep the batch going
+        return {"id": record["id"], "file": current_file, "error": f"unexpected {type(exc).__name__}: {exc}"}
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def _receipt(out: Path, record: dict[str, Any], preset: Preset) -> dict[str, Any] | None:
+    """The stored result for a study if it is complete for this preset (all its tensors present)."""
+    path = out / "records" / f"{safe_name(record['id'])}.json"
+    if not path.exists():
+        return None
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if stored.get("preprocess", {}).get("sha256") != preset.sha256:
+        return None
+    source = {k: v for k, v in record.items() if not k.startswith("_")}
+    if {k: v for k, v in stored.items() if k not in ("images", "masks", "preprocess")} != {
+        k: v for k, v in source.items() if k not in ("images", "masks", "preprocess")
+    }:
+        return None  # the manifest record changed (e.g. a corrected report): redo it
+    files = [v for v in (stored.get("images") or {}).values() if v]
+    if stored.get("masks"):
+        files.append(stored["masks"]["path"])
+    if not all((out / f).exists() for f in files):
+        return None
+    return stored
+
+
+def preprocess_manifest(
+    manifest: str | os.PathLike[str],
+    preset: str | Preset,
+    out_dir: str | os.PathLike[str],
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> BatchSummary:
+    """Preprocess all studies of ``manifest`` with ``preset`` into ``out_dir`` (resumable, parallel)."""
+    start = time.perf_counter()
+    preset = load_preset(preset)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    preset_file = out / "preset.yaml"
+    if preset_file.exists() and not overwrite:
+        existing = load_preset(preset_file)
+        if existing.sha256 != preset.sha256:
+            raise RRG3DError(f"{out}: this cache was made with preset {existing.name!r} ({existing.sha256[:12]}); "
+                             f"use another folder or --overwrite to rebuild it with {preset.name!r}")
+    atomic_write_text(preset_file, preset.to_yaml())
+
+    records, problems = check_manifest(manifest)
+    errors: list[dict[str, Any]] = [
+        {"id": None, "file": f"{p.path}:{p.line}", "error": str(p)} for p in problems if p.severity == "error"
+    ]
+    summary = BatchSummary(total=len(records), invalid_lines=len(errors), out_dir=str(out))
+    results: dict[str, dict[str, Any]] = {}
+    todo = []
+    for record in records:
+        stored = None if overwrite else _receipt(out, record, preset)
+        if stored is not None:
+            results[record["id"]] = stored
+            summary.skipped_done += 1
+        else:
+            todo.append(record)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(records), initial=summary.skipped_done, desc=f"preprocess [{preset.name}]",
+                   unit="study", dynamic_ncols=True)
+
+    def collect(outcome: dict[str, Any]) -> None:
+        if "record" in outcome:
+            results[outcome["id"]] = outcome["record"]
+            summary.processed += 1
+        else:
+            errors.append(outcome)
+            summary.failed += 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(failed=summary.failed)
+
+    preset_data = preset.to_dict()
+    try:
+        if workers <= 1:
+            for record in todo:
+                collect(process_record(record, str(manifest), preset_data, str(out)))
+        else:
+            with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init) as pool:
+                pending: set[Future] = set()
+                queue = list(reversed(todo))
+                while queue or pending:
+                    while queue and len(pending) < 2 * workers:
+                        rec = queue.pop()
+                        pending.add(pool.submit(process_record, rec, str(manifest), preset_data, str(out)))
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        collect(future.result())
+    finally:
+        if bar is not None:
+            bar.close()
+        ordered = [results[r["id"]] for r in records if r["id"] in results]
+        write_manifest(ordered, out / "manifest.jsonl")
+        atomic_write_text(out / "errors.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors))
+        summary.seconds = time.perf_counter() - start
+        atomic_write_json(out / "summary.json", dict(dataclasses.asdict(summary), preset=preset.name,
+                                                      preset_sha256=preset.sha256, manifest=str(manifest)))
+    return summary
