@@ -89,18 +89,19 @@ def check_record(record: Any) -> list[tuple[str | None, str, str]]:
     if not isinstance(images, dict):
         problems.append(("images", "missing 'images' object (e.g. {\"ct\": \"vols/x.nii.gz\"})", "error"))
     else:
-        present = 0
+        present = invalid = 0
         for key, value in images.items():
             if value is None:
                 continue
             if not _is_text(value) or not value.strip():
                 problems.append((f"images.{key}", "image path must be a non-empty string or null", "error"))
+                invalid += 1
                 continue
             present += 1
             if key not in IMAGE_KEYS:
                 problems.append((f"images.{key}", f"unknown image key {key!r} (known: {', '.join(IMAGE_KEYS)})",
                                  "warning"))
-        if present == 0:
+        if present == 0 and invalid == 0:
             problems.append(("images", "no image: at least one of images.ct / images.pet must be a path", "error"))
 
     masks = record.get("masks")

@@ -119,6 +119,7 @@ def read_nifti(path: str | os.PathLike[str], frame: int | None = None) -> Volume
     from nibabel.filebasedimages import ImageFileError
 
     path = Path(path)
+    _check_raw_nifti_pixdim(path)
     try:
         image = nib.load(str(path))
     except ImageFileError as exc:
@@ -151,6 +152,25 @@ def read_nifti(path: str | os.PathLike[str], frame: int | None = None) -> Volume
         meta["intent"] = "label"
     volume = Volume(array, affine, "CT", meta)
     return check_volume(path, volume.to_canonical())
+
+
+def _check_raw_nifti_pixdim(path: Path) -> None:
+    """nibabel silently replaces zero voxel sizes by 1 mm; read the raw header first and refuse them."""
+    import nibabel as nib
+
+    try:
+        with nib.openers.ImageOpener(str(path)) as handle:
+            raw = handle.read(348)
+        if len(raw) < 348:
+            return  # too short for a header: nibabel's own error below names the problem
+        header = nib.Nifti1Header(binaryblock=raw, check=False)
+        pixdim = [float(v) for v in header["pixdim"][1 : 1 + max(3, min(int(header["dim"][0]), 3))]]
+    except Exception:
+        return  # unreadable header: reported by the full load
+    if not all(np.isfinite(pixdim)):
+        raise VolumeReadError(path, f"non-finite voxel spacing {tuple(pixdim)} in the header")
+    if any(v <= 0 for v in pixdim):
+        raise VolumeReadError(path, f"zero or negative voxel spacing {tuple(pixdim)} mm in the header")
 
 
 def _describe_io_error(exc: BaseException) -> str:
