@@ -178,7 +178,7 @@ def test_absurd_dimensions_in_header(tmp_path, chest):
     data[42:44] = np.array([30000], dtype="<i2").tobytes()
     bad = tmp_path / "huge.nii"
     bad.write_bytes(bytes(data))
-    with pytest.raises(VolumeReadError, match="absurd dimensions|truncated"):
+    with pytest.raises(VolumeReadError, match=r"absurd dimensions|truncated"):
         read_volume(bad)
 
 

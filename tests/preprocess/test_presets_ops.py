@@ -115,7 +115,7 @@ def test_presets_keep_a_landmark_at_its_world_position(name):
     out = preset.apply(volume)
     assert out.shape == preset.shape
     assert out.array.dtype == np.float32
-    assert 0.0 <= out.array.min() and out.array.max() <= 1.0
+    assert out.array.min() >= 0.0 and out.array.max() <= 1.0
     source = volume.index_to_world(np.array([13, 22, 35]))
     peak = np.unravel_index(np.argmax(out.array), out.shape)
     found = out.index_to_world(np.array(peak))

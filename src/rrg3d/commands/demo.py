@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
                      float(tensor.mean())))
     print(f"      {'study':<22}{'HU p1':>8}{'HU median':>11}  {'tensor shape':<18}{'spacing mm':<22}{'mean':>6}")
     for study_id, p1, median, shape, spacing, mean in rows:
-        print(f"      {study_id:<22}{p1:>8.0f}{median:>11.0f}  {str(shape):<18}{str(spacing):<22}{mean:>6.3f}")
+        print(f"      {study_id:<22}{p1:>8.0f}{median:>11.0f}  {shape!s:<18}{spacing!s:<22}{mean:>6.3f}")
     errors = [json.loads(line) for line in (cache / "errors.jsonl").read_text().splitlines() if line.strip()]
     for error in errors:
         print(f"      recorded failure: {error['id']}: {error['error']}")

@@ -23,6 +23,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from rrg3d.errors import ManifestError
 
 IMAGE_KEYS = ("ct", "pet")
@@ -163,14 +165,10 @@ def check_record(record: Any) -> list[tuple[str | None, str, str]]:
 def iter_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any | ManifestError]]:
     """Yield ``(line_number, record_or_error)`` for each non-blank line; JSON errors are yielded, not raised."""
     path = Path(path)
+    if not path.is_file():
+        raise ManifestError(path, "manifest not found")
     try:
-        handle = open(path, encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise ManifestError(path, "manifest not found") from exc
-    except OSError as exc:
-        raise ManifestError(path, f"cannot open manifest ({exc.strerror})") from exc
-    with handle:
-        try:
+        with open(path, encoding="utf-8") as handle:
             for number, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
@@ -178,8 +176,10 @@ def iter_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any | Manife
                     yield number, json.loads(line)
                 except json.JSONDecodeError as exc:
                     yield number, ManifestError(path, f"invalid JSON ({exc.msg} at column {exc.colno})", line=number)
-        except UnicodeDecodeError as exc:
-            raise ManifestError(path, f"not UTF-8 text (byte offset {exc.start})") from exc
+    except UnicodeDecodeError as exc:
+        raise ManifestError(path, f"not UTF-8 text (byte offset {exc.start})") from exc
+    except OSError as exc:
+        raise ManifestError(path, f"cannot read manifest ({exc.strerror})") from exc
 
 
 def check_manifest(path: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], list[Problem]]:
@@ -241,10 +241,9 @@ def record_files(record: dict[str, Any]) -> list[tuple[str, str]]:
 def record_affine(record: dict[str, Any], field: str) -> list[list[float]] | None:
     """The affine a preprocessing cache recorded for a file of this record (``None`` for original scans)."""
     geometry = (record.get("preprocess") or {}).get("images") or {}
-    if field.startswith("images."):
-        entry = geometry.get(field.split(".", 1)[1])
-    else:  # masks share the grid of the record's first image
-        entry = next(iter(geometry.values()), None)
+    # masks share the grid of the record's first image
+    is_image = field.startswith("images.")
+    entry = geometry.get(field.split(".", 1)[1]) if is_image else next(iter(geometry.values()), None)
     return entry.get("affine") if isinstance(entry, dict) else None
 
 
@@ -300,8 +299,8 @@ def validate_manifest(
             except RRG3DError as exc:
                 problems.append(Problem(str(path), record.get("_line"), field, str(exc)))
                 continue
-            if field == "masks.path" and volume.array.dtype.kind == "f":
-                if not (volume.array == volume.array.round()).all():
-                    problems.append(Problem(str(path), record.get("_line"), field,
-                                            f"{file_path}: mask has non-integer values"))
+            fractional = volume.array.dtype.kind == "f" and not np.array_equal(volume.array, np.rint(volume.array))
+            if field == "masks.path" and fractional:
+                problems.append(Problem(str(path), record.get("_line"), field,
+                                        f"{file_path}: mask has non-integer values"))
     return records, problems

@@ -154,5 +154,5 @@ def resize(volume: Volume, shape: Shape3, order: int = 1) -> Volume:
 def resampled_shape(volume: Volume, spacing: Sequence[float]) -> Shape3:
     """Number of voxels that cover the volume's extent at ``spacing`` (rounded)."""
     return tuple(  # type: ignore[return-value]
-        max(1, int(math.floor(n * s / t + 0.5))) for n, s, t in zip(volume.shape, volume.spacing, spacing, strict=True)
+        max(1, math.floor(n * s / t + 0.5)) for n, s, t in zip(volume.shape, volume.spacing, spacing, strict=True)
     )

@@ -370,6 +370,14 @@ class VolumeIndex:
         return self._index
 
 
+def user_path(value: str | os.PathLike[str], root: Path) -> Path:
+    """A path given by the user: absolute or existing as given (from the working folder), else under ``root``."""
+    path = Path(value).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    return root / path
+
+
 def display(path: Path, base: Path) -> str:
     """``path`` relative to ``base`` when inside it (for short skip reasons), else as is."""
     try:

@@ -39,6 +39,7 @@ from rrg3d.data.adapters.base import (
     read_csv,
     sanitize_id,
     split_name,
+    user_path,
     volume_stem,
     volume_suffix,
 )
@@ -59,8 +60,7 @@ DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 
 def _find_reports(root: Path, reports: str | None) -> Path:
     if reports:
-        path = Path(reports).expanduser()
-        path = path if path.is_absolute() else root / path
+        path = user_path(reports, root)
         if not path.is_file():
             raise RRG3DError(f"{path}: CTRG report file not found")
         return path
@@ -77,8 +77,7 @@ def _find_reports(root: Path, reports: str | None) -> Path:
 
 def _find_volumes(root: Path, volumes_dir: str | None) -> Path:
     if volumes_dir:
-        path = Path(volumes_dir).expanduser()
-        path = path if path.is_absolute() else root / path
+        path = user_path(volumes_dir, root)
         if not path.is_dir():
             raise RRG3DError(f"{path}: CTRG volume folder not found")
         return path

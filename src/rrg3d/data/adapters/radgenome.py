@@ -41,6 +41,7 @@ from rrg3d.data.adapters.base import (
     require_nibabel,
     sanitize_id,
     split_name,
+    user_path,
     volume_stem,
 )
 from rrg3d.data.adapters.ctrate import LABEL_FILES, parse_labels, read_label_table
@@ -211,7 +212,7 @@ def convert(
         label_table: dict[str, dict[str, str]] = {}
         labels_csv = None
         if ctrate_labels:
-            labels_csv = first_existing(Path(ctrate_labels).expanduser(), LABEL_FILES[split])
+            labels_csv = first_existing(user_path(ctrate_labels, root), LABEL_FILES[split])
             if labels_csv is None:
                 collector.warn(f"no CT-RATE labels CSV for split {split!r} in {ctrate_labels}; records have no labels")
             else:
