@@ -229,7 +229,7 @@ def test_ctrate_wrong_layout_errors_name_file_and_columns(ctrate_root: Path, tmp
 
 def test_ctrate_all_rows_bad_is_an_error_not_an_empty_manifest(ctrate_root: Path, tmp_path: Path) -> None:
     (ctrate_root / "dataset/valid/valid_1/valid_1_a/valid_1_a_1.nii.gz").unlink()
-    with pytest.raises(RRG3DError, match="no usable CT-RATE study found.*volume file not found"):
+    with pytest.raises(RRG3DError, match=r"no usable CT-RATE study found.*volume file not found"):
         get_adapter("ctrate").convert(ctrate_root, tmp_path / "m.jsonl", splits=["valid"])
     assert not (tmp_path / "m.jsonl").exists()
 
@@ -421,14 +421,13 @@ def test_ctrg_json_mapping_and_csv_with_configurable_columns(tmp_path: Path) -> 
     write_csv(root / "table.csv", ["AccessionNo", "report_text", "fold"],
               [["a", "Clear lungs.", "test"], ["b", "", "train"]])
     out = tmp_path / "csv.jsonl"
-    result = get_adapter("ctrg").convert(root, out, reports="table.csv", id_key="AccessionNo",
-                                         report_key="report_text", split_key="fold")
+    result = get_adapter("ctrg").convert(root, out, reports="table.csv", report_key="report_text", split_key="fold")
     assert list(by_id(out)) == ["ctrg_a"] and by_id(out)["ctrg_a"]["split"] == "test"
     assert reasons(result) == {"ctrg_b": "empty report"}
 
     with pytest.raises(RRG3DError, match=r"table\.csv.*no report column.*'AccessionNo'"):
         get_adapter("ctrg").convert(root, out, reports="table.csv", id_key="AccessionNo")
-    with pytest.raises(RRG3DError, match=r"table\.csv.*'case_id'.*found columns"):
+    with pytest.raises(RRG3DError, match=r"table\.csv.*no case id column.*found columns.*'case_id'"):
         get_adapter("ctrg").convert(root, out, reports="table.csv", id_key="case_id", report_key="report_text")
     with pytest.raises(RRG3DError, match="cannot tell which file holds the CTRG reports"):
         get_adapter("ctrg").convert(root / "images", out)
@@ -499,8 +498,9 @@ def test_autopet_tcia_layout_with_clinical_csv_and_split_file(autopet_root: Path
     out = tmp_path / "pet.jsonl"
     result = get_adapter("autopet").convert(tmp_path / "NIFTI", out, pet="pet", require_seg=True)
     records = by_id(out)
-    assert list(records) == [a1]
+    assert list(records) == [a1, a2]
     assert records[a1]["meta"]["pet_units"] == "BQML"
+    assert records[a2]["meta"]["pet_units"] == "SUVbw"  # no PET.nii.gz: falls back to SUV
     assert "missing SEG.nii.gz" in reasons(result)[b]
 
 

@@ -7,7 +7,6 @@ CTRG-Chest-548K, AutoPET-style PET/CT). Rows that cannot be used are listed with
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 HELP = "convert a public dataset layout into a manifest"
@@ -28,12 +27,6 @@ def run(args: argparse.Namespace) -> int:
     from rrg3d.data.adapters import get_adapter
 
     adapter = get_adapter(args.dataset)
-    reserved = {"command", "dataset", "root", "out", "verbose", "_run"}
-    options = {k: v for k, v in vars(args).items() if k not in reserved}
-    result = adapter.convert(args.root, args.out, **options)
-    for study_id, reason in result.skipped[:50]:
-        print(f"skipped {study_id}: {reason}", file=sys.stderr)
-    if len(result.skipped) > 50:
-        print(f"... and {len(result.skipped) - 50} more skipped", file=sys.stderr)
-    print(f"wrote {result.n_records} records to {result.manifest} ({result.n_skipped} skipped)")
+    result = adapter.convert(args.root, args.out, **adapter.options_from_args(args))
+    print(result.summary(max_skipped=50))
     return 0 if result.n_records > 0 else 1

@@ -303,4 +303,5 @@ def validate_manifest(
             if field == "masks.path" and fractional:
                 problems.append(Problem(str(path), record.get("_line"), field,
                                         f"{file_path}: mask has non-integer values"))
+    problems.sort(key=lambda p: p.line or 0)  # file problems join the schema ones in line order
     return records, problems

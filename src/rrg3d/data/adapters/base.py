@@ -128,7 +128,7 @@ class Adapter:
         return {option.name: getattr(args, option.name) for option in self.options if hasattr(args, option.name)}
 
     def convert(self, root: str | os.PathLike[str], out: str | os.PathLike[str], **options: Any) -> ConversionResult:
-        """Convert the dataset under ``root`` into the manifest ``out``."""
+        """Convert the dataset under ``root`` into the manifest ``out`` (options given as None keep their default)."""
         known = {option.name for option in self.options}
         unknown = sorted(set(options) - known)
         if unknown:

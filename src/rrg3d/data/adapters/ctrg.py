@@ -116,11 +116,16 @@ def _json_entries(path: Path, data: Any, id_key: str) -> Iterator[tuple[str, Any
 
 def _csv_entries(path: Path, id_key: str, report_key: str | None) -> Iterator[tuple[str, Any, str | None]]:
     text_keys = [report_key] if report_key else [*FINDINGS_KEYS, *IMPRESSION_KEYS, *REPORT_KEYS]
-    _, rows = read_csv(path, [id_key], "CTRG report CSV")
-    columns = {key.lower() for key in (rows[0][1] if rows else {})}
-    if rows and not any(key.lower() in columns for key in text_keys):
+    columns, rows = read_csv(path, [], "CTRG report CSV")
+    lower = {column.lower() for column in columns}
+    id_keys = ID_KEYS if id_key == "id" else (id_key,)
+    if not any(key.lower() in lower for key in id_keys):
+        raise RRG3DError(f"{path}: CTRG report CSV has no case id column; found columns: "
+                         f"{', '.join(map(repr, columns)) or 'none'}; expected one of: {', '.join(map(repr, id_keys))} "
+                         f"(or pass --id-key)")
+    if not any(key.lower() in lower for key in text_keys):
         raise RRG3DError(f"{path}: CTRG report CSV has no report column; found columns: "
-                         f"{', '.join(map(repr, rows[0][1]))}; expected one of: {', '.join(map(repr, text_keys))} "
+                         f"{', '.join(map(repr, columns))}; expected one of: {', '.join(map(repr, text_keys))} "
                          f"(or pass --report-key)")
     for line, row in rows:
         yield f"{path.name}:{line}", row, None
