@@ -170,8 +170,8 @@ def run(args: argparse.Namespace) -> int:
         tensor = np.load(cache / record["images"]["ct"], mmap_mode="r")
         geometry = record["preprocess"]["images"]["ct"]
         spacing = np.linalg.norm(np.asarray(geometry["affine"])[:3, :3], axis=0)
-        rows.append((record["id"], hu["p1"], hu["median"], tuple(tensor.shape), tuple(np.round(spacing, 3)),
-                     float(tensor.mean())))
+        spacing_text = " x ".join(f"{s:.3g}" for s in spacing)
+        rows.append((record["id"], hu["p1"], hu["median"], tuple(tensor.shape), spacing_text, float(tensor.mean())))
     print(f"      {'study':<22}{'HU p1':>8}{'HU median':>11}  {'tensor shape':<18}{'spacing mm':<22}{'mean':>6}")
     for study_id, p1, median, shape, spacing, mean in rows:
         print(f"      {study_id:<22}{p1:>8.0f}{median:>11.0f}  {shape!s:<18}{spacing!s:<22}{mean:>6.3f}")
