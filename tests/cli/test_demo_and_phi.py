@@ -6,8 +6,6 @@ import json
 import logging
 import shutil
 
-from conftest import PLANTED_PHI, assert_no_phi
-
 from rrg3d.cli import main
 from rrg3d.data.manifest import write_manifest
 
@@ -30,7 +28,7 @@ def _all_text(folder) -> str:
     return "\n".join(chunks)
 
 
-def test_planted_identifiers_never_leave_the_pipeline(tmp_path, shared_data, capsys, caplog):
+def test_planted_identifiers_never_leave_the_pipeline(tmp_path, shared_data, capsys, caplog, assert_no_phi):
     caplog.set_level(logging.DEBUG)
     planted = shared_data / "ct" / "phi_planted_dicom"
     broken = tmp_path / "broken_series"
@@ -54,4 +52,3 @@ def test_planted_identifiers_never_leave_the_pipeline(tmp_path, shared_data, cap
     assert "slice_00" in errors[0]["error"]  # ... naming the bad file
     assert (out / "manifest.jsonl").read_text().count('"planted"') == 1
     assert_no_phi(text)
-    assert len(PLANTED_PHI) == 7

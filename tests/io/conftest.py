@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,18 +18,6 @@ CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 PET_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.128"
-
-
-@pytest.fixture(scope="session")
-def shared_data_dir() -> Path:
-    """``../shared/data`` next to the repository (or ``$RRG3D_SHARED_DATA``); skips when absent."""
-    env = os.environ.get("RRG3D_SHARED_DATA")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2] / ".." / "shared" / "data")
-    for candidate in candidates:
-        if candidate.is_dir():
-            return candidate.resolve()
-    pytest.skip("shared data folder not found (set RRG3D_SHARED_DATA or provide ../shared/data)")
 
 
 def uid(suffix: str | int) -> str:

@@ -477,30 +477,48 @@ def _frames_of(path: Path, ds: Any, allow_derived: bool) -> list[_Frame]:
     ]
 
 
+def _frame_name(frame: _Frame) -> str:
+    return frame.path.name if frame.frame is None else f"{frame.path.name} frame {frame.frame + 1}"
+
+
 def _check_consistent(where: Path, frames: list[_Frame]) -> None:
-    """Same Rows/Columns, orientation and pixel spacing on every frame; names the first file that differs."""
-    ref = frames[0]
+    """Same Rows/Columns, orientation and pixel spacing on every frame.
 
-    def name(frame: _Frame) -> str:
-        return frame.path.name if frame.frame is None else f"{frame.path.name} frame {frame.frame + 1}"
-
-    for frame in frames[1:]:
-        if (frame.rows, frame.cols) != (ref.rows, ref.cols):
+    The most common value is taken as the series' own; the message names it, the odd value, how many frames
+    carry the odd value, and the first of them.
+    """
+    checks = [
+        ("Rows/Columns", lambda f: (f.rows, f.cols), lambda a, b: a == b, lambda v: f"{v[0]}x{v[1]}"),
+        (
+            "ImageOrientationPatient",
+            lambda f: tuple(f.orientation),
+            lambda a, b: np.abs(np.subtract(a, b)).max() <= ORIENTATION_TOLERANCE,
+            lambda v: "[" + ", ".join(f"{x:.4g}" for x in v) + "]",
+        ),
+        (
+            "PixelSpacing",
+            lambda f: f.spacing,
+            lambda a, b: np.abs(np.subtract(a, b)).max() <= SPACING_TOLERANCE * max(a),
+            lambda v: f"{v[0]:g}x{v[1]:g} mm",
+        ),
+    ]
+    for label, value_of, same, show in checks:
+        groups: list[tuple[Any, list[_Frame]]] = []
+        for frame in frames:
+            value = value_of(frame)
+            for ref_value, members in groups:
+                if same(ref_value, value):
+                    members.append(frame)
+                    break
+            else:
+                groups.append((value, [frame]))
+        if len(groups) > 1:
+            groups.sort(key=lambda group: -len(group[1]))
+            (common, _), (odd, odd_frames) = groups[0], groups[1]
             raise VolumeReadError(
                 where,
-                f"inconsistent Rows/Columns within the series: {ref.rows}x{ref.cols} in {name(ref)} but "
-                f"{frame.rows}x{frame.cols} in {name(frame)}",
-            )
-        if np.abs(frame.orientation - ref.orientation).max() > ORIENTATION_TOLERANCE:
-            raise VolumeReadError(
-                where,
-                f"inconsistent ImageOrientationPatient within the series: {name(frame)} differs from {name(ref)}",
-            )
-        if np.abs(np.subtract(frame.spacing, ref.spacing)).max() > SPACING_TOLERANCE * max(ref.spacing):
-            raise VolumeReadError(
-                where,
-                f"inconsistent PixelSpacing within the series: {frame.spacing[0]:g}x{frame.spacing[1]:g} mm in "
-                f"{name(frame)} but {ref.spacing[0]:g}x{ref.spacing[1]:g} mm in {name(ref)}",
+                f"inconsistent {label} within the series: {show(odd)} in {len(odd_frames)} slice(s) "
+                f"(first: {_frame_name(odd_frames[0])}) but {show(common)} in the others",
             )
 
 
@@ -826,11 +844,9 @@ def _assemble(where: Path, frames: list[_Frame], items: list[tuple[Path, Any]]) 
     raw = np.empty((len(frames), ref.rows, ref.cols), dtype=dtype)
     slopes = np.array([f.slope for f in frames], dtype=np.float64)
     intercepts = np.array([f.intercept for f in frames], dtype=np.float64)
-    first_full = None
     decoders = set()
     for file, targets in slot.items():
         ds = _read_or_fail(file, headers_only=False)
-        first_full = ds if first_full is None else first_full
         n_file = _n_frames(headers[file])
         array, rescaled = _decode(file, ds, n_file, ref.rows, ref.cols)
         decoders.add("SimpleITK/GDCM" if rescaled else "pydicom")
@@ -900,7 +916,7 @@ def _assemble(where: Path, frames: list[_Frame], items: list[tuple[Path, Any]]) 
     affine[:3, 2] = ref.orientation[:3] * ref.spacing[1]
     affine[:3, 3] = positions[0]
 
-    first = first_full if first_full is not None else items[0][1]
+    first = headers[frames[0].path]  # header of the first slice in position order (no pixel data)
     raw_modality = str(_get(first, "Modality", "OT")).upper()
     modality = _MODALITIES.get(raw_modality, "OT")
     with _quiet_pydicom():
@@ -930,7 +946,7 @@ def _assemble(where: Path, frames: list[_Frame], items: list[tuple[Path, Any]]) 
         meta["units"] = "HU"
     if modality == "PT":
         meta["pet_units"] = str(_get(first, "Units", "")).upper() or None
-        others = [ds for _, ds in items[1:]]
+        others = [ds for _, ds in items if ds is not first]
         factor, info = suv_from_dataset(first, others)
         meta["suv_bw_factor"] = factor
         if factor is None:
