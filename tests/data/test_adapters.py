@@ -535,3 +535,20 @@ def test_autopet_wrong_layouts_raise_clear_errors(autopet_root: Path, tmp_path: 
     (tmp_path / "empty").mkdir()
     with pytest.raises(RRG3DError, match="no AutoPET study found"):
         get_adapter("autopet").convert(tmp_path / "empty", tmp_path / "m.jsonl")
+
+
+def test_ctrate_header_overrides_only_where_the_header_is_unreliable(ctrate_root: Path, tmp_path: Path) -> None:
+    """auto: volumes outside *_fixed folders get the metadata CSV's spacing/rescale as header overrides."""
+    adapter = get_adapter("ctrate")
+    out = tmp_path / "auto.jsonl"
+    adapter.convert(ctrate_root, out)
+    records = by_id(out)
+    assert "header_overrides" not in records["ctrate_train_1_a_1"]["meta"]  # from train_fixed/
+    assert records["ctrate_valid_1_a_1"]["meta"]["header_overrides"] == {
+        "spacing_mm": [1.0, 0.6, 0.6], "rescale": {"slope": 1.0, "intercept": -8192.0}}
+    adapter.convert(ctrate_root, tmp_path / "always.jsonl", apply_metadata="always")
+    assert "header_overrides" in by_id(tmp_path / "always.jsonl")["ctrate_train_1_a_1"]["meta"]
+    adapter.convert(ctrate_root, tmp_path / "never.jsonl", apply_metadata="never")
+    assert all("header_overrides" not in r["meta"] for r in by_id(tmp_path / "never.jsonl").values())
+    with pytest.raises(RRG3DError, match="apply_metadata"):
+        adapter.convert(ctrate_root, tmp_path / "bad.jsonl", apply_metadata="sometimes")

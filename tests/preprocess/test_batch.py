@@ -105,3 +105,32 @@ def test_safe_name_is_stable_and_distinct():
     assert safe_name("train_1_a_1") == "train_1_a_1"
     assert safe_name("a b") != safe_name("a_b")
     assert "/" not in safe_name("../../etc/passwd")
+
+
+def test_header_overrides_fix_spacing_and_rescale(tmp_path, chest):
+    """A scan with a wrong header (CT-RATE's first release) is corrected from the record's metadata."""
+    from rrg3d.io import Volume
+
+    stored = (chest.array.astype(np.int32) + 1024).astype(np.int16)  # raw values, intercept -1024 not applied
+    wrong = Volume.from_spacing(stored, (1.0, 1.0, 1.0))  # and a header that says 1 mm
+    write_volume(wrong, tmp_path / "raw.nii.gz")
+    overrides = {"spacing_mm": [2.5, 2.8, 2.8], "rescale": {"slope": 1, "intercept": -1024}}
+    manifest = write_manifest([
+        {"id": "fixed", "images": {"ct": "raw.nii.gz"}, "meta": {"header_overrides": overrides}},
+        {"id": "reference", "images": {"ct": "ref.nii.gz"}},
+    ], tmp_path / "m.jsonl")
+    write_volume(chest, tmp_path / "ref.nii.gz")
+    out = tmp_path / "cache"
+    assert preprocess_manifest(manifest, "merlin", out, progress=False).processed == 2
+    a, b = (np.load(out / "tensors" / f"{name}.ct.npy").astype(np.float32) for name in ("fixed", "reference"))
+    assert np.abs(a - b).max() < 1e-3  # identical once corrected (origins differ only by the header's)
+
+
+def test_malformed_header_overrides_are_schema_errors(tmp_path):
+    from rrg3d.data.manifest import check_manifest
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "a", "images": {"ct": "x.nii"},
+                                    "meta": {"header_overrides": {"spacing_mm": [0, 1, 1], "slope": 2}}}) + "\n")
+    fields = sorted(p.field for p in check_manifest(manifest)[1] if p.severity == "error")
+    assert fields == ["meta.header_overrides", "meta.header_overrides.spacing_mm"]

@@ -156,9 +156,34 @@ def check_record(record: Any) -> list[tuple[str | None, str, str]]:
     for name in ("meta", "preprocess"):
         if record.get(name) is not None and not isinstance(record[name], dict):
             problems.append((name, f"'{name}' must be an object", "error"))
+    overrides = (record.get("meta") or {}).get("header_overrides") if isinstance(record.get("meta"), dict) else None
+    if overrides is not None:
+        problems.extend(_check_overrides(overrides))
     for key in record:
         if key not in KNOWN_FIELDS:
             problems.append((key, f"unknown field {key!r} (kept as is)", "warning"))
+    return problems
+
+
+def _check_overrides(overrides: Any) -> list[tuple[str | None, str, str]]:
+    field = "meta.header_overrides"
+    if not isinstance(overrides, dict):
+        return [(field, "must be an object with 'spacing_mm' and/or 'rescale'", "error")]
+    problems: list[tuple[str | None, str, str]] = []
+    spacing = overrides.get("spacing_mm")
+    if spacing is not None and not (
+        isinstance(spacing, list) and len(spacing) == 3
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in spacing)
+    ):
+        problems.append((f"{field}.spacing_mm", "must be three positive numbers (D, H, W) in mm", "error"))
+    rescale = overrides.get("rescale")
+    if rescale is not None and not (
+        isinstance(rescale, dict) and all(isinstance(rescale.get(k), (int, float)) for k in ("slope", "intercept"))
+    ):
+        problems.append((f"{field}.rescale", "must be {\"slope\": number, \"intercept\": number}", "error"))
+    unknown = sorted(set(overrides) - {"spacing_mm", "rescale"})
+    if unknown:
+        problems.append((field, f"unknown override(s) {unknown}", "error"))
     return problems
 
 

@@ -29,6 +29,7 @@ import numpy as np
 
 from rrg3d.data.manifest import check_manifest, relativize, resolve, write_manifest
 from rrg3d.errors import RRG3DError
+from rrg3d.preprocess.ops import apply_header_overrides
 from rrg3d.preprocess.presets import Preset, load_preset
 from rrg3d.utils.files import atomic_path, atomic_write_json, atomic_write_text
 
@@ -88,6 +89,8 @@ def process_record(record: dict[str, Any], manifest_path: str, preset_data: dict
             current_file = str(resolve(manifest_path, relative))
             modality = "PT" if key == "pet" else None
             volume = read_volume(current_file, modality=modality)
+            if key == "ct":
+                volume = apply_header_overrides(volume, (record.get("meta") or {}).get("header_overrides"))
             item_preset = preset
             if key == "pet" and preset.intensity.kind != "suv":
                 item_preset = load_preset("petct_suv")
@@ -103,6 +106,8 @@ def process_record(record: dict[str, Any], manifest_path: str, preset_data: dict
         if masks and masks.get("path"):
             current_file = str(resolve(manifest_path, masks["path"]))
             mask = read_volume(current_file, modality="SEG")
+            spacing_fix = ((record.get("meta") or {}).get("header_overrides") or {}).get("spacing_mm")
+            mask = apply_header_overrides(mask, {"spacing_mm": spacing_fix} if spacing_fix else None)
             if mask.array.dtype.kind == "f":
                 mask = mask.replace(array=np.rint(mask.array).astype(np.int16))
             if reference is not None and mask.shape != reference.shape:

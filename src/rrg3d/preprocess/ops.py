@@ -42,7 +42,31 @@ def hu_from_stored(array: np.ndarray, slope: float = 1.0, intercept: float = 0.0
     """Stored CT values → Hounsfield units (``slope * value + intercept``); identity keeps the dtype."""
     if slope == 1.0 and intercept == 0.0:
         return array
-    return (array.astype(np.float32) * np.float32(slope) + np.float32(intercept)).astype(np.float32)
+    if float(slope).is_integer() and float(intercept).is_integer() and array.dtype.kind in "iu":
+        result = array.astype(np.int32) * int(slope) + int(intercept)
+        fits = result.size == 0 or (result.min() >= -32768 and result.max() <= 32767)
+        return result.astype(np.int16) if fits else result
+    return array.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+
+
+def apply_header_overrides(volume: Volume, overrides: dict | None) -> Volume:
+    """Correct a scan whose header is known to be wrong, from values a dataset ships separately.
+
+    ``overrides`` (a manifest record's ``meta.header_overrides``): ``spacing_mm`` ``[sd, sh, sw]`` replaces
+    the voxel size (directions and origin kept); ``rescale`` ``{"slope", "intercept"}`` turns stored values
+    into HU. Used for CT-RATE's first release, whose metadata CSV holds the true spacing and rescale.
+    """
+    if not overrides:
+        return volume
+    if overrides.get("spacing_mm") is not None:
+        affine = volume.affine.copy()
+        affine[:3, :3] = volume.direction * np.asarray(overrides["spacing_mm"], dtype=np.float64)[None, :]
+        volume = volume.replace(affine=affine)
+    rescale = overrides.get("rescale")
+    if rescale is not None:
+        array = hu_from_stored(volume.array, float(rescale["slope"]), float(rescale["intercept"]))
+        volume = volume.replace(array=array, meta=dict(volume.meta, rescaled_from_metadata=True))
+    return volume
 
 
 def to_suv(volume: Volume) -> Volume:

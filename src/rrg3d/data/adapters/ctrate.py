@@ -104,6 +104,9 @@ def _numbers(value: Any) -> list[float]:
     return [float(token) for token in _NUMBER.findall(str(value or ""))]
 
 
+APPLY_METADATA = ("auto", "always", "never")
+
+
 def parse_metadata(row: dict[str, str]) -> dict[str, Any]:
     """``spacing_mm`` ``[z, row, column]`` and ``rescale`` from a metadata row; unparsable values are left out."""
     meta: dict[str, Any] = {}
@@ -142,8 +145,16 @@ def convert(
     findings_column: str = "Findings_EN",
     impression_column: str = "Impressions_EN",
     keep_missing: bool = False,
+    apply_metadata: str = "auto",
 ) -> ConversionResult:
-    """Write a manifest of CT-RATE under ``root`` (repository root or ``dataset/``) to ``out``."""
+    """Write a manifest of CT-RATE under ``root`` (repository root or ``dataset/``) to ``out``.
+
+    ``apply_metadata`` decides when the metadata CSV's spacing and rescale become ``meta.header_overrides``
+    (which ``rrg3d preprocess`` applies): ``auto`` for volumes outside the ``*_fixed`` folders (the first
+    release stores raw values and unreliable spacings in its headers), ``always`` or ``never``.
+    """
+    if apply_metadata not in APPLY_METADATA:
+        raise RRG3DError(f"CT-RATE: apply_metadata must be one of {', '.join(APPLY_METADATA)}, got {apply_metadata!r}")
     dataset = find_dataset_dir(root, MARKERS, SOURCE)
     collector = Collector(SOURCE, out)
     for split in splits:
@@ -212,6 +223,9 @@ def convert(
             meta: dict[str, Any] = {"source": SOURCE, "volume_name": file_name}
             if stem in metadata:
                 meta.update(metadata[stem])
+                fixed = any(part.endswith("_fixed") for part in volume.parts)
+                if apply_metadata == "always" or (apply_metadata == "auto" and not fixed):
+                    meta["header_overrides"] = dict(metadata[stem])
             else:
                 without_metadata += 1
             record: dict[str, Any] = {
@@ -245,6 +259,8 @@ OPTIONS = (
     Option("findings_column", "Findings_EN", "findings column of the report CSVs"),
     Option("impression_column", "Impressions_EN", "impression column of the report CSVs"),
     Option("keep_missing", False, "keep rows whose volume is not downloaded (path points where it belongs)"),
+    Option("apply_metadata", "auto", "when the metadata CSV's spacing/rescale override the NIfTI header: auto = "
+           "volumes outside *_fixed folders", choices=APPLY_METADATA),
 )
 
 ADAPTER = Adapter(
