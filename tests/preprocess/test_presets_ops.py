@@ -163,3 +163,40 @@ def test_suv_conversion():
         to_suv(volume.replace(meta={}))
     already = volume.replace(meta={"pet_units": "SUVbw"})
     assert to_suv(already) is already
+
+
+# Presets with outputs over 40 M voxels (ctrate, multiscale_256) run on real data in their own tests.
+CT_PRESETS = [
+    name for name in list_presets()
+    if load_preset(name).modality == "CT" and np.prod(load_preset(name).shape) <= 40_000_000
+]
+REAL_SCANS = ["ct/totalseg_chest_cta/ct_cropped.nii.gz", "ct/totalseg_example/example_ct.nii.gz",
+              "ct/totalseg_example/dicom"]
+
+
+@pytest.mark.parametrize("scan", REAL_SCANS)
+@pytest.mark.parametrize("name", CT_PRESETS)
+def test_every_ct_preset_on_real_scans(shared_data, scan, name):
+    """Shape, orientation, spacing and plausible HU (air near -1000, soft tissue near 0-100) after each preset."""
+    preset = load_preset(name)
+    volume = read_volume(shared_data / scan)
+    out = preset.apply(volume)
+    assert out.shape == preset.shape
+    assert out.orientation == "SPL"
+    if preset.fit == "crop_pad":
+        assert out.spacing == pytest.approx(preset.spacing)
+    else:  # resize keeps the physical extent
+        assert np.asarray(out.extent_mm) == pytest.approx(np.asarray(volume.extent_mm), rel=1e-6)
+    low, high = preset.intensity.window
+    hu = out.array * (high - low) + low  # undo the documented window
+    body = hu > -500
+    assert 0.05 < body.mean() < 0.95, "the scan must be neither empty nor all body"
+    assert np.percentile(hu, 1) < -800  # air around the patient or in the lungs (the CTA is cropped to the chest)
+    assert -100 < np.median(hu[body]) < 150  # soft tissue dominates inside the body
+
+
+@pytest.mark.slow
+def test_largest_multiscale_stage_on_real_ct(shared_data):
+    out = load_preset("multiscale_256").apply(read_volume(shared_data / "ct/totalseg_chest_cta/ct_cropped.nii.gz"))
+    assert out.shape == (256, 512, 512) and out.orientation == "SPL"
+    assert float(out.array.min()) >= 0.0 and float(out.array.max()) <= 1.0
