@@ -11,6 +11,7 @@ outside the image). Prints a table and writes benchmarks/results/phantom_learnab
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import tempfile
 import time
@@ -58,7 +59,7 @@ class SmallCNN(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         channels = [in_channels, width, width * 2, width * 4, width * 6]
-        for c_in, c_out in zip(channels[:-1], channels[1:], strict=True):
+        for c_in, c_out in itertools.pairwise(channels):
             layers += [nn.Conv3d(c_in, c_out, 3, stride=2, padding=1), nn.BatchNorm3d(c_out), nn.GELU(),
                        nn.Conv3d(c_out, c_out, 3, padding=1), nn.BatchNorm3d(c_out), nn.GELU()]
         self.features = nn.Sequential(*layers)

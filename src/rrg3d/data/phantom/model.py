@@ -58,8 +58,8 @@ class Finding:
         severity: ``"mild"``, ``"moderate"``, ``"severe"`` or ``None``.
         count: number of lesions (nodules, enlarged nodes, plaques), ``None`` if not countable.
         kind: sub-type (``"pacemaker"``, ``"sternotomy wires"``, ``"port catheter"``, ``"aortic stent"`` for medical
-            material; ``"solid"`` nodules; ``"centrilobular"``/``"paraseptal"`` emphysema; ``"subsegmental"``/``"lobar"``
-            atelectasis; ``"paratracheal"``... station for nodes), or ``None``.
+            material; ``"solid"`` nodules; ``"centrilobular"``/``"paraseptal"`` emphysema;
+            ``"subsegmental"``/``"lobar"`` atelectasis; ``"mediastinal"`` nodes), or ``None``.
         suv_max: PET SUVmax of the lesion when the case has PET and the finding is hypermetabolic, else ``None``.
         detail: extra facts (e.g. ``{"stations": [...]}`` for nodes, ``{"vessel": "aorta"}``).
     """

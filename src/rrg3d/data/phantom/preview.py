@@ -34,8 +34,8 @@ def render_preview(manifest: str | os.PathLike[str], out_png: str | os.PathLike[
         heart = np.argwhere(seg == REGIONS.index("heart") + 1)
         d = int(np.median(heart[:, 0])) if heart.size else ct.shape[0] // 2
         h = int(np.median(heart[:, 1])) if heart.size else ct.shape[1] // 2
-        views = [(ct.array[d], seg[d], 1.0, "axial"), (ct.array[:, h][::-1], seg[:, h][::-1], aspect, "coronal")]
-        for col, (image, labels, ratio, name) in enumerate(views):
+        views = [(ct.array[d], 1.0, "axial"), (ct.array[:, h][::-1], aspect, "coronal")]
+        for col, (image, ratio, name) in enumerate(views):
             axes[row, col].imshow(image, cmap="gray", vmin=-1000, vmax=400, aspect=ratio)
             axes[row, col].set_title(f"{record['id']} {name}", fontsize=8)
         axes[row, 2].imshow(ct.array[d], cmap="gray", vmin=-1000, vmax=400)

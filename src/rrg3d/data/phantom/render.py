@@ -79,8 +79,8 @@ class Canvas:
         self.pet = np.zeros(grid.shape, dtype=np.float32) if pet else None
 
     def paint(self, where: tuple[slice, ...], mask: np.ndarray, hu: float | np.ndarray | None = None,
-              region: str | None | int = -1, suv: float | None = None, within: np.ndarray | None = None) -> None:
-        """Set HU/region/SUV inside ``mask`` (a boolean array over the ``where`` box); ``region=-1`` keeps regions."""
+              region: str | None = None, suv: float | None = None, within: np.ndarray | None = None) -> None:
+        """Set HU, region and SUV inside ``mask`` (booleans over the ``where`` box); ``None`` leaves a layer as is."""
         if within is not None:
             mask = mask & within[where]
         if not mask.any():
@@ -88,9 +88,8 @@ class Canvas:
         if hu is not None:
             target = self.ct[where]
             target[mask] = hu if np.isscalar(hu) else np.broadcast_to(hu, mask.shape)[mask]
-        if region != -1:
-            target = self.regions[where]
-            target[mask] = 0 if region is None else (region if isinstance(region, int) else REGION_ID[region])
+        if region is not None:
+            self.regions[where][mask] = REGION_ID[region]
         if suv is not None and self.pet is not None:
             self.pet[where][mask] = suv
 
@@ -227,7 +226,7 @@ def body_masks(canvas: Canvas, layout: Layout) -> dict[str, np.ndarray]:
     below = zz < _diaphragm(layout, yy, xx)
     apex = layout.lung_top
     lung_shape = []
-    for side, cx in (("right", -inner_a * 0.5), ("left", inner_a * 0.5)):
+    for cx in (-inner_a * 0.5, inner_a * 0.5):
         rx = inner_a * 0.52 * np.clip(1.0 - np.clip((zz - 40) / (apex - 40), 0, 1) ** 2 * 0.7, 0.2, 1)
         ry = inner_b * 0.92 * np.clip(1.0 - np.clip((zz - 40) / (apex - 40), 0, 1) ** 2 * 0.6, 0.25, 1)
         shape = ((xx - cx) / rx) ** 2 + ((yy - 6) / ry) ** 2 <= 1.0
@@ -391,7 +390,8 @@ def airway_tree(layout: Layout, rng: np.random.Generator, depth: int = 3) -> lis
 
 
 def paint_airways(canvas: Canvas, layout: Layout, lungs: np.ndarray, rng: np.random.Generator,
-                  wall: float = 1.6, lumen_scale: float = 1.0, lobes: np.ndarray | None = None) -> None:
+                  wall: float = 1.6) -> None:
+    """Trachea and main bronchi (the airway region), then the segmental tree inside the lungs."""
     top = float(canvas.grid.z[-1]) + 5
     trachea = [(top, -16.0, 0.0), tuple(layout.carina)]
     for path, radius in ([trachea, 9.5], [[layout.carina, layout.hila["right"]], 6.5],
@@ -405,10 +405,10 @@ def paint_airways(canvas: Canvas, layout: Layout, lungs: np.ndarray, rng: np.ran
     for start, end, r0, r1 in airway_tree(layout, rng):
         outer = canvas.tube([start, end], [r0 + wall, r1 + wall])
         if outer:
-            canvas.paint(*outer, HU["wall"] - 20, within=lungs)
-        inner = canvas.tube([start, end], [r0 * lumen_scale, r1 * lumen_scale])
+            canvas.paint(*outer, HU["wall"] - 20, region="trachea and bronchi", within=lungs)
+        inner = canvas.tube([start, end], [r0, r1])
         if inner:
-            canvas.paint(*inner, HU["air"], within=lungs)
+            canvas.paint(*inner, HU["air"], region="trachea and bronchi", within=lungs)
 
 
 def paint_lung_vessels(canvas: Canvas, layout: Layout, lungs: np.ndarray, rng: np.random.Generator) -> None:
@@ -484,7 +484,7 @@ def _emphysema(canvas, finding, layout, masks, rng):
     threshold = np.quantile(field[lungs], 1 - fraction * 1.6) if lungs.any() else 0
     holes = lungs & (field > threshold) & (upper | (field > threshold + 0.6))
     if finding.kind == "paraseptal":
-        interior = ndimage.binary_erosion(lungs, iterations=max(1, int(round(10 / grid.spacing[1]))))
+        interior = ndimage.binary_erosion(lungs, iterations=max(1, round(10 / grid.spacing[1])))
         holes &= ~interior
     canvas.paint(full, holes, HU["air"] + 25)
 
@@ -500,19 +500,22 @@ def _mosaic(canvas, finding, layout, masks, rng):
 
 
 def _septal(canvas, finding, layout, masks, rng):
+    """A polygonal network of thickened septa in the lung periphery, drawn with partial-volume weighting."""
     grid = canvas.grid
     lungs = masks["right"] | masks["left"]
     zz, yy, xx = grid.z[:, None, None], grid.y[None, :, None], grid.x[None, None, :]
-    cell = 14.0
-    thickness = max(1.6, 0.55 * min(grid.spacing))
+    voxel = min(grid.spacing)
+    cell = max(14.0, 4.0 * voxel)
+    half = voxel / 2
     warp = _blob_field(grid.shape, rng, 4.0) * 2.5
-    lines = ((np.abs(np.mod(xx + warp, cell) - cell / 2) > cell / 2 - thickness)
-             | (np.abs(np.mod(yy - warp, cell) - cell / 2) > cell / 2 - thickness)
-             | (np.abs(np.mod(zz + warp, cell) - cell / 2) > cell / 2 - thickness))
-    depth = {"mild": 18.0, "moderate": 28.0, "severe": 45.0}[finding.severity or "mild"]
-    interior = ndimage.binary_erosion(lungs, iterations=max(1, int(round(depth / grid.spacing[1]))))
+    lines = ((np.abs(np.mod(xx + warp, cell) - cell / 2) > cell / 2 - half)
+             | (np.abs(np.mod(yy - warp, cell) - cell / 2) > cell / 2 - half)
+             | (np.abs(np.mod(zz + warp, cell) - cell / 2) > cell / 2 - half))
+    depth = {"mild": 15.0, "moderate": 22.0, "severe": 30.0}[finding.severity or "mild"]
+    interior = ndimage.binary_erosion(lungs, iterations=max(1, round(depth / grid.spacing[1])))
     periphery = lungs & ~interior & (np.broadcast_to(zz, grid.shape) < 60)
-    canvas.paint(grid.full()[0], periphery & lines, -250.0)
+    weight = min(1.0, 2.0 / voxel)  # a 2 mm septum fills this fraction of a voxel
+    canvas.paint(grid.full()[0], periphery & lines, canvas.ct + (-100.0 - canvas.ct) * weight)
 
 
 def _ground_glass(canvas, finding, layout, masks, rng):
@@ -559,7 +562,7 @@ def _airway_disease(canvas, finding, layout, masks, rng, dilate: bool):
                 radius = [max(r0 * 2.0, 4.5), max(r1 * 2.2, 4.0)]
                 wall = canvas.tube([start, end], [radius[0] + 1.8, radius[1] + 1.8])
                 if wall:
-                    canvas.paint(*wall, HU["wall"] - 10, within=target)
+                    canvas.paint(*wall, HU["wall"] - 10, region="trachea and bronchi", within=target)
                 lumen = canvas.tube([start, end], radius)
                 if lumen:
                     canvas.paint(*lumen, HU["air"], region="trachea and bronchi", within=target)
@@ -569,7 +572,7 @@ def _airway_disease(canvas, finding, layout, masks, rng, dilate: bool):
                     canvas.paint(*wall, HU["wall"] + 5, region="trachea and bronchi", within=target)
                 lumen = canvas.tube([start, end], [max(r0 * 0.8, 1.5), max(r1 * 0.8, 1.2)])
                 if lumen:
-                    canvas.paint(*lumen, HU["air"], within=target)
+                    canvas.paint(*lumen, HU["air"], region="trachea and bronchi", within=target)
 
 
 def _bronchiectasis(canvas, finding, layout, masks, rng):
@@ -737,8 +740,8 @@ def _medical_material(canvas, finding, layout, masks, rng):
             canvas.paint(*lead, HU["metal"], region="heart")
     elif kind == "sternotomy wires":
         for z in np.linspace(0, 95, 5):
-            wire = canvas.tube([(z, -layout.body_b + layout.fat + 6, -10.0), (z, -layout.body_b + layout.fat + 6, 10.0)],
-                               1.8)
+            front = -layout.body_b + layout.fat + 6
+            wire = canvas.tube([(z, front, -10.0), (z, front, 10.0)], 1.8)
             if wire:
                 canvas.paint(*wire, HU["metal"], region="bone")
     elif kind == "port catheter":
@@ -750,7 +753,7 @@ def _medical_material(canvas, finding, layout, masks, rng):
         if catheter:
             canvas.paint(*catheter, HU["metal"] * 0.5, region="mediastinum")
     else:  # aortic stent: a metal mesh along the descending aorta
-        stent = canvas.tube(layout.aorta[3:5].tolist() + [(layout.aorta[4] + layout.aorta[5]) / 2], 11.0, inner=1.6)
+        stent = canvas.tube([*layout.aorta[3:5], (layout.aorta[4] + layout.aorta[5]) / 2], 11.0, inner=1.6)
         if stent:
             where, mask = stent
             zz = canvas.grid.z[where[0]][:, None, None]
@@ -780,28 +783,34 @@ RENDERERS: dict[str, Callable] = {
 
 
 def render_case(case: Case, shape: Sequence[int], rng: np.random.Generator) -> RenderedCase:
-    """Draw the case's CT (int16 HU with scanner noise), region map and PET (when the case has one)."""
-    fov = (float(rng.uniform(290, 330)), float(rng.uniform(340, 380)), float(rng.uniform(340, 380)))
+    """Draw the case's CT (int16 HU with scanner noise), region map and PET (when the case has one).
+
+    Anatomy, findings and noise draw from separate streams, so the same case with and without a finding
+    differs only where that finding is drawn.
+    """
+    anatomy_rng, findings_rng, noise_rng = (np.random.default_rng(s) for s in rng.integers(0, 2**63, size=3))
+    fov = (float(anatomy_rng.uniform(290, 330)), float(anatomy_rng.uniform(340, 380)),
+           float(anatomy_rng.uniform(340, 380)))
     grid = Grid(shape, fov)
     canvas = Canvas(grid, pet=case.anatomy.has_pet)
-    layout = make_layout(case, rng)
+    layout = make_layout(case, anatomy_rng)
     masks = body_masks(canvas, layout)
-    paint_anatomy(canvas, case, layout, masks, rng)
+    paint_anatomy(canvas, case, layout, masks, anatomy_rng)
     lung_voxels = canvas.regions == REGION_ID["lung"]  # what the heart, vessels and airways left of the lungs
     for key in ("right", "left", *LOBES):
         masks[key] = masks[key] & lung_voxels
-    render_findings(canvas, case, layout, masks, rng)
+    render_findings(canvas, case, layout, masks, findings_rng)
     ct = ndimage.gaussian_filter(canvas.ct, 0.5)  # partial-volume blur
-    noise_sd = float(rng.uniform(8, 22))
-    noise = ndimage.gaussian_filter(rng.standard_normal(grid.shape).astype(np.float32), 0.7)
+    noise_sd = float(noise_rng.uniform(8, 22))
+    noise = ndimage.gaussian_filter(noise_rng.standard_normal(grid.shape).astype(np.float32), 0.7)
     ct += noise * (noise_sd / (noise.std() + 1e-6)) * masks["body"]
-    ct += float(rng.uniform(-12, 12))  # per-scanner HU calibration offset
+    ct += float(noise_rng.uniform(-12, 12))  # per-scanner HU calibration offset
     pet = None
     if canvas.pet is not None:
         fwhm_mm = 6.0
         sigma = [fwhm_mm / 2.355 / s for s in grid.spacing]
         pet = ndimage.gaussian_filter(canvas.pet, sigma)
-        pet *= 1.0 + 0.08 * rng.standard_normal(grid.shape).astype(np.float32)
+        pet *= 1.0 + 0.08 * noise_rng.standard_normal(grid.shape).astype(np.float32)
         pet = np.clip(pet, 0, None).astype(np.float32)
     # LPS origin of voxel (0, 0, 0): x = W axis, y = H axis, z = D axis
     origin = (float(grid.x[0]), float(grid.y[0]), float(grid.z[0]))
