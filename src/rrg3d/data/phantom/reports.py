@@ -12,7 +12,10 @@ phrasing varies with the random generator, and the layout with the reporting sty
 All template text is written for rrg3d. Optionally a :class:`SentenceBank` mined at run time from real labelled
 reports (never stored in the repository) supplies some sentences of the narrative style, so that the text reads
 more like a real report corpus. Every mined sentence is checked with the abnormality labeler when the bank is
-built: it is used only where its labels are exactly the intended ones.
+built: it is used only where its labels are exactly the intended ones. Mined *positive* sentences are kept only
+when they carry no side, lobe, size, grade, count or sub-type words (nothing is substituted into them); the
+case's own details then follow in a templated sentence that names no abnormality ("It is small, 3.5 cm across."),
+so a mined sentence can never contradict the case.
 """
 
 from __future__ import annotations
@@ -275,6 +278,9 @@ def _hiatal(f: Finding, rng: np.random.Generator, unit: str | None) -> _Text:
     return _Text(_pick(rng, options), short, f"{_cap(amount + ' ' if amount else '')}hiatal hernia")
 
 
+_NODE_SIDE = {"right": "on the right", "left": "on the left", "bilateral": "on both sides"}
+
+
 def _lymph(f: Finding, rng: np.random.Generator, unit: str | None) -> _Text:
     stations = [str(s) for s in f.detail.get("stations", [])]
     group = f.kind if f.kind and f.kind not in stations else "mediastinal"
@@ -282,24 +288,29 @@ def _lymph(f: Finding, rng: np.random.Generator, unit: str | None) -> _Text:
     size = _size(f, unit)
     largest = f", the largest measuring {size} in short axis" if size else ""
     suv = _suv(f)
-    place = f"the {_join(stations)} {'station' if len(stations) == 1 else 'stations'}" if stations else ""
-    if count == 1:
-        options = [f"An enlarged {stations[0] + ' ' if stations else group + ' '}lymph node"
-                   + (f" measures {size} in short axis" if size else " is present") + f"{suv}."]
-        if place:
-            options.append(f"There is an enlarged lymph node in {place}"
-                           + (f", {size} in short axis" if size else "") + f"{suv}.")
+    if stations:
+        place = f"in the {_join(stations)} {'station' if len(stations) == 1 else 'stations'}"
     else:
-        n = _cap(_count_word(count))
-        options = [f"{n} enlarged lymph nodes are present" + (f" in {place}" if place else "") + f"{largest}{suv}."]
-        options.append(f"There is {group} lymphadenopathy" + (f" involving {place}" if place else "")
-                       + f" ({_count_word(count)} nodes){largest}{suv}.")
-    where = ", ".join(stations)
-    short = (f"Lymphadenopathy ({where}" if where else f"{_cap(group)} lymphadenopathy (") + (
-        f"{', ' if where else ''}{count} nodes, up to {size})" if size else ")") + _suv(f, ",") + "."
-    short = short.replace("()", "")
+        place = _NODE_SIDE.get(f.side or "", "")
+    loc = f" {place}" if place else ""
+    if count == 1:
+        options = [f"An enlarged {stations[0] if stations else group} lymph node"
+                   + (f" measures {size} in short axis" if size else " is present")
+                   + ("" if stations else loc) + f"{suv}."]
+        options.append(f"There is an enlarged {group} lymph node{loc}"
+                       + (f", {size} in short axis" if size else "") + f"{suv}.")
+    else:
+        n = _count_word(count)
+        options = [f"{_cap(n)} enlarged lymph nodes are present{loc}{largest}{suv}.",
+                   f"There is {group} lymphadenopathy{loc} ({n} nodes){largest}{suv}."]
+    parts = [", ".join(stations)] if stations else ([f"{f.side}"] if f.side else [])
+    if count > 1:
+        parts.append(f"{count} nodes")
+    if size:
+        parts.append(f"up to {size}")
+    short = f"{_cap(group)} lymphadenopathy" + (f" ({'; '.join(parts)})" if parts else "") + _suv(f, ",") + "."
     hyper = "Hypermetabolic " if f.suv_max is not None else ""
-    impression = f"{hyper}{group} lymphadenopathy" + (f" ({where})" if where else "") + (
+    impression = f"{hyper}{group} lymphadenopathy" + (f" ({', '.join(stations)})" if stations else "") + (
         f" (SUVmax {f.suv_max:.1f})" if f.suv_max is not None else "")
     return _Text(_pick(rng, options), short, _cap(impression))
 
@@ -414,8 +425,7 @@ def _mosaic(f: Finding, rng: np.random.Generator, unit: str | None) -> _Text:
     where = _where(f) or "in both lungs"
     options = [f"A mosaic attenuation pattern is seen {where}.",
                f"There is {sev + ' ' if sev else ''}mosaic attenuation of the lung parenchyma {where}.",
-               "The lungs show a mosaic attenuation pattern" + (f" {where}." if _where(f) and f.side != "bilateral"
-                                                                else ".")]
+               "The lungs show a mosaic attenuation pattern" + ("." if where == "in both lungs" else f" {where}.")]
     short = f"{_cap(sev + ' ' if sev else '')}mosaic attenuation pattern, {_short_where(f) or 'both lungs'}."
     return _Text(_pick(rng, options), short, f"{_cap(sev + ' ' if sev else '')}mosaic attenuation pattern")
 
@@ -638,10 +648,6 @@ def _finding_lobes(finding: Finding) -> tuple[str, ...]:
     return LOBES
 
 
-def _ordered(findings: Iterable[Finding]) -> list[Finding]:
-    return sorted(findings, key=lambda f: _IMPRESSION_ORDER.index(f.label))
-
-
 class _Builder:
     """One report being written (keeps the generator and the case together)."""
 
@@ -708,7 +714,7 @@ class _Builder:
             findings_first = bool(block) and self.chance(0.5)
             said.extend(block + negs + normal if findings_first else normal + block + negs)
         if self.case.anatomy.has_pet and self.chance(0.8):
-            said.append(_Said(_PET_NORMAL, "abdomen"))
+            said.append(_Said(_PET_NORMAL, ""))
         impressions = [text.impression for _, text in _ordered_texts(texts)]
         impression = (" ".join(_sentence(x) for x in impressions) if impressions
                       else _pick(self.rng, _NORMAL_IMPRESSION))
@@ -962,20 +968,22 @@ _ANY_DEVICE = re.compile(r"pacemaker|sternotomy|sternal wire|\bport\b|stent|cath
 _PLURAL = re.compile(r"\b(?:are|were|have)\b", re.I)
 
 
-def _split_sentences(text: str) -> list[str]:
-    """Sentences of a report (the project splitter when available, else a small one of our own)."""
-    try:  # pragma: no cover - depends on the text package being present
-        from rrg3d.text import reports as text_reports
+_SKIP_SECTIONS = ("clinical_information", "technique", "comparison")
 
-        splitter = getattr(text_reports, "split_sentences", None)
-    except ImportError:
-        splitter = None
-    if splitter is not None:
-        return [str(s) for s in splitter(text)]
-    out = []
-    for chunk in re.split(r'["\n\r]+', text):
-        out.extend(part.strip() for part in re.split(r"(?<=[.!?;])\s+(?=[A-Z])", chunk) if part.strip())
-    return out
+
+def _split_sentences(text: str) -> list[str]:
+    """Sentences of a report's findings and impression (the project splitter when available, else a small one)."""
+    try:
+        from rrg3d.text.reports import split_sections, split_sentences
+    except ImportError:  # pragma: no cover - the text package ships with rrg3d
+        out = []
+        text = re.sub(r"\b(?:findings|impression)\s*:", "\n", text, flags=re.I)
+        for chunk in re.split(r'["\n\r]+', text):
+            out.extend(part.strip() for part in re.split(r"(?<=[.!?;])\s+(?=[A-Z])", chunk) if part.strip())
+        return out
+    sections = split_sections(text)
+    return [sentence for name, body in sections.items() if name not in _SKIP_SECTIONS
+            for sentence in split_sentences(body)]
 
 
 def _clean(sentence: str) -> str | None:
