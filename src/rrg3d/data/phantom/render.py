@@ -24,7 +24,7 @@ HU = {
     "air": -1000.0, "fat": -100.0, "muscle": 50.0, "lung": -860.0, "blood": 42.0, "myocardium": 45.0,
     "bone": 420.0, "cortex": 750.0, "marrow": 220.0, "disc": 80.0, "liver": 58.0, "spleen": 48.0,
     "stomach_wall": 40.0, "fluid": 12.0, "thyroid": 95.0, "gland": 25.0, "node": 38.0, "wall": 35.0,
-    "metal": 3000.0, "calcium": 650.0,
+    "metal": 3000.0, "calcium": 1200.0,  # dense calcified plaque (well above cortical bone's 750)
 }
 
 
@@ -417,7 +417,7 @@ def paint_lung_vessels(canvas: Canvas, layout: Layout, lungs: np.ndarray, rng: n
         segments: list[tuple] = []
         for direction in ((35.0, 15.0, lateral * 20.0), (-40.0, 25.0, lateral * 15.0), (-5.0, -25.0, lateral * 30.0),
                           (5.0, 40.0, lateral * 10.0)):
-            _branch(rng, hilum + np.array([0.0, -4.0, 0.0]), np.asarray(direction), 30.0, 4.5, 3, segments)
+            _branch(rng, hilum + np.array([0.0, -4.0, 0.0]), np.asarray(direction), 30.0, 3.5, 3, segments)
         for start, end, r0, r1 in segments:
             vessel = canvas.tube([start, end], [r0, r1])
             if vessel:
@@ -493,7 +493,7 @@ def _mosaic(canvas, finding, layout, masks, rng):
     grid = canvas.grid
     lungs = masks["right"] | masks["left"]
     field = _blob_field(grid.shape, rng, 25.0 / min(grid.spacing))
-    contrast = {"mild": 90.0, "moderate": 130.0, "severe": 170.0}[finding.severity or "mild"]
+    contrast = {"mild": 110.0, "moderate": 150.0, "severe": 190.0}[finding.severity or "mild"]
     full = grid.full()[0]
     canvas.paint(full, lungs & (field > 0.2), canvas.ct + contrast)
     canvas.paint(full, lungs & (field < -0.2), canvas.ct - contrast * 0.5)
@@ -531,17 +531,26 @@ def _ground_glass(canvas, finding, layout, masks, rng):
 
 
 def _fibrotic(canvas, finding, layout, masks, rng):
+    """Subpleural fibrotic bands with a little surrounding reticulation (parenchymal distortion)."""
+    grid = canvas.grid
     for lobe in finding.lobes or ["right lower lobe"]:
-        center = _random_point(masks[lobe], canvas.grid, rng)
-        if center is None:
-            continue
+        mask = masks[lobe]
+        interior = ndimage.binary_erosion(mask, iterations=max(1, int(round(12 / grid.spacing[1]))))
         for _ in range(int(rng.integers(3, 6))):
+            center = _random_point(mask, grid, rng, mask & ~interior)
+            if center is None:
+                break
             direction = rng.normal(0, 1, 3)
             direction /= np.linalg.norm(direction)
             length = float(rng.uniform(25, 45))
-            band = canvas.tube([center - direction * length / 2, center + direction * length / 2], 2.8)
+            ends = [center - direction * length / 2, center + direction * length / 2]
+            haze = canvas.tube(ends, 7.0)
+            if haze:
+                where, hmask = haze
+                canvas.paint(where, hmask, np.maximum(canvas.ct[where], -600.0), within=mask)
+            band = canvas.tube(ends, 2.8)
             if band:
-                canvas.paint(*band, -60.0, within=masks[lobe])
+                canvas.paint(*band, -60.0, within=mask)
 
 
 def _airway_disease(canvas, finding, layout, masks, rng, dilate: bool):
@@ -589,16 +598,17 @@ def _consolidation(canvas, finding, layout, masks, rng):
     center = _random_point(lobe, grid, rng)
     if center is None:
         return
-    radius = (finding.size_mm or 40.0) / 2
+    radius = (finding.size_mm or 50.0) / 2
     region = canvas.ellipsoid(center, (radius, radius * 0.8, radius * 0.9))
     if not region:
         return
     where, mask = region
     mask = mask & lobe[where]
     canvas.paint(where, mask, 35.0, suv=finding.suv_max)
-    for _ in range(2):  # air bronchograms
+    for _ in range(3):  # air bronchograms
         direction = rng.normal(0, 1, 3)
-        bronchus = canvas.tube([center - direction * radius * 0.6, center + direction * radius * 0.6], 2.0)
+        direction /= np.linalg.norm(direction)
+        bronchus = canvas.tube([center - direction * radius * 0.6, center + direction * radius * 0.6], 2.5)
         if bronchus:
             b_where, b_mask = bronchus
             canvas.paint(b_where, b_mask, HU["air"] + 100, within=lobe)
@@ -640,12 +650,17 @@ def _pleural_effusion(canvas, finding, layout, masks, rng):
 
 
 def _nodules(canvas, finding, layout, masks, rng):
+    """Solid round nodules, mostly in the outer lung where they stand apart from the central vessels."""
     grid = canvas.grid
+    zz, yy, xx = grid.z[:, None, None], grid.y[None, :, None], grid.x[None, None, :]
+    far = np.ones(grid.shape, dtype=bool)
+    for hilum in layout.hila.values():
+        far &= (zz - hilum[0]) ** 2 + (yy - hilum[1]) ** 2 + (xx - hilum[2]) ** 2 > 55.0 ** 2
     lobes = finding.lobes or ["right upper lobe"]
     for index in range(finding.count or 1):
         lobe = masks[lobes[index % len(lobes)]]
         interior = ndimage.binary_erosion(lobe, iterations=2)
-        center = _random_point(lobe, grid, rng, interior)
+        center = _random_point(lobe, grid, rng, interior & far)
         if center is None:
             continue
         size = (finding.size_mm or 6.0) * (1.0 if index == 0 else rng.uniform(0.6, 1.0))
@@ -701,7 +716,7 @@ def _arterial_calcification(canvas, finding, layout, masks, rng):
         radius = float(np.interp(k, [0, len(lengths) - 1], [15.0, 11.0]))
         plaque = canvas.tube([point + normal * radius - axis * 5.0, point + normal * radius + axis * 5.0], 3.2)
         if plaque:
-            canvas.paint(*plaque, HU["calcium"] + rng.uniform(-100, 250))
+            canvas.paint(*plaque, HU["calcium"] + rng.uniform(-100, 300))  # 1100-1500 HU
 
 
 def _coronary_calcification(canvas, finding, layout, masks, rng):
@@ -717,7 +732,7 @@ def _coronary_calcification(canvas, finding, layout, masks, rng):
         along = inverse @ (along / (np.linalg.norm(along) + 1e-6))
         spot = canvas.tube([point - along * 4.0, point + along * 4.0], 3.0)
         if spot:
-            canvas.paint(*spot, HU["calcium"] + rng.uniform(0, 250), region="heart")
+            canvas.paint(*spot, HU["calcium"] + rng.uniform(-100, 300), region="heart")
 
 
 def _cardiomegaly(canvas, finding, layout, masks, rng):

@@ -189,7 +189,7 @@ def describe_finding(label: str, rng: np.random.Generator, pet: bool, heart_scal
         lobes = _lobes_for(rng, _side(rng, 0.2), prefer_lower=True)
         suv = round(float(rng.uniform(2.0, 4.5)), 1) if pet else None
         return Finding(label, region, side=_side_of_lobes(lobes), lobes=lobes, severity=_severity(rng),
-                       size_mm=round(float(rng.uniform(30, 70))), suv_max=suv)
+                       size_mm=round(float(rng.uniform(40, 80))), suv_max=suv)
     if label == "Bronchiectasis":
         side = _side(rng, 0.5)
         return Finding(label, region, side=side, lobes=_lobes_for(rng, side, prefer_lower=True, k=2),
