@@ -26,8 +26,9 @@ from rrg3d.data.manifest import load_manifest, resolve
 from rrg3d.data.phantom import PhantomConfig, generate_phantoms
 from rrg3d.io import read_volume
 
-# HU windows: lung, mediastinum, bone and above, calcium and metal (above cortical bone)
-LUNG, MEDIASTINUM, DENSE, CALCIUM = (-1000.0, -300.0), (-150.0, 250.0), (200.0, 1500.0), (1000.0, 2000.0)
+# HU windows: lung, solid lung lesions, mediastinum, bone and above, calcium and metal (above cortical bone)
+LUNG, SOLID = (-1000.0, -300.0), (-500.0, 100.0)
+MEDIASTINUM, DENSE, CALCIUM = (-150.0, 250.0), (200.0, 1500.0), (1000.0, 2000.0)
 
 
 def _window(hu: torch.Tensor, window: tuple[float, float]) -> torch.Tensor:
@@ -42,7 +43,7 @@ def encode(hu_array: np.ndarray) -> np.ndarray:
     lung = _window(hu, LUNG)
     pool = nn.functional.avg_pool3d
     peak = nn.functional.max_pool3d
-    channels = [pool(lung, 2), -peak(-lung, 2), peak(lung, 2), pool(_window(hu, MEDIASTINUM), 2),
+    channels = [pool(lung, 2), -peak(-lung, 2), peak(_window(hu, SOLID), 2), pool(_window(hu, MEDIASTINUM), 2),
                 peak(_window(hu, DENSE), 2), peak(_window(hu, CALCIUM), 2)]
     return torch.cat(channels, dim=1)[0].numpy().astype(np.float16)
 

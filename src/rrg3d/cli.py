@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "presets": "presets",
     "convert": "convert",
     "phantom": "phantom",
+    "evaluate": "evaluate",
 }
 
 

@@ -417,7 +417,7 @@ def paint_lung_vessels(canvas: Canvas, layout: Layout, lungs: np.ndarray, rng: n
         segments: list[tuple] = []
         for direction in ((35.0, 15.0, lateral * 20.0), (-40.0, 25.0, lateral * 15.0), (-5.0, -25.0, lateral * 30.0),
                           (5.0, 40.0, lateral * 10.0)):
-            _branch(rng, hilum + np.array([0.0, -4.0, 0.0]), np.asarray(direction), 30.0, 3.5, 3, segments)
+            _branch(rng, hilum + np.array([0.0, -4.0, 0.0]), np.asarray(direction), 30.0, 3.0, 3, segments)
         for start, end, r0, r1 in segments:
             vessel = canvas.tube([start, end], [r0, r1])
             if vessel:
@@ -535,7 +535,7 @@ def _fibrotic(canvas, finding, layout, masks, rng):
     grid = canvas.grid
     for lobe in finding.lobes or ["right lower lobe"]:
         mask = masks[lobe]
-        interior = ndimage.binary_erosion(mask, iterations=max(1, int(round(12 / grid.spacing[1]))))
+        interior = ndimage.binary_erosion(mask, iterations=max(1, round(12 / grid.spacing[1])))
         for _ in range(int(rng.integers(3, 6))):
             center = _random_point(mask, grid, rng, mask & ~interior)
             if center is None:
@@ -655,7 +655,7 @@ def _nodules(canvas, finding, layout, masks, rng):
     zz, yy, xx = grid.z[:, None, None], grid.y[None, :, None], grid.x[None, None, :]
     far = np.ones(grid.shape, dtype=bool)
     for hilum in layout.hila.values():
-        far &= (zz - hilum[0]) ** 2 + (yy - hilum[1]) ** 2 + (xx - hilum[2]) ** 2 > 55.0 ** 2
+        far &= (zz - hilum[0]) ** 2 + (yy - hilum[1]) ** 2 + (xx - hilum[2]) ** 2 > 70.0 ** 2
     lobes = finding.lobes or ["right upper lobe"]
     for index in range(finding.count or 1):
         lobe = masks[lobes[index % len(lobes)]]
@@ -701,22 +701,29 @@ def _hiatal_hernia(canvas, finding, layout, masks, rng):
 
 
 def _arterial_calcification(canvas, finding, layout, masks, rng):
+    """Calcified plaques in the aortic wall, on the part of the aorta inside the field of view."""
     path = layout.aorta
     lengths = np.linalg.norm(np.diff(path, axis=0), axis=1)
-    for _ in range(finding.count or 4):
-        t = rng.uniform(0, lengths.sum())
-        k = int(np.searchsorted(np.cumsum(lengths), t))
-        k = min(k, len(lengths) - 1)
-        frac = (t - np.cumsum(lengths)[k] + lengths[k]) / lengths[k]
-        point = path[k] + frac * (path[k + 1] - path[k])
-        normal = rng.normal(0, 1, 3)
+    ends = np.cumsum(lengths)
+    z_low, z_high = float(canvas.grid.z[0]) + 8, float(canvas.grid.z[-1]) - 8
+    drawn = 0
+    for _ in range(50 * (finding.count or 4)):
+        if drawn == (finding.count or 4):
+            break
+        t = rng.uniform(0, ends[-1])
+        k = min(int(np.searchsorted(ends, t)), len(lengths) - 1)
+        point = path[k] + (t - ends[k] + lengths[k]) / lengths[k] * (path[k + 1] - path[k])
+        if not z_low < point[0] < z_high:
+            continue
         axis = (path[k + 1] - path[k]) / lengths[k]
+        normal = rng.normal(0, 1, 3)
         normal -= normal.dot(axis) * axis
         normal /= np.linalg.norm(normal) + 1e-6
         radius = float(np.interp(k, [0, len(lengths) - 1], [15.0, 11.0]))
         plaque = canvas.tube([point + normal * radius - axis * 5.0, point + normal * radius + axis * 5.0], 3.2)
         if plaque:
             canvas.paint(*plaque, HU["calcium"] + rng.uniform(-100, 300))  # 1100-1500 HU
+            drawn += 1
 
 
 def _coronary_calcification(canvas, finding, layout, masks, rng):

