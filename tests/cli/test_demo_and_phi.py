@@ -12,9 +12,13 @@ from rrg3d.data.manifest import write_manifest
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--presets", "m3d", "--workers", "1", "--no-shared"]) == 0
+    assert main(["demo", "--out", str(out), "--presets", "m3d", "--workers", "1", "--no-shared",
+                 "--phantoms", "3"]) == 0
     printed = capsys.readouterr().out
     assert "studies ready" in printed and "recorded failure: bad_truncated" in printed
+    assert "CE micro-F1" in printed and (out / "evaluation" / "metrics.json").exists()
+    metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
+    assert metrics["counts"]["references"] == metrics["counts"]["scored"] == 3
     records = [json.loads(line) for line in (out / "cache_m3d" / "manifest.jsonl").read_text().splitlines()]
     assert {r["id"] for r in records} >= {"synth_nifti", "synth_nifti_flipped", "synth_dicom", "synth_nrrd"}
     assert (out / "preview.png").stat().st_size > 10_000

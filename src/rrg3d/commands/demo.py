@@ -4,8 +4,10 @@ Today (foundation stage) the demo: writes synthetic chest CTs in every supported
 orientations, a DICOM series, NRRD, NPZ), adds the real CTs of ../shared/data when present plus a 2D DICOM
 slice shipped with pydicom and a truncated file (both must be rejected cleanly), builds a manifest,
 validates it, preprocesses it with the ``ctrate`` and ``m3d`` presets (resumable cache, errors recorded),
-checks HU plausibility and geometry, prints a table and writes a preview PNG. Training and report
-generation join this command when they land.
+checks HU plausibility and geometry, prints a table and writes a preview PNG. Then it generates phantoms
+with known findings (CT + PET, region masks, reports in three hospital styles) and runs the evaluation suite
+on a text-only baseline (one normal report for every case): the numbers a trained model must beat. Training
+and report generation join this command when they land.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="preprocessing worker processes")
     parser.add_argument("--presets", nargs="+", default=["ctrate", "m3d"], help="presets to run")
     parser.add_argument("--no-shared", action="store_true", help="ignore ../shared/data even when present")
+    parser.add_argument("--phantoms", type=int, default=12, help="phantom cases to generate and evaluate (0: skip)")
 
 
 def shared_data_dir() -> Path | None:
@@ -139,25 +142,25 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    print(f"[1/4] writing demo scans to {out / 'scans'}")
+    print(f"[1/6] writing demo scans to {out / 'scans'}")
     records = _write_inputs(out, use_shared=not args.no_shared)
     manifest = write_manifest(records, out / "manifest.jsonl")
     print(f"      {len(records)} studies in {manifest}")
 
-    print("[2/4] rrg3d validate: schema + opening every file")
+    print("[2/6] rrg3d validate: schema + opening every file")
     _, problems = validate_manifest(manifest)
     for problem in problems:
         print(f"      problem: {problem}")
 
     summaries = {}
     for step, preset in enumerate(args.presets, start=3):
-        print(f"[{min(step, 3)}/4] rrg3d preprocess --preset {preset} (workers={args.workers})")
+        print(f"[{min(step, 3)}/6] rrg3d preprocess --preset {preset} (workers={args.workers})")
         summary = preprocess_manifest(manifest, preset, out / f"cache_{preset}", workers=args.workers,
                                       progress=True)
         summaries[preset] = summary
         print(f"      {summary.line()}")
 
-    print("[4/4] checks on the preprocessed tensors")
+    print("[4/6] checks on the preprocessed tensors")
     from rrg3d.data.manifest import load_manifest
 
     rows = []
@@ -181,6 +184,40 @@ def run(args: argparse.Namespace) -> int:
     preview = _preview(cache, out / "preview.png")
     if preview:
         print(f"      preview of the {first} tensors: {preview}")
-    print(f"done in {time.perf_counter() - start:.1f} s; caches in {out}")
     ok = all(s.succeeded > 0 for s in summaries.values())
+    if args.phantoms > 0:
+        ok = _phantoms_and_evaluation(out, args) and ok
+    print(f"done in {time.perf_counter() - start:.1f} s; outputs in {out}")
     return 0 if ok else 1
+
+
+NORMAL_REPORT = ("Findings: The trachea and main bronchi are patent. The lungs are clear, without nodules, "
+                 "consolidation or ground-glass opacity. No pleural or pericardial effusion. Heart size is normal. "
+                 "No lymph nodes of pathological size. Impression: No acute abnormality.")
+
+
+def _phantoms_and_evaluation(out: Path, args: argparse.Namespace) -> bool:
+    """Phantoms with known findings, and the evaluation suite scoring a text-only baseline against them."""
+    from rrg3d.data.manifest import load_manifest
+    from rrg3d.data.phantom import PhantomConfig, generate_phantoms
+    from rrg3d.data.phantom.preview import render_preview
+    from rrg3d.evaluate.runner import EvaluateOptions, evaluate_files
+
+    print(f"[5/6] rrg3d phantom --n {args.phantoms} --pet: synthetic chest CT + PET with known findings")
+    manifest = generate_phantoms(PhantomConfig(n=args.phantoms, seed=0, shape=(48, 96, 96), pet=True, styles=3),
+                                 out / "phantoms", workers=args.workers, progress=False)
+    records = load_manifest(manifest)
+    positives = sum(sum(r["labels"].values()) for r in records)
+    print(f"      {len(records)} cases, {positives} findings; preview: "
+          f"{render_preview(manifest, out / 'phantoms' / 'preview.png')}")
+    print("[6/6] rrg3d evaluate: a text-only baseline (the same normal report for every case) against them")
+    predictions = out / "baseline_predictions.jsonl"
+    predictions.write_text("".join(json.dumps({"id": r["id"], "report": NORMAL_REPORT}) + "\n" for r in records))
+    metrics = evaluate_files(predictions, manifest, out / "evaluation",
+                             EvaluateOptions(bootstrap=200, progress=False, judge="rule", judge_cache=False))
+    coco, ce = metrics["coco"], metrics["ce"]
+    meteor = "n/a (no Java)" if coco["meteor"] is None else f"{coco['meteor']:.3f}"
+    print(f"      BLEU-4 {coco['bleu_4']:.3f}  METEOR {meteor}  ROUGE-L {coco['rouge_l']:.3f}  "
+          f"CIDEr {coco['cider']:.3f}  CE micro-F1 {ce['micro_f1']:.3f}  macro-F1 {ce['macro_f1']:.3f}")
+    print(f"      (a model must beat this); report: {out / 'evaluation' / 'report.html'}")
+    return True
