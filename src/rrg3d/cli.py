@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "convert": "convert",
     "phantom": "phantom",
     "evaluate": "evaluate",
+    "labeler": "labeler",
 }
 
 
