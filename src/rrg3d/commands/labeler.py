@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 from pathlib import Path
 
@@ -43,27 +42,19 @@ def read_reports(path: Path) -> tuple[list[str], list[str]]:
 
     if not path.is_file():
         raise RRG3DError(f"{path}: file not found")
-    ids: list[str] = []
-    texts: list[str] = []
     if path.suffix.lower() in (".jsonl", ".json"):
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RRG3DError(f"{path}:{number}: invalid JSON ({exc.msg})") from exc
-            if not isinstance(record, dict) or "id" not in record:
-                raise RRG3DError(f"{path}:{number}: each line needs an 'id' and a 'report'")
-            ids.append(str(record["id"]))
-            texts.append(str(record.get("report") or ""))
-        return ids, texts
+        from rrg3d.evaluate.records import load_predictions  # the same {"id", "report"} JSONL rules
+
+        records = load_predictions(path)
+        return [r.id for r in records], [r.report or "" for r in records]
     with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
         if "report_text" not in columns:
             raise RRG3DError(f"{path}: no 'report_text' column (columns found: {', '.join(columns) or 'none'})")
         id_column = next((c for c in ID_COLUMNS if c in columns), None)
+        ids: list[str] = []
+        texts: list[str] = []
         for number, row in enumerate(reader, start=1):
             ids.append(str(row[id_column]) if id_column else str(number))
             texts.append(row.get("report_text") or "")
