@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--data", type=Path, default=None, help="phantom folder (default: a temporary one)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "phantom_learnability.json")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "phantom_learnability.json",
+                        help="JSON results (benchmarks/results/phantom_learnability_seed1.json holds a --seed 1 run)")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
 
