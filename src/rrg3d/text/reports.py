@@ -107,9 +107,13 @@ ABBREVIATIONS = frozenset({
     "cor", "ax", "mid", "prox", "dist", "seg", "segs", "l", "r", "u.s", "w", "wk", "yr", "yrs", "mo", "pt", "pts",
     "hx", "dx", "ddx", "s/p", "esp", "vol", "dept",
 })
+#: Titles, always followed by a capitalised name: never a sentence end.
+_TITLES = frozenset({"dr", "prof", "mr", "mrs", "ms", "st"})
 _BOUNDARY = re.compile(r"[.!?]+(?=[\s\"')\]]|$)")
 _ENUM_START = re.compile(r"^\s*(?:\(?\d{1,2}[.)]|\(?[a-zA-Z][)]|[-*+]|#)\s+")
 _INLINE_ENUM = re.compile(r"(?<=\s)(?=\(?\d{1,2}[.)]\s+[A-Z])")
+_LEADING_HEADER = re.compile(rf"^(?:{_HEADER_WORDS})\s*:\s*|^(?:{_HEADER_WORDS.upper()})\b\s*:?\s*(?=[A-Z0-9]|$)",
+                             re.IGNORECASE)
 _QUOTE_SEPARATOR = re.compile(r'(?:^|(?<=\s)|(?<=[.!?]))"(?=\s|$)|(?:^|(?<=\s))"(?=[A-Z])')
 
 
@@ -146,6 +150,8 @@ def _split_block(block: str) -> list[str]:
         current = block[start:match.start()].strip()
         if match.group() == "." and token:
             low = token.lower()
+            if low in _TITLES and next_char.isupper():
+                continue
             if (low in ABBREVIATIONS or re.fullmatch(r"(?:[a-z]\.)+[a-z]", low)) and (not next_char or
                                                                                      not next_char.isupper()
                                                                                      or low in {"e.g", "i.e"}):
@@ -166,8 +172,16 @@ def _split_block(block: str) -> list[str]:
     return sentences
 
 
+def _strip_header(sentence: str) -> str:
+    """Remove a leading section header ("Findings:", "IMPRESSION") from a sentence."""
+    match = _LEADING_HEADER.match(sentence)
+    if match and (match.group().rstrip().endswith(":") or match.group().strip().isupper()):
+        return sentence[match.end():]
+    return sentence
+
+
 def split_sentences(text: str | None) -> list[str]:
-    """Sentences of a report (or section), in order, stripped, enumeration markers removed."""
+    """Sentences of a report (or section), in order, stripped; section headers and enumeration markers removed."""
     text = normalize_report(text)
     if not text:
         return []
@@ -176,6 +190,7 @@ def split_sentences(text: str | None) -> list[str]:
         for part in _QUOTE_SEPARATOR.split(block):
             for item in _INLINE_ENUM.split(part):
                 for sentence in _split_block(item):
+                    sentence = _strip_header(sentence)
                     sentence = _ENUM_START.sub("", sentence).strip(" \"")
                     if sentence and re.search(r"[A-Za-z0-9]", sentence):
                         out.append(sentence)

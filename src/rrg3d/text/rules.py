@@ -1,13 +1,20 @@
 """Per-label patterns of the rule labeler: synonyms and phrasings of the 18 CT-RATE abnormalities.
 
-Each label has *patterns* (regular expressions, matched case-insensitively on one sentence) and optional
-*unless* patterns (a pattern with a named group ``hit`` reports only that group as the mention, so that a
-context matched around it — "effusion ... in the pericardial space" — does not swallow a negation cue); a hit
-is dropped when an ``unless`` pattern matches a window of the sentence around it, and all hits of a sentence
-are dropped when its ``sentence_unless`` pattern matches the sentence (e.g. bare "effusion" next to
-"pericardial" is not a pleural effusion; "subcutaneous emphysema" is not lung emphysema). Patterns were
-written from radiology usage; their coverage was checked only on the development folds of
-``benchmarks/labeler.py`` (see that script for the protocol).
+A label has one or more :class:`LabelRule` s. A rule has *patterns* (regular expressions, matched
+case-insensitively on one sentence; a pattern with a named group ``hit`` reports only that group as the mention,
+so that context matched around it — "effusion ... in the pericardial space" — cannot swallow a negation cue),
+*unless* patterns (a hit is dropped when one matches a window of the sentence around it: "subcutaneous
+emphysema" is not lung emphysema) and a *sentence_unless* pattern (all hits of the rule are dropped when it
+matches the sentence: a bare "effusion" in a sentence about the kidney is not a pleural effusion).
+
+Patterns were written from radiology usage, then checked against the manual labels of the development folds of
+``benchmarks/labeler.py`` (folds 1-4; fold 5 never inspected). Where those labels follow a consistent convention
+narrower than radiology usage, the rules follow the labels: "Peribronchial
+thickening" needs peri-bronchial wording (plain "bronchial wall thickening" is not labelled), "Lung opacity" is
+ground glass or a named opacity (not "pneumonic infiltration" or "crazy paving" alone), "Pulmonary fibrotic
+sequela" is post-inflammatory fibrosis and bands (honeycombing / interstitial lung disease alone are not
+labelled), "fibroatelectasis" is a fibrotic sequela and not an atelectasis, and any affirmed lymph node mention
+in the chest counts as "Lymphadenopathy" (also sub-centimetre nodes).
 """
 
 from __future__ import annotations
