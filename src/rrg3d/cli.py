@@ -26,6 +26,8 @@ COMMANDS: dict[str, str] = {
     "phantom": "phantom",
     "evaluate": "evaluate",
     "labeler": "labeler",
+    "model": "model",
+    "generate": "generate",
 }
 
 

@@ -1,0 +1,69 @@
+"""Write radiology reports for scans with a trained model checkpoint.
+
+SCAN is a NIfTI/NRRD/MHA/NPY file, a DICOM series folder, or a manifest (JSONL; a preprocessing cache made with the
+model's preset is used as is). Each scan is preprocessed with the preset stored in the checkpoint, so inference sees
+exactly the intensities and geometry training saw. Reports are appended to PRED.jsonl as {"id", "report", "meta"}
+and printed; a scan that cannot be read gets a record with an "error" field and the rest go on. Re-running with the
+same --out resumes: scans already reported are skipped (--overwrite starts over).
+
+Without --model the default model is used: $RRG3D_MODEL, else the checkpoint `rrg3d demo` trains
+(~/.cache/rrg3d/models/demo). Exit 0 when every scan got a report, 1 when some failed, 2 when none could be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "generate reports for scans (NIfTI, DICOM folders, manifests) with a model checkpoint"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("scans", nargs="+", metavar="SCAN", help="NIfTI file, DICOM folder or manifest (JSONL)")
+    parser.add_argument("--model", metavar="CKPT", help="checkpoint directory (default: $RRG3D_MODEL or the demo's)")
+    parser.add_argument("--out", required=True, metavar="PRED.jsonl", help="predictions JSONL to write")
+    parser.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy; default: checkpoint's)")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling mass (default: checkpoint's)")
+    parser.add_argument("--num-beams", type=int, help="beam search width (default: checkpoint's)")
+    parser.add_argument("--repetition-penalty", type=float, help="HF-style repetition penalty (1.0 = none)")
+    parser.add_argument("--max-new-tokens", type=int, help="longest report in tokens (default: checkpoint's)")
+    parser.add_argument("--seed", type=int, help="sampling seed (default: checkpoint's)")
+    parser.add_argument("--batch-size", type=int, default=1, help="scans per forward pass (default 1)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="language-model dtype (default: checkpoint's)")
+    parser.add_argument("--overwrite", action="store_true", help="start PRED.jsonl over instead of resuming")
+    parser.add_argument("--quiet", action="store_true", help="do not print the reports")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from rrg3d.models.checkpoint import default_model_path, load_checkpoint
+    from rrg3d.models.inference import generate_reports
+
+    checkpoint = args.model or default_model_path()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_checkpoint(checkpoint, device=device, dtype=args.dtype)
+    settings = model.config.generation.replace(
+        temperature=args.temperature, top_p=args.top_p, num_beams=args.num_beams,
+        repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens, seed=args.seed)
+
+    def show(record: dict) -> None:
+        if args.quiet:
+            return
+        if record.get("error"):
+            print(f"== {record['id']}: FAILED: {record['error']}", file=sys.stderr)
+        else:
+            print(f"== {record['id']}\n{record['report']}\n")
+
+    summary = generate_reports(model, args.scans, args.out, settings=settings, batch_size=args.batch_size,
+                               checkpoint=str(checkpoint), on_record=show, resume=not args.overwrite,
+                               progress=not args.no_progress and sys.stderr.isatty())
+    skipped = f", {summary.skipped} already done" if summary.skipped else ""
+    print(f"{summary.written} reports, {summary.failed} failed{skipped} -> {args.out} ({summary.seconds:.1f} s)",
+          file=sys.stderr)
+    if summary.failed and not summary.written and not summary.skipped:
+        return 2
+    return 1 if summary.failed else 0

@@ -1,0 +1,235 @@
+"""Checkpoints: one directory that alone reproduces generation, written by one call and read by one call.
+
+Layout (DESIGN.md)::
+
+    CKPT/rrg3d.yaml           format + version, kind, the full model config, the preprocessing preset (full
+                              mapping + sha256), what lm/ holds, file checksums
+    CKPT/vision.safetensors   encoder, compressor (PCA included), projector
+    CKPT/lm/                  "full": HF weights (save_pretrained) | "adapter": a PEFT adapter | "base": empty —
+                              the unchanged base model, named in rrg3d.yaml (lm.base)
+    CKPT/tokenizer/           the tokenizer with rrg3d's special tokens and chat template
+    CKPT/train_state/         optimizer, scheduler, RNG, step (written by training; optional)
+
+The kind of LM weights is recorded in ``rrg3d.yaml`` and read from there; nothing is guessed from folder contents or
+names. Saving writes a sibling staging folder and swaps it in, so a crash never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rrg3d.errors import RRG3DError
+
+FORMAT = "rrg3d-checkpoint"
+FORMAT_VERSION = 1
+LM_WEIGHT_KINDS = ("full", "adapter", "base")
+MODEL_KINDS = ("report_generator",)
+
+
+class CheckpointError(RRG3DError):
+    """A checkpoint directory is missing, malformed or from an unsupported format version."""
+
+    def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
+        self.path = str(path)
+        super().__init__(f"{self.path}: {problem}")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``rrg3d.yaml`` of a checkpoint, with its format and version checked."""
+    folder = Path(path)
+    meta_path = folder / "rrg3d.yaml"
+    if not folder.is_dir():
+        raise CheckpointError(folder, "not a checkpoint directory (it does not exist or is a file)")
+    if not meta_path.is_file():
+        raise CheckpointError(folder, "no rrg3d.yaml: not an rrg3d checkpoint")
+    try:
+        meta = yaml.safe_load(meta_path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise CheckpointError(meta_path, f"not valid YAML: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(meta_path, f"format is not {FORMAT!r}")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(meta_path, f"format_version {version!r} is not supported (this rrg3d reads "
+                                         f"{FORMAT_VERSION}); upgrade rrg3d or convert the checkpoint")
+    if meta.get("kind") not in MODEL_KINDS:
+        raise CheckpointError(meta_path, f"kind {meta.get('kind')!r} is not one of {MODEL_KINDS}")
+    if (meta.get("lm") or {}).get("weights") not in LM_WEIGHT_KINDS:
+        raise CheckpointError(meta_path, f"lm.weights must be one of {LM_WEIGHT_KINDS}")
+    return meta
+
+
+def _lm_weight_kind(model: Any, requested: str) -> str:
+    is_peft = hasattr(model.lm, "peft_config")
+    if requested == "auto":
+        return "adapter" if is_peft else ("base" if model.lm_is_base else "full")
+    if requested not in LM_WEIGHT_KINDS:
+        raise ValueError(f"lm_weights must be auto or one of {LM_WEIGHT_KINDS}, got {requested!r}")
+    if requested == "adapter" and not is_peft:
+        raise ValueError("lm_weights='adapter' needs a LoRA (PEFT) language model")
+    if requested == "base" and (is_peft or not model.lm_is_base):
+        raise ValueError("lm_weights='base' would drop trained language-model weights")
+    if requested == "full" and is_peft:
+        raise ValueError("the language model carries a LoRA adapter: save it as 'adapter' (merging is explicit)")
+    return requested
+
+
+def save_checkpoint(model: Any, path: str | os.PathLike[str], *, lm_weights: str = "auto",
+                    extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (a :class:`~rrg3d.models.vlm.ReportGenerator`) as a checkpoint directory at ``path``.
+
+    An existing ``train_state/`` in ``path`` is kept (training writes it beside the weights).
+    """
+    from safetensors.torch import save_file
+
+    from rrg3d import __version__
+    from rrg3d.models.language import base_model
+    from rrg3d.preprocess.presets import load_preset
+
+    target = Path(path)
+    kind = _lm_weight_kind(model, lm_weights)
+    preset = load_preset(model.config.preprocess)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+    try:
+        vision_state = {k: v.detach().contiguous().cpu() for k, v in model.vision.state_dict().items()}
+        save_file(vision_state, str(staging / "vision.safetensors"), metadata={"format": FORMAT})
+        (staging / "lm").mkdir()
+        if kind == "full":
+            base_model(model.lm).save_pretrained(staging / "lm")
+        elif kind == "adapter":
+            model.lm.save_pretrained(staging / "lm", save_embedding_layers=False)
+        model.tokenizer.save_pretrained(staging / "tokenizer")
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "kind": "report_generator",
+            "rrg3d_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "model": model.config.to_dict(),
+            "preprocess": preset.record(),
+            "lm": {"weights": kind, "base": model.config.lm.name_or_path, "path": "lm", "tokenizer": "tokenizer"},
+            "files": {"vision.safetensors": _sha256(staging / "vision.safetensors")},
+            "extra": extra or {},
+        }
+        (staging / "rrg3d.yaml").write_text(yaml.safe_dump(meta, sort_keys=False, allow_unicode=True),
+                                            encoding="utf-8")
+        if (target / "train_state").is_dir():
+            shutil.copytree(target / "train_state", staging / "train_state")
+        _make_readable(staging)
+        _swap_in(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _make_readable(folder: Path) -> None:
+    """Give the staged files the permissions a plain write would (mkdtemp and some writers use 0700/0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for item in [folder, *folder.rglob("*")]:
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    """Replace ``target`` by ``staging`` with renames only (the old one is removed after the new one is in place)."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(target)
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, device: str | None = None, dtype: str | None = None,
+                    trainable: bool = False) -> Any:
+    """The :class:`~rrg3d.models.vlm.ReportGenerator` saved at ``path`` (in eval mode unless ``trainable``)."""
+    from safetensors.torch import load_file
+
+    from rrg3d.models.config import ModelConfig
+    from rrg3d.models.language import load_language_model
+    from rrg3d.models.vlm import ReportGenerator, VisionTower
+
+    folder = Path(path)
+    meta = read_manifest(folder)
+    config = ModelConfig.from_dict(meta["model"], source=str(folder / "rrg3d.yaml"))
+    recorded_preset = meta.get("preprocess", {}).get("config")
+    if recorded_preset is not None:
+        config.preprocess = recorded_preset  # the exact preset used in training, not whatever a name means today
+    if dtype is not None:
+        config.lm.dtype = dtype
+    lm_meta = meta["lm"]
+    tokenizer_dir = folder / lm_meta.get("tokenizer", "tokenizer")
+    if not tokenizer_dir.is_dir():
+        raise CheckpointError(folder, "the tokenizer folder is missing")
+    kind = lm_meta["weights"]
+    lm_dir = folder / lm_meta.get("path", "lm")
+    if kind == "full" and not (lm_dir / "config.json").is_file():
+        raise CheckpointError(folder, "rrg3d.yaml says lm.weights=full but lm/config.json is missing")
+    if kind == "adapter" and not (lm_dir / "adapter_config.json").is_file():
+        raise CheckpointError(folder, "rrg3d.yaml says lm.weights=adapter but lm/adapter_config.json is missing")
+    lm, tokenizer = load_language_model(config.lm, tokenizer_path=str(tokenizer_dir), device=device,
+                                        weights_path=str(lm_dir) if kind == "full" else None)
+    if kind == "adapter":
+        from peft import PeftModel
+
+        lm = PeftModel.from_pretrained(lm, str(lm_dir), is_trainable=trainable)
+    vision_file = folder / "vision.safetensors"
+    if not vision_file.is_file():
+        raise CheckpointError(folder, "vision.safetensors is missing")
+    expected = (meta.get("files") or {}).get("vision.safetensors")
+    if expected and _sha256(vision_file) != expected:
+        raise CheckpointError(vision_file, "checksum mismatch: the file is corrupt or was changed after saving")
+    vision = VisionTower.from_config(config.vision, lm_dim=int(lm.config.hidden_size))
+    state = load_file(str(vision_file))
+    _prepare_fitted_buffers(vision, state)
+    missing, unexpected = vision.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(vision_file, f"does not match the model config: missing {sorted(missing)[:5]}, "
+                                           f"unexpected {sorted(unexpected)[:5]}")
+    model = ReportGenerator(config, vision, lm, tokenizer, lm_is_base=kind == "base")
+    model.to(device or "cpu")
+    if not trainable:
+        model.eval()
+        model.requires_grad_(False)
+    model.checkpoint_meta = meta
+    return model
+
+
+def _prepare_fitted_buffers(vision: Any, state: dict[str, Any]) -> None:
+    """Give buffers whose size is only known after fitting (PCA) the saved shapes before loading."""
+    for name, buffer in list(vision.named_buffers()):
+        saved = state.get(name)
+        if saved is not None and tuple(saved.shape) != tuple(buffer.shape):
+            module_name, _, attr = name.rpartition(".")
+            module = vision.get_submodule(module_name) if module_name else vision
+            setattr(module, attr, buffer.new_empty(saved.shape))
+
+
+def default_model_path() -> Path:
+    """The model ``rrg3d generate`` uses without ``--model``: ``$RRG3D_MODEL``, else the demo's checkpoint."""
+    from rrg3d.models.language import cache_dir
+
+    configured = os.environ.get("RRG3D_MODEL")
+    path = Path(configured).expanduser() if configured else cache_dir() / "models" / "demo"
+    if not (path / "rrg3d.yaml").is_file():
+        raise CheckpointError(path, "no default model here: pass --model CKPT, set $RRG3D_MODEL, or train the demo "
+                                    "model with `rrg3d demo`")
+    return path

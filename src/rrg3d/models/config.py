@@ -1,0 +1,169 @@
+"""Model architectures as data: the typed config of a report generator, read from YAML by name or path.
+
+Built-in architectures live in ``rrg3d/configs/models/*.yaml`` (inside the package, so an installed rrg3d can build
+them by name); each full-size file has a ``tiny_*`` sibling that fast tests build. A config has five sections::
+
+    vision:     {encoder: {name: ctvit_v, ...}, compressor: {name: pool, ...}, projector: {name: mlp2x_gelu}}
+    lm:         {name_or_path: smollm2-135m-instruct, dtype: auto, lora: {r: 16, ...} | null, ...}
+    preprocess: a preset name (``rrg3d presets``) or an inline preset mapping
+    prompt:     {system: ..., instruction: "<image>\\n..."}
+    generation: {max_new_tokens: 256, temperature: 0.0, top_p: 1.0, num_beams: 1, repetition_penalty: 1.0}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rrg3d.errors import ConfigError
+from rrg3d.models.language import IMAGE_TOKEN, LMConfig, LoraSettings
+from rrg3d.models.registry import config_from_mapping, config_to_dict
+
+SECTIONS = ("name", "description", "vision", "lm", "preprocess", "prompt", "generation")
+
+
+@dataclass
+class VisionConfig:
+    """Encoder → compressor → projector, each a registry mapping ``{name: ..., **config}``."""
+
+    encoder: dict[str, Any]
+    compressor: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
+    projector: dict[str, Any] = field(default_factory=lambda: {"name": "mlp2x_gelu"})
+
+
+@dataclass
+class PromptConfig:
+    """The chat the report is generated in; ``instruction`` holds exactly one ``<image>``."""
+
+    system: str | None = "You are an expert radiologist. Write concise, accurate chest CT reports."
+    instruction: str = IMAGE_TOKEN + "\nWrite the radiology report (findings and impression) for this chest CT."
+
+    def __post_init__(self) -> None:
+        if self.instruction.count(IMAGE_TOKEN) != 1:
+            raise ConfigError(f"prompt.instruction must contain {IMAGE_TOKEN} exactly once: {self.instruction!r}")
+
+
+@dataclass
+class GenerationSettings:
+    """Decoding: ``temperature`` 0 is greedy; ``num_beams`` > 1 is beam search."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    num_beams: int = 1
+    repetition_penalty: float = 1.0
+    seed: int | None = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError("generation.max_new_tokens must be >= 1")
+        if self.temperature < 0:
+            raise ConfigError("generation.temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError("generation.top_p must be in (0, 1]")
+        if self.num_beams < 1:
+            raise ConfigError("generation.num_beams must be >= 1")
+        if self.num_beams > 1 and self.temperature > 0:
+            raise ConfigError("beam search (num_beams > 1) is deterministic: use temperature 0")
+        if self.repetition_penalty <= 0:
+            raise ConfigError("generation.repetition_penalty must be > 0")
+
+    def replace(self, **changes: Any) -> GenerationSettings:
+        """A copy with the non-``None`` changes applied (CLI flags override the checkpoint's defaults)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+@dataclass
+class ModelConfig:
+    """A complete report-generator architecture (what ``rrg3d.yaml`` of a checkpoint records)."""
+
+    name: str
+    vision: VisionConfig
+    lm: LMConfig = field(default_factory=LMConfig)
+    preprocess: str | dict[str, Any] = "ctrate"
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    description: str = ""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> ModelConfig:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: a model config must be a mapping, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(SECTIONS))
+        if unknown:
+            raise ConfigError(f"{source}: unknown keys {unknown}; known keys: {list(SECTIONS)}")
+        if "vision" not in data or "name" not in data:
+            raise ConfigError(f"{source}: a model config needs 'name' and 'vision'")
+        vision = config_from_mapping(VisionConfig, data["vision"] or {}, where=f"{source}: vision")
+        for part in ("encoder", "compressor", "projector"):
+            value = getattr(vision, part)
+            if not isinstance(value, Mapping) or "name" not in value:
+                raise ConfigError(f"{source}: vision.{part} must be a mapping with a 'name' key")
+        lm_data = dict(data.get("lm") or {})
+        if lm_data.get("lora") is not None:
+            lm_data["lora"] = config_from_mapping(LoraSettings, lm_data["lora"], where=f"{source}: lm.lora")
+        preprocess = data.get("preprocess", "ctrate")
+        if not isinstance(preprocess, (str, Mapping)):
+            raise ConfigError(f"{source}: preprocess must be a preset name or a preset mapping")
+        return cls(
+            name=str(data["name"]),
+            description=str(data.get("description") or ""),
+            vision=vision,
+            lm=config_from_mapping(LMConfig, lm_data, where=f"{source}: lm"),
+            preprocess=preprocess if isinstance(preprocess, str) else dict(preprocess),
+            prompt=config_from_mapping(PromptConfig, data.get("prompt") or {}, where=f"{source}: prompt"),
+            generation=config_from_mapping(GenerationSettings, data.get("generation") or {},
+                                           where=f"{source}: generation"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "vision": config_to_dict(self.vision),
+            "lm": config_to_dict(self.lm),
+            "preprocess": self.preprocess,
+            "prompt": config_to_dict(self.prompt),
+            "generation": config_to_dict(self.generation),
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def _builtin_dir() -> Any:
+    return resources.files("rrg3d") / "configs" / "models"
+
+
+def list_model_configs() -> list[str]:
+    """Names of the built-in architectures."""
+    return sorted(p.name[:-5] for p in _builtin_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def load_model_config(name_or_path: str | Path | Mapping[str, Any] | ModelConfig) -> ModelConfig:
+    """A built-in architecture by name, a YAML file, a mapping, or a config (returned as is)."""
+    if isinstance(name_or_path, ModelConfig):
+        return name_or_path
+    if isinstance(name_or_path, Mapping):
+        return ModelConfig.from_dict(name_or_path)
+    text_name = str(name_or_path)
+    builtin = _builtin_dir() / f"{text_name}.yaml"
+    path = Path(text_name).expanduser()
+    if builtin.is_file() and not path.exists():
+        source, text = f"rrg3d:configs/models/{text_name}.yaml", builtin.read_text(encoding="utf-8")
+    elif path.is_file():
+        source, text = str(path), path.read_text(encoding="utf-8")
+    else:
+        raise ConfigError(f"no model config {text_name!r}: not a file and not one of {', '.join(list_model_configs())}")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    return ModelConfig.from_dict(data, source=source)

@@ -1,0 +1,297 @@
+"""The report generator: vision tower (encoder → compressor → projector) + any HF causal LM, LLaVA style.
+
+The HF model is wrapped, never subclassed: visual embeddings replace the embeddings of the ``<image>`` tokens and the
+LM runs on ``inputs_embeds``. The prompt holds one ``<image>``; tokenisation expands it to exactly as many tokens as
+the vision tower yields for the input size, and the splice checks that count per sample and raises on a mismatch.
+
+Training batches (:meth:`ReportGenerator.training_batch`) carry labels on the report tokens and the end-of-turn token
+only; prompt, image and padding tokens are −100. A sample whose report would be cut away entirely raises instead of
+silently contributing no loss.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from rrg3d.errors import ConfigError
+from rrg3d.models.config import GenerationSettings, ModelConfig, load_model_config
+from rrg3d.models.language import (
+    IMAGE_TOKEN,
+    add_lora,
+    base_model,
+    load_language_model,
+    special_token_ids,
+)
+from rrg3d.models.registry import COMPRESSORS, ENCODERS, PROJECTORS
+
+log = logging.getLogger(__name__)
+IGNORE_INDEX = -100
+
+
+def register_components() -> None:
+    """Import the modules that register encoders, compressors and projectors."""
+    import rrg3d.models.compress
+    import rrg3d.models.encoders
+    import rrg3d.models.projector  # noqa: F401
+
+
+class VisionTower(nn.Module):
+    """Volume [B, C, D, H, W] → visual embeddings [B, N, lm_dim]."""
+
+    def __init__(self, encoder: nn.Module, compressor: nn.Module, projector: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.compressor = compressor
+        self.projector = projector
+
+    @classmethod
+    def from_config(cls, vision: Any, lm_dim: int) -> VisionTower:
+        register_components()
+        encoder = ENCODERS.build(vision.encoder)
+        compressor = COMPRESSORS.build(vision.compressor, in_dim=encoder.out_dim)
+        projector = PROJECTORS.build(vision.projector, in_dim=compressor.out_dim, out_dim=lm_dim)
+        return cls(encoder, compressor, projector)
+
+    def num_tokens(self, input_shape: Sequence[int]) -> int:
+        """Visual embeddings per volume of spatial size ``(D, H, W)``."""
+        return int(self.compressor.num_tokens(self.encoder.grid_shape(tuple(int(s) for s in input_shape[-3:]))))
+
+    def features(self, volumes: torch.Tensor) -> torch.Tensor:
+        """Compressed encoder tokens before the projector [B, N, C]."""
+        return self.compressor(self.encoder(volumes))
+
+    def forward(self, volumes: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.features(volumes))
+
+
+class ReportGenerator(nn.Module):
+    """Vision tower + causal LM + tokenizer, with the prompt and decoding defaults of its config."""
+
+    def __init__(self, config: ModelConfig, vision: VisionTower, lm: Any, tokenizer: Any,
+                 lm_is_base: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        self.vision = vision
+        self.lm = lm
+        self.tokenizer = tokenizer
+        #: True while the LM weights are the unchanged base model (a checkpoint then records the base's name only).
+        self.lm_is_base = lm_is_base
+        self.image_token_id = int(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+        self.suppress_ids = special_token_ids(tokenizer, config.lm.num_region_tokens)
+        self.eos_ids = self._eos_ids()
+
+    # -- construction ---------------------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: ModelConfig | str, *, device: str | None = None, seed: int | None = 0
+                    ) -> ReportGenerator:
+        """A new model: pretrained LM (with LoRA when configured), freshly initialised vision tower."""
+        config = load_model_config(config)
+        if seed is not None:
+            torch.manual_seed(seed)
+        lm, tokenizer = load_language_model(config.lm, device=device)
+        vision = VisionTower.from_config(config.vision, lm_dim=int(lm.config.hidden_size))
+        if config.lm.lora is not None:
+            lm = add_lora(lm, config.lm.lora)
+        model = cls(config, vision, lm, tokenizer, lm_is_base=config.lm.lora is None)
+        return model.to(device or "cpu")
+
+    def _eos_ids(self) -> list[int]:
+        ids: list[int] = []
+        configured = getattr(base_model(self.lm).generation_config, "eos_token_id", None)
+        for value in (configured, self.tokenizer.eos_token_id):
+            for item in value if isinstance(value, (list, tuple)) else [value]:
+                if item is not None and int(item) not in ids:
+                    ids.append(int(item))
+        if not ids:
+            raise ConfigError("the language model defines no end-of-sequence token")
+        return ids
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vision.parameters()).device
+
+    @property
+    def lm_dtype(self) -> torch.dtype:
+        return base_model(self.lm).get_input_embeddings().weight.dtype
+
+    @property
+    def end_of_turn(self) -> str:
+        """The text that ends the assistant's turn (what training appends after each report)."""
+        return str(self.tokenizer.eos_token)
+
+    # -- trainability ---------------------------------------------------------------------------------------------
+    def set_trainable(self, *, encoder: bool, compressor: bool = True, projector: bool = True,
+                      lm: str = "frozen") -> None:
+        """Freeze or unfreeze each part; ``lm`` is ``"frozen"``, ``"lora"`` (adapter only) or ``"full"``."""
+        if lm not in ("frozen", "lora", "full"):
+            raise ConfigError(f"lm trainability must be frozen, lora or full, got {lm!r}")
+        is_peft = hasattr(self.lm, "peft_config")
+        if lm == "lora" and not is_peft:
+            raise ConfigError("lm=lora needs lm.lora settings in the model config")
+        self.vision.encoder.requires_grad_(encoder)
+        self.vision.compressor.requires_grad_(compressor)
+        self.vision.projector.requires_grad_(projector)
+        for name, parameter in self.lm.named_parameters():
+            parameter.requires_grad_(lm == "full" or (lm == "lora" and "lora_" in name))
+        if lm == "full":
+            self.lm_is_base = False
+
+    def trainable_parameters(self) -> dict[str, int]:
+        """Trainable parameter counts per part."""
+        parts = {"encoder": self.vision.encoder, "compressor": self.vision.compressor,
+                 "projector": self.vision.projector, "lm": self.lm}
+        return {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in parts.items()}
+
+    # -- prompts and batches --------------------------------------------------------------------------------------
+    def num_image_tokens(self, input_shape: Sequence[int]) -> int:
+        return self.vision.num_tokens(input_shape)
+
+    def prompt_text(self, instruction: str | None = None) -> str:
+        """The chat up to the assistant's turn, with one ``<image>`` placeholder."""
+        instruction = instruction or self.config.prompt.instruction
+        if instruction.count(IMAGE_TOKEN) != 1:
+            raise ConfigError(f"the instruction must contain {IMAGE_TOKEN} exactly once: {instruction!r}")
+        messages = []
+        if self.config.prompt.system:
+            messages.append({"role": "system", "content": self.config.prompt.system})
+        messages.append({"role": "user", "content": instruction})
+        if getattr(self.tokenizer, "chat_template", None):
+            return str(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        system = f"{self.config.prompt.system}\n\n" if self.config.prompt.system else ""
+        return f"{system}{instruction}\nReport:"
+
+    def prompt_ids(self, num_image_tokens: int, instruction: str | None = None) -> list[int]:
+        """Token ids of the prompt with ``<image>`` expanded to ``num_image_tokens`` ids."""
+        before, after = self.prompt_text(instruction).split(IMAGE_TOKEN)
+        encode = self.tokenizer.encode
+        return [*encode(before, add_special_tokens=False), *[self.image_token_id] * num_image_tokens,
+                *encode(after, add_special_tokens=False)]
+
+    def prompt_batch(self, num_image_tokens: int, batch_size: int,
+                     instructions: Sequence[str | None] | None = None) -> dict[str, torch.Tensor]:
+        """Left-padded prompt ids and attention mask for generation."""
+        instructions = list(instructions) if instructions is not None else [None] * batch_size
+        if len(instructions) != batch_size:
+            raise ValueError(f"{len(instructions)} instructions for a batch of {batch_size}")
+        rows = [self.prompt_ids(num_image_tokens, text) for text in instructions]
+        width = max(len(r) for r in rows)
+        pad = int(self.tokenizer.pad_token_id)
+        ids = torch.full((batch_size, width), pad, dtype=torch.long)
+        mask = torch.zeros((batch_size, width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row):] = torch.tensor(row)
+            mask[i, width - len(row):] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def training_batch(self, reports: Sequence[str], num_image_tokens: int, *, max_length: int | None = None,
+                       instructions: Sequence[str | None] | None = None,
+                       ids: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (loss on report + end-of-turn only)."""
+        instructions = list(instructions) if instructions is not None else [None] * len(reports)
+        names = list(ids) if ids is not None else [f"sample {i}" for i in range(len(reports))]
+        rows: list[tuple[list[int], list[int]]] = []
+        for name, report, instruction in zip(names, reports, instructions, strict=True):
+            if not isinstance(report, str) or not report.strip():
+                raise ValueError(f"{name}: the report is empty; every training sample needs report text")
+            prompt = self.prompt_ids(num_image_tokens, instruction)
+            target = self.tokenizer.encode(report.strip() + self.end_of_turn, add_special_tokens=False)
+            if max_length is not None:
+                room = max_length - len(prompt)
+                if room <= 0:
+                    raise ValueError(f"{name}: the prompt alone ({len(prompt)} tokens, {num_image_tokens} of them "
+                                     f"visual) fills max_length={max_length}; no report token would carry loss")
+                target = target[:room]
+            rows.append((prompt, target))
+        width = max(len(p) + len(t) for p, t in rows)
+        pad = int(self.tokenizer.pad_token_id)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        for i, (prompt, target) in enumerate(rows):
+            n = len(prompt) + len(target)
+            input_ids[i, :n] = torch.tensor(prompt + target)
+            attention_mask[i, :n] = 1
+            labels[i, len(prompt):n] = torch.tensor(target)
+        check_labels(labels, names)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    # -- forward ----------------------------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor, volumes: torch.Tensor | None = None,
+              visual: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with every ``<image>`` embedding replaced by the visual embeddings of its sample."""
+        embeddings = base_model(self.lm).get_input_embeddings()(input_ids)
+        if visual is None:
+            if volumes is None:
+                raise ValueError("embed() needs volumes or precomputed visual embeddings")
+            visual = self.vision(volumes.to(self.device))
+        return splice_visual(embeddings, input_ids, visual.to(embeddings.dtype), self.image_token_id)
+
+    def forward(self, volumes: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor | None = None) -> Any:
+        """HF causal-LM output (``.loss`` when labels are given)."""
+        device = self.device
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        inputs_embeds = self.embed(input_ids, volumes)
+        return self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                       labels=None if labels is None else labels.to(device))
+
+    # -- generation -------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate_ids(self, volumes: torch.Tensor, settings: GenerationSettings | None = None,
+                     instructions: Sequence[str | None] | None = None) -> torch.Tensor:
+        """New token ids [B, T] for a batch of preprocessed volumes [B, C, D, H, W]."""
+        from rrg3d.models.generation import decode
+
+        settings = settings or self.config.generation
+        volumes = volumes.to(self.device)
+        visual = self.vision(volumes)
+        batch = self.prompt_batch(visual.shape[1], volumes.shape[0], instructions)
+        input_ids = batch["input_ids"].to(self.device)
+        inputs_embeds = self.embed(input_ids, visual=visual)
+        return decode(self.lm, inputs_embeds, batch["attention_mask"].to(self.device), settings,
+                      eos_ids=self.eos_ids, pad_id=int(self.tokenizer.pad_token_id), suppress_ids=self.suppress_ids)
+
+    def decode_text(self, token_ids: torch.Tensor) -> list[str]:
+        return [str(t).strip() for t in self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
+
+    def generate(self, volumes: torch.Tensor, settings: GenerationSettings | None = None,
+                 instructions: Sequence[str | None] | None = None) -> list[str]:
+        """Reports for a batch of preprocessed volumes [B, C, D, H, W]."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self.decode_text(self.generate_ids(volumes, settings, instructions))
+        finally:
+            self.train(was_training)
+
+
+def splice_visual(embeddings: torch.Tensor, input_ids: torch.Tensor, visual: torch.Tensor,
+                  image_token_id: int) -> torch.Tensor:
+    """Replace the ``<image>`` embeddings of each sample by its visual embeddings; counts must match exactly."""
+    if visual.ndim != 3 or visual.shape[0] != input_ids.shape[0]:
+        raise ValueError(f"visual embeddings must be [batch={input_ids.shape[0]}, tokens, dim], "
+                         f"got {tuple(visual.shape)}")
+    if visual.shape[-1] != embeddings.shape[-1]:
+        raise ValueError(f"visual embeddings have dim {visual.shape[-1]}, the LM expects {embeddings.shape[-1]}")
+    is_image = input_ids == image_token_id
+    counts = is_image.sum(dim=1)
+    expected = visual.shape[1]
+    bad = (counts != expected).nonzero().flatten().tolist()
+    if bad:
+        found = ", ".join(f"sample {i}: {int(counts[i])}" for i in bad[:5])
+        raise ValueError(f"{IMAGE_TOKEN} token count does not match the {expected} visual embeddings per sample "
+                         f"({found}); build prompts with ReportGenerator.prompt_ids for this input size")
+    return embeddings.masked_scatter(is_image.unsqueeze(-1), visual)
+
+
+def check_labels(labels: torch.Tensor, names: Sequence[str] | None = None) -> None:
+    """Raise when a sample has no label left (it would add nothing to the loss, silently)."""
+    empty = (labels != IGNORE_INDEX).sum(dim=1) == 0
+    if bool(empty.any()):
+        which = [names[i] if names else f"sample {i}" for i in empty.nonzero().flatten().tolist()]
+        raise ValueError(f"every label is masked for {', '.join(which)}: no report token would carry loss")

