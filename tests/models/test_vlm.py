@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -143,7 +145,8 @@ def test_lora_target_modules_are_configurable_and_checked():
     model = ReportGenerator.from_config(config)
     names = [n for n, _ in model.lm.named_parameters() if "lora_A" in n]
     assert names and all("gate_proj" in n for n in names)
-    with pytest.raises(ConfigError, match="target_modules"):
+    with pytest.raises(ConfigError, match="target_modules"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # peft warns about wrapping an already-wrapped model
         add_lora(model.lm.get_base_model(), LoraSettings(target_modules=("no_such_layer",)))
 
 
@@ -244,3 +247,25 @@ def test_checkpoint_problems_are_reported_clearly(model, tmp_path):
     save_checkpoint(model, path)  # overwriting swaps in a complete new checkpoint
     assert read_manifest(path)["lm"]["weights"] == "adapter"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no staging folders left behind"
+
+
+def test_merged_lora_decodes_like_the_adapter(model, volumes, tmp_path):
+    with torch.no_grad():  # a non-zero adapter, so that merging has something to fold in
+        for name, parameter in model.lm.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    path = save_checkpoint(model, tmp_path / "ckpt")
+    adapter, merged = load_checkpoint(path), load_checkpoint(path, merge_lora=True)
+    assert not hasattr(merged.lm, "peft_config")
+    batch = adapter.prompt_batch(64, 2)
+    with torch.inference_mode():
+        logits_a = adapter(volumes, **batch).logits
+        logits_m = merged(volumes, **batch).logits
+    assert torch.allclose(logits_a, logits_m, atol=1e-4)
+    assert torch.equal(adapter.generate_ids(volumes, GREEDY), merged.generate_ids(volumes, GREEDY))
+    with pytest.raises(ValueError, match="merged"):
+        save_checkpoint(merged, tmp_path / "again")
+    with torch.no_grad():
+        for name, parameter in model.lm.named_parameters():
+            if "lora_B" in name:
+                parameter.zero_()

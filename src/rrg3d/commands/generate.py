@@ -32,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
                         help="language-model dtype (default: checkpoint's)")
+    parser.add_argument("--no-merge-lora", action="store_true",
+                        help="keep a LoRA adapter separate (default: fold it into the weights, faster decoding)")
     parser.add_argument("--overwrite", action="store_true", help="start PRED.jsonl over instead of resuming")
     parser.add_argument("--quiet", action="store_true", help="do not print the reports")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
     checkpoint = args.model or default_model_path()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_checkpoint(checkpoint, device=device, dtype=args.dtype)
+    model = load_checkpoint(checkpoint, device=device, dtype=args.dtype, merge_lora=not args.no_merge_lora)
     settings = model.config.generation.replace(
         temperature=args.temperature, top_p=args.top_p, num_beams=args.num_beams,
         repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens, seed=args.seed)

@@ -77,6 +77,8 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def _lm_weight_kind(model: Any, requested: str) -> str:
     is_peft = hasattr(model.lm, "peft_config")
+    if getattr(model, "lora_merged", False):
+        raise ValueError("this model's LoRA adapter was merged for inference; save the checkpoint it was loaded from")
     if requested == "auto":
         return "adapter" if is_peft else ("base" if model.lm_is_base else "full")
     if requested not in LM_WEIGHT_KINDS:
@@ -122,7 +124,7 @@ def save_checkpoint(model: Any, path: str | os.PathLike[str], *, lm_weights: str
             "kind": "report_generator",
             "rrg3d_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "model": model.config.to_dict(),
+            "model": _model_record(model),
             "preprocess": preset.record(),
             "lm": {"weights": kind, "base": model.config.lm.name_or_path, "path": "lm", "tokenizer": "tokenizer"},
             "files": {"vision.safetensors": _sha256(staging / "vision.safetensors")},
@@ -137,6 +139,18 @@ def save_checkpoint(model: Any, path: str | os.PathLike[str], *, lm_weights: str
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _model_record(model: Any) -> dict[str, Any]:
+    """The model config, with each vision component described from the live module (fitted state included)."""
+    from rrg3d.models.registry import COMPRESSORS, ENCODERS, PROJECTORS
+
+    record = model.config.to_dict()
+    vision = model.vision
+    record["vision"] = {"encoder": ENCODERS.describe(vision.encoder),
+                        "compressor": COMPRESSORS.describe(vision.compressor),
+                        "projector": PROJECTORS.describe(vision.projector)}
+    return record
 
 
 def _make_readable(folder: Path) -> None:
@@ -159,8 +173,12 @@ def _swap_in(staging: Path, target: Path) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, device: str | None = None, dtype: str | None = None,
-                    trainable: bool = False) -> Any:
-    """The :class:`~rrg3d.models.vlm.ReportGenerator` saved at ``path`` (in eval mode unless ``trainable``)."""
+                    trainable: bool = False, merge_lora: bool = False) -> Any:
+    """The :class:`~rrg3d.models.vlm.ReportGenerator` saved at ``path`` (in eval mode unless ``trainable``).
+
+    ``merge_lora`` folds a LoRA adapter into the base weights for inference (fewer matmuls per token; the model
+    can then no longer be saved as an adapter).
+    """
     from safetensors.torch import load_file
 
     from rrg3d.models.config import ModelConfig
@@ -190,7 +208,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | None = None, 
     if kind == "adapter":
         from peft import PeftModel
 
-        lm = PeftModel.from_pretrained(lm, str(lm_dir), is_trainable=trainable)
+        lm = PeftModel.from_pretrained(lm, str(lm_dir), is_trainable=trainable and not merge_lora)
+        if merge_lora:
+            lm = lm.merge_and_unload()
     vision_file = folder / "vision.safetensors"
     if not vision_file.is_file():
         raise CheckpointError(folder, "vision.safetensors is missing")
@@ -205,6 +225,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | None = None, 
         raise CheckpointError(vision_file, f"does not match the model config: missing {sorted(missing)[:5]}, "
                                            f"unexpected {sorted(unexpected)[:5]}")
     model = ReportGenerator(config, vision, lm, tokenizer, lm_is_base=kind == "base")
+    model.lora_merged = kind == "adapter" and merge_lora
     model.to(device or "cpu")
     if not trainable:
         model.eval()

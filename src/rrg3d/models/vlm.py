@@ -81,6 +81,8 @@ class ReportGenerator(nn.Module):
         self.tokenizer = tokenizer
         #: True while the LM weights are the unchanged base model (a checkpoint then records the base's name only).
         self.lm_is_base = lm_is_base
+        #: True when a LoRA adapter was folded into the LM weights for inference (saving would then be refused).
+        self.lora_merged = False
         self.image_token_id = int(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
         self.suppress_ids = special_token_ids(tokenizer, config.lm.num_region_tokens)
         self.eos_ids = self._eos_ids()
