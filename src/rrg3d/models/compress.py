@@ -288,24 +288,10 @@ class PCACompressor(nn.Module):
 
 def sincos_position_embedding_3d(grid_shape: Grid, dim: int, temperature: float = 10000.0,
                                  device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Fixed sine-cosine embedding ``[d·h·w, dim]`` of integer cell coordinates, flattened in (d, h, w) order.
+    """The encoders' fixed sine-cosine embedding of integer cell coordinates, flattened to ``[d·h·w, dim]``."""
+    from rrg3d.models.encoders.layers import sincos_pos_embed_3d
 
-    Each axis gets ``2·(dim // 6)`` features (sines and cosines at geometric frequencies); the remaining
-    ``dim mod 6`` features are zero.
-    """
-    per_axis = dim // 6
-    if per_axis == 0:
-        raise ValueError(f"a 3D sine-cosine embedding needs dim ≥ 6, got {dim}")
-    omega = 1.0 / temperature ** (torch.arange(per_axis, device=device, dtype=torch.float64) / per_axis)
-    axes = torch.meshgrid(*(torch.arange(n, device=device, dtype=torch.float64) for n in grid_shape), indexing="ij")
-    parts = []
-    for coord in axes:
-        angles = coord.reshape(-1, 1) * omega  # [N, per_axis]
-        parts += [angles.sin(), angles.cos()]
-    emb = torch.cat(parts, dim=1)
-    if emb.shape[1] < dim:
-        emb = F.pad(emb, (0, dim - emb.shape[1]))
-    return emb.to(dtype)
+    return sincos_pos_embed_3d(grid_shape, dim, temperature=temperature, device=device).reshape(-1, dim).to(dtype)
 
 
 class _LatentCrossAttention(nn.Module):
