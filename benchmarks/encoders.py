@@ -23,33 +23,16 @@ import argparse
 import json
 import multiprocessing as mp
 import platform
-import resource
 import statistics
 import time
 from pathlib import Path
+
+from _common import parse_size, vm_hwm_gb
 
 ENCODER_NAMES = ("vit3d", "ctvit", "ctvit_v", "resnet3d")
 SIZES = ("64x256x256", "240x480x480", "256x512x512")
 TARGET_GB = 12.0
 TARGET_SIZE = (256, 512, 512)
-
-
-def parse_size(text: str) -> tuple[int, int, int]:
-    parts = tuple(int(p) for p in text.lower().split("x"))
-    if len(parts) != 3:
-        raise argparse.ArgumentTypeError(f"size must be DxHxW, got {text!r}")
-    return parts  # type: ignore[return-value]
-
-
-def _vm_hwm_gb() -> float:
-    """Peak resident memory of this process (Linux VmHWM; ru_maxrss as a fallback), in GB (1e9 bytes)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 / 1e9
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
 def static_costs(name: str, sizes: list[tuple[int, int, int]]) -> dict:
@@ -94,7 +77,7 @@ def _measure_child(name: str, size: tuple[int, int, int], threads: int, warmup: 
         model = ENCODERS.build({"name": name}).eval()
         build_s = time.perf_counter() - start
         x = torch.randn(1, model.in_channels, *size)
-        rss_ready = _vm_hwm_gb()
+        rss_ready = vm_hwm_gb()
         times = []
         with torch.inference_mode():
             for i in range(warmup + repeats):
@@ -110,7 +93,7 @@ def _measure_child(name: str, size: tuple[int, int, int], threads: int, warmup: 
             "seconds": times,
             "latency_s": statistics.median(times),
             "rss_ready_gb": rss_ready,
-            "peak_rss_gb": _vm_hwm_gb(),
+            "peak_rss_gb": vm_hwm_gb(),
             "finite": finite,
         })
     except Exception as exc:  # reported in the table, not a crash of the whole benchmark

@@ -200,9 +200,17 @@ def load_language_model(config: LMConfig, *, tokenizer_path: str | None = None, 
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        enable_lm_checkpointing(model)
     return model, tokenizer
+
+
+def enable_lm_checkpointing(model: Any) -> None:
+    """Activation (gradient) checkpointing of the LM's layers, non-reentrant; the KV cache is off while training."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
 
 
 def add_lora(model: Any, settings: LoraSettings) -> Any:
