@@ -72,8 +72,10 @@ def resolve_studies(inputs: Sequence[str | os.PathLike[str]]) -> list[Study]:
                                          error=f"{path}:{record.get('_line')}: no images.ct to report on"))
                     continue
                 preprocessed = (record.get("preprocess") or {}).get("sha256")
+                overrides = (record.get("meta") or {}).get("header_overrides")
                 studies.append(Study(id=str(record["id"]), path=resolve(path, image), source=str(path),
-                                     affine=record_affine(record, "images.ct"), preprocessed_with=preprocessed))
+                                     affine=record_affine(record, "images.ct"), preprocessed_with=preprocessed,
+                                     meta={"header_overrides": overrides} if overrides else {}))
         else:
             studies.append(Study(id=_stem(path), path=path, source=str(path)))
     seen: dict[str, int] = {}
@@ -88,21 +90,11 @@ def resolve_studies(inputs: Sequence[str | os.PathLike[str]]) -> list[Study]:
 
 def load_study(study: Study, preset: Any) -> np.ndarray:
     """The model-ready array [C, D, H, W] of a study (read + preprocess, or the cache's array as is)."""
-    from rrg3d.io import read_volume
+    from rrg3d.preprocess.batch import load_model_input
 
     assert study.path is not None
-    if study.preprocessed_with is not None:
-        if study.preprocessed_with != preset.sha256:
-            raise RRG3DError(f"{study.path}: preprocessed with another preset (sha256 {study.preprocessed_with[:12]}) "
-                             f"than the model's {preset.name!r} ({preset.sha256[:12]}); give the original scans")
-        array = read_volume(study.path, affine=study.affine).array.astype(np.float32)
-        if tuple(array.shape) != tuple(preset.shape):
-            raise RRG3DError(f"{study.path}: cached array has shape {array.shape}, the preset gives {preset.shape}")
-    else:
-        array = preset.apply(read_volume(study.path)).array.astype(np.float32)
-    if not np.isfinite(array).all():
-        raise RRG3DError(f"{study.path}: the preprocessed volume contains NaN or infinite values")
-    return array[None]
+    return load_model_input(study.path, preset, cached_sha256=study.preprocessed_with,
+                            header_overrides=study.meta.get("header_overrides"))[None]
 
 
 def done_ids(path: Path) -> set[str]:

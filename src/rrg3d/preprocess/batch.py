@@ -29,6 +29,7 @@ import numpy as np
 
 from rrg3d.data.manifest import check_manifest, relativize, resolve, write_manifest
 from rrg3d.errors import RRG3DError
+from rrg3d.io.volume import Volume
 from rrg3d.preprocess.ops import apply_header_overrides
 from rrg3d.preprocess.presets import Preset, load_preset
 from rrg3d.utils.files import atomic_path, atomic_write_json, atomic_write_text
@@ -69,6 +70,72 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(handle, array)
 
 
+def preprocess_image(path: str | os.PathLike[str], preset: Preset, *, key: str = "ct",
+                     header_overrides: dict[str, Any] | None = None) -> tuple[Volume, Volume, Preset]:
+    """Read one image of a study and apply the preset exactly as the cache does.
+
+    Returns ``(read volume, preprocessed volume, preset used)``: a PET image under a non-SUV preset is
+    preprocessed with ``petct_suv``; a manifest's ``meta.header_overrides`` apply to the CT.
+    """
+    from rrg3d.io import read_volume
+
+    volume = read_volume(path, modality="PT" if key == "pet" else None)
+    if key == "ct":
+        volume = apply_header_overrides(volume, header_overrides)
+    item_preset = preset
+    if key == "pet" and preset.intensity.kind != "suv":
+        item_preset = load_preset("petct_suv")
+    return volume, item_preset.apply(volume), item_preset
+
+
+def read_cached(path: str | os.PathLike[str], preset: Preset, sha256: str) -> np.ndarray:
+    """A cached tensor as a float32 ``[D, H, W]`` copy (memory-mapped read, no file handle kept).
+
+    Refuses a tensor cached with another preset (``sha256`` is the one its record carries): applying a
+    window twice would silently shift intensities. Checks the shape against the preset.
+    """
+    from rrg3d.errors import VolumeReadError
+
+    if sha256 != preset.sha256:
+        raise RRG3DError(f"{path}: preprocessed with another preset (sha256 {sha256[:12]}) "
+                         f"than the model's {preset.name!r} ({preset.sha256[:12]}); give the original scans")
+    if str(path).lower().endswith(".npy"):
+        try:
+            mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+            array = np.array(mapped, dtype=np.float32)  # always a copy: the map goes with ``mapped``
+            del mapped
+        except FileNotFoundError as exc:
+            raise VolumeReadError(path, "file not found") from exc
+        except (ValueError, OSError, EOFError) as exc:
+            raise VolumeReadError(path, f"not a readable cached tensor ({type(exc).__name__}: {exc})") from exc
+    else:  # a hand-made cache in another format: the general reader
+        from rrg3d.io import read_volume
+
+        array = np.asarray(read_volume(path).array, dtype=np.float32)
+    if tuple(array.shape) != tuple(preset.shape):
+        raise RRG3DError(f"{path}: cached array has shape {array.shape}, the preset gives {preset.shape}")
+    return array
+
+
+def load_model_input(path: str | os.PathLike[str], preset: Preset, *, cached_sha256: str | None = None,
+                     header_overrides: dict[str, Any] | None = None) -> np.ndarray:
+    """The model-ready float32 ``[D, H, W]`` array of a CT: a cache's tensor as is, or read + preprocessed.
+
+    ``cached_sha256`` is the preset hash a cache record carries (``None`` for an original scan). Raises
+    :class:`RRG3DError` naming the file on any failure, including NaN or infinite values.
+    """
+    if cached_sha256 is not None:
+        array = read_cached(path, preset, cached_sha256)
+    else:
+        array = np.asarray(preprocess_image(path, preset, header_overrides=header_overrides)[1].array,
+                           dtype=np.float32)
+        if tuple(array.shape) != tuple(preset.shape):
+            raise RRG3DError(f"{path}: preprocessing gave shape {array.shape}, the preset gives {preset.shape}")
+    if not np.isfinite(array).all():
+        raise RRG3DError(f"{path}: the preprocessed volume contains NaN or infinite values")
+    return array
+
+
 def process_record(record: dict[str, Any], manifest_path: str, preset_data: dict[str, Any], out_dir: str) -> dict:
     """Preprocess one study (runs in a worker). Returns ``{"id", "record"}`` or ``{"id", "file", "error"}``."""
     from rrg3d.io import read_volume
@@ -87,14 +154,8 @@ def process_record(record: dict[str, Any], manifest_path: str, preset_data: dict
                 images[key] = relative
                 continue
             current_file = str(resolve(manifest_path, relative))
-            modality = "PT" if key == "pet" else None
-            volume = read_volume(current_file, modality=modality)
-            if key == "ct":
-                volume = apply_header_overrides(volume, (record.get("meta") or {}).get("header_overrides"))
-            item_preset = preset
-            if key == "pet" and preset.intensity.kind != "suv":
-                item_preset = load_preset("petct_suv")
-            result = item_preset.apply(volume)
+            volume, result, item_preset = preprocess_image(
+                current_file, preset, key=key, header_overrides=(record.get("meta") or {}).get("header_overrides"))
             target = out / "tensors" / f"{name}.{key}.npy"
             _save_npy(target, result.array.astype(preset.cache_dtype, copy=False))
             images[key] = relativize(target, out / "manifest.jsonl")

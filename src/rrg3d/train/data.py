@@ -1,0 +1,244 @@
+"""Training data: the studies of a manifest as ``(volume, report, labels)`` items for one preprocessing preset.
+
+A :class:`ReportDataset` is made for one preset (multi-scale training builds one per phase). Its volumes come
+from one of three places, chosen by :func:`build_dataset`:
+
+1. the manifest *is* a preprocessing cache made with this preset (its records carry ``preprocess.sha256 ==
+   preset.sha256``): the cached ``.npy`` tensors are read as they are (memory-mapped, converted to float32);
+2. a ``cache_dir`` is given: the manifest is preprocessed into ``cache_dir / preset.name`` (resumable, see
+   :func:`rrg3d.preprocess.batch.preprocess_manifest`) and that cache is read; failed studies are listed in the
+   cache's ``errors.jsonl`` and left out of the dataset;
+3. otherwise each item is read and preprocessed on the fly (:func:`rrg3d.preprocess.batch.load_model_input`,
+   the same code the cache and ``rrg3d generate`` use), rounded through the preset's ``cache_dtype`` so that
+   the tensors are identical to a cache's.
+
+A cache made with *another* preset is refused: windowing twice would silently shift intensities.
+
+The dataset holds only plain data (paths, texts, label tuples), so it pickles into DataLoader workers and
+keeps no file open.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rrg3d.data.adapters.ctrate import CTRATE_LABELS
+from rrg3d.data.manifest import check_manifest, resolve
+from rrg3d.errors import RRG3DError
+from rrg3d.preprocess.batch import load_model_input, preprocess_manifest
+from rrg3d.preprocess.presets import Preset, load_preset
+
+log = logging.getLogger(__name__)
+
+#: Order of the ``labels`` vector of every item (the 18 CT-RATE abnormalities).
+LABEL_NAMES: tuple[str, ...] = CTRATE_LABELS
+REPORT_FIELDS = ("report", "findings", "impression")
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One usable study: where its CT is and what it says (plain data, cheap to pickle)."""
+
+    id: str
+    image: str
+    report: str
+    labels: tuple[float, ...]
+    cached_sha256: str | None = None
+    header_overrides: dict[str, Any] | None = None
+    split: str | None = None
+
+
+def labels_vector(labels: dict[str, Any] | None, names: Sequence[str] = LABEL_NAMES) -> tuple[float, ...]:
+    """A record's ``labels`` (name → 0/1, names possibly missing) as floats in ``names`` order, NaN when unknown."""
+    labels = labels or {}
+    values = []
+    for name in names:
+        value = labels.get(name)
+        values.append(math.nan if value is None or isinstance(value, bool) or value not in (0, 1) else float(value))
+    return tuple(values)
+
+
+def preset_shape(preset: str | Preset) -> tuple[int, int, int]:
+    """The ``(D, H, W)`` input size a preset gives (what the model of a phase is built for)."""
+    return tuple(int(n) for n in load_preset(preset).shape)  # type: ignore[return-value]
+
+
+class ReportDataset(torch.utils.data.Dataset):
+    """Studies of a manifest preprocessed with one preset; items are ``{"id", "volume", "report", "labels"}``.
+
+    ``volume`` is a float32 tensor ``[1, D, H, W]`` (CT only for now), ``labels`` a float32 tensor of the 18
+    :data:`LABEL_NAMES` with NaN where the manifest does not say. Prefer :func:`build_dataset`, which also
+    builds a cache; constructing the class directly does the same (``workers``/``progress`` apply to caching).
+
+    Attributes: ``ids``, ``preset``, ``shape`` (the preset's ``(D, H, W)``), ``mode`` (``"cache"`` or
+    ``"on_the_fly"``), ``manifest`` (the manifest actually read: the cache's when one was built), ``skipped``
+    (counts of studies left out, by reason) and ``entries``.
+    """
+
+    def __init__(self, manifest: str | os.PathLike[str], preset: str | Preset, *,
+                 split: str | Sequence[str] | None = None, cache_dir: str | os.PathLike[str] | None = None,
+                 require_report: bool = True, workers: int = 1, progress: bool = False,
+                 report_field: str = "report") -> None:
+        if report_field not in REPORT_FIELDS:
+            raise ValueError(f"report_field must be one of {REPORT_FIELDS}, got {report_field!r}")
+        self.preset: Preset = load_preset(preset)
+        self.require_report = require_report
+        self.report_field = report_field
+        self.skipped: dict[str, int] = {}
+        source = Path(manifest)
+        records, problems = check_manifest(source)
+        invalid = [p for p in problems if p.severity == "error"]
+        if invalid:
+            self.skipped["invalid_line"] = len(invalid)
+            log.warning("%s: %d invalid manifest line(s) skipped (first: %s)", source, len(invalid), invalid[0])
+        cached = [r for r in records if r.get("preprocess")]
+        if cached:
+            self._check_cache(source, records)
+            self.mode = "cache"
+        elif cache_dir is not None:
+            out = Path(cache_dir) / self.preset.name
+            summary = preprocess_manifest(source, self.preset, out, workers=workers, progress=progress)
+            if summary.failed:
+                self.skipped["preprocess_failed"] = summary.failed
+                log.warning("%d of %d studies failed to preprocess and are left out (see %s)", summary.failed,
+                            summary.total, out / "errors.jsonl")
+            source = out / "manifest.jsonl"
+            records, _ = check_manifest(source)
+            self.mode = "cache"
+        else:
+            self.mode = "on_the_fly"
+        self.manifest = source
+        self.entries: list[Entry] = self._select(source, records, split)
+        self.ids: list[str] = [e.id for e in self.entries]
+        if not self.entries:
+            log.warning("%s: no usable study%s", source, f" in split {split!r}" if split else "")
+
+    # -- construction ------------------------------------------------------------------------------
+    def _check_cache(self, source: Path, records: list[dict[str, Any]]) -> None:
+        for record in records:
+            sha = (record.get("preprocess") or {}).get("sha256")
+            if sha is None:
+                raise RRG3DError(f"{source}:{record.get('_line')}: study {record['id']!r} has no 'preprocess' entry "
+                                 "while others do; a manifest must be either original scans or one preprocessing cache")
+            if sha != self.preset.sha256:
+                made_with = (record.get("preprocess") or {}).get("preset")
+                raise RRG3DError(f"{source}: this is a preprocessing cache made with preset {made_with!r} "
+                                 f"({sha[:12]}), not {self.preset.name!r} ({self.preset.sha256[:12]}); give the "
+                                 "original manifest (and a cache_dir) instead of preprocessing twice")
+
+    def _select(self, source: Path, records: list[dict[str, Any]], split: str | Sequence[str] | None) -> list[Entry]:
+        splits = None if split is None else ({split} if isinstance(split, str) else set(split))
+        entries: list[Entry] = []
+        for record in records:
+            if splits is not None and record.get("split") not in splits:
+                continue
+            report = record_text(record, self.report_field)
+            if not isinstance(report, str) or not report.strip():
+                if self.require_report:
+                    self.skipped["no_report"] = self.skipped.get("no_report", 0) + 1
+                    continue
+                report = ""
+            image = (record.get("images") or {}).get("ct")
+            if not image:
+                self.skipped["no_ct"] = self.skipped.get("no_ct", 0) + 1
+                continue
+            entries.append(Entry(
+                id=str(record["id"]), image=str(resolve(source, image)), report=report,
+                labels=labels_vector(record.get("labels")),
+                cached_sha256=(record.get("preprocess") or {}).get("sha256"),
+                header_overrides=(record.get("meta") or {}).get("header_overrides"),
+                split=record.get("split"),
+            ))
+        for reason in ("no_report", "no_ct"):
+            if self.skipped.get(reason):
+                log.warning("%s: %d stud%s skipped (%s)", source, self.skipped[reason],
+                            "y" if self.skipped[reason] == 1 else "ies",
+                            "no report" if reason == "no_report" else "no images.ct")
+        return entries
+
+    # -- access --------------------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(n) for n in self.preset.shape)  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def load_volume(self, i: int) -> np.ndarray:
+        """The float32 ``[1, D, H, W]`` array of item ``i``; :class:`RRG3DError` naming the file on failure."""
+        entry = self.entries[i]
+        try:
+            array = load_model_input(entry.image, self.preset, cached_sha256=entry.cached_sha256,
+                                     header_overrides=entry.header_overrides)
+        except RRG3DError as exc:
+            raise RRG3DError(f"study {entry.id!r}: {exc}") from exc
+        except MemoryError as exc:
+            raise RRG3DError(f"study {entry.id!r}: {entry.image}: out of memory while reading") from exc
+        except Exception as exc:  # a library failure: still name the file, let the loop decide
+            raise RRG3DError(f"study {entry.id!r}: {entry.image}: unexpected {type(exc).__name__}: {exc}") from exc
+        if entry.cached_sha256 is None:  # round as the cache stores it: both modes give identical tensors
+            array = array.astype(self.preset.cache_dtype).astype(np.float32)
+        return array[None]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        entry = self.entries[i]
+        return {
+            "id": entry.id,
+            "volume": torch.from_numpy(self.load_volume(i)),
+            "report": entry.report,
+            "labels": torch.tensor(entry.labels, dtype=torch.float32),
+        }
+
+    def label_matrix(self) -> torch.Tensor:
+        """``[N, 18]`` labels of every item (NaN where unknown) without reading any volume."""
+        return torch.tensor([e.labels for e in self.entries], dtype=torch.float32).reshape(len(self.entries),
+                                                                                           len(LABEL_NAMES))
+
+    def __repr__(self) -> str:
+        return (f"ReportDataset({len(self)} studies, preset={self.preset.name!r} {self.shape}, mode={self.mode}, "
+                f"manifest={str(self.manifest)!r})")
+
+
+def record_text(record: dict[str, Any], field: str = "report") -> str | None:
+    """The target text of a record: the whole report, or one section of it (``findings``, ``impression``)."""
+    if field == "report":
+        return record.get("report")
+    return (record.get("sections") or {}).get(field)
+
+
+def collate_reports(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batch items: ``{"ids": [B], "volumes": [B, C, D, H, W], "reports": [B], "labels": [B, 18]}``."""
+    if not items:
+        raise ValueError("collate_reports needs at least one item")
+    return {
+        "ids": [item["id"] for item in items],
+        "volumes": torch.stack([item["volume"] for item in items]),
+        "reports": [item["report"] for item in items],
+        "labels": torch.stack([item["labels"] for item in items]),
+    }
+
+
+def build_dataset(manifest: str | os.PathLike[str], preset: str | Preset, *, split: str | Sequence[str] | None = None,
+                  cache_dir: str | os.PathLike[str] | None = None, workers: int = 1, progress: bool = True,
+                  require_report: bool = True, report_field: str = "report") -> ReportDataset:
+    """A :class:`ReportDataset` reading a cache when there is (or ``cache_dir`` allows) one, else on the fly.
+
+    * ``manifest`` is a cache made with ``preset``: read as is (another preset's cache is refused);
+    * ``cache_dir`` given: ``preprocess_manifest(manifest, preset, cache_dir / preset.name)`` (resumable, all
+      splits, so train and val share it) and read that cache — studies that failed are left out;
+    * otherwise: read and preprocess each item in ``__getitem__``.
+
+    Under distributed training build it on the main process first (the cache writes are not concurrent-safe).
+    """
+    return ReportDataset(manifest, preset, split=split, cache_dir=cache_dir, require_report=require_report,
+                         report_field=report_field,
+                         workers=workers, progress=progress)

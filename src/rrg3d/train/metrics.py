@@ -1,0 +1,114 @@
+"""Validation metrics of the ``clip`` stage: image↔text retrieval recall and zero-shot abnormality AUROC.
+
+Both take tensors or arrays and return plain Python floats (JSON-ready).
+
+* :func:`retrieval_recall` — pair ``i`` (image ``i``, text ``i``) is the match; cosine similarity; a match
+  tied with other candidates counts as ranked *behind* them (a collapsed model scores 0, not 1).
+* :func:`zero_shot_auroc` — per-label ROC AUC by the Mann–Whitney rank formula (average ranks for ties), so no
+  scikit-learn is needed; unknown (NaN) labels are left out per label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+def _as_numpy(values: Any, name: str, ndim: int = 2) -> np.ndarray:
+    if hasattr(values, "detach"):  # torch tensor (any device / dtype)
+        values = values.detach().float().cpu().numpy()
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {array.shape}")
+    return array
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def match_ranks(similarity: np.ndarray) -> np.ndarray:
+    """0-based rank of the diagonal entry of each row (0 = best); ties with others count against the match."""
+    diagonal = np.diag(similarity)[:, None]
+    better = (similarity > diagonal).sum(axis=1)
+    tied = (similarity == diagonal).sum(axis=1) - 1  # minus the match itself
+    return better + tied
+
+
+def retrieval_recall(image_embeds: Any, text_embeds: Any,
+                     ks: Sequence[int] = (1, 5, 10)) -> dict[str, dict[str, float]]:
+    """``{"image_to_text": {"R@1": ..}, "text_to_image": {..}}`` for ``[N, E]`` paired embeddings (k capped at N)."""
+    images = _as_numpy(image_embeds, "image_embeds")
+    texts = _as_numpy(text_embeds, "text_embeds")
+    if images.shape != texts.shape:
+        raise ValueError(f"image and text embeddings differ in shape: {images.shape} vs {texts.shape}")
+    if len(images) == 0:
+        raise ValueError("retrieval_recall needs at least one pair")
+    if not (np.isfinite(images).all() and np.isfinite(texts).all()):
+        raise ValueError("embeddings contain NaN or infinite values")
+    similarity = _normalize(images) @ _normalize(texts).T
+    n = len(images)
+    result: dict[str, dict[str, float]] = {}
+    for direction, matrix in (("image_to_text", similarity), ("text_to_image", similarity.T)):
+        ranks = match_ranks(matrix)
+        result[direction] = {f"R@{k}": float(np.mean(ranks < min(int(k), n))) for k in ks}
+    return result
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``values`` with ties given their average rank."""
+    order = np.argsort(values, kind="mergesort")
+    sorted_values = values[order]
+    # boundaries of runs of equal values
+    starts = np.r_[0, np.flatnonzero(sorted_values[1:] != sorted_values[:-1]) + 1]
+    ends = np.r_[starts[1:], len(values)]
+    averaged = (starts + ends + 1) / 2.0  # mean of the 1-based positions start+1 .. end
+    ranks = np.empty(len(values), dtype=np.float64)
+    ranks[order] = np.repeat(averaged, ends - starts)
+    return ranks
+
+
+def binary_auroc(scores: Any, labels: Any) -> float | None:
+    """ROC AUC of ``scores`` for 0/1 ``labels`` (NaN labels left out); ``None`` when only one class remains."""
+    scores = _as_numpy(scores, "scores", ndim=1)
+    labels = _as_numpy(labels, "labels", ndim=1)
+    if scores.shape != labels.shape:
+        raise ValueError(f"scores and labels differ in shape: {scores.shape} vs {labels.shape}")
+    known = ~np.isnan(labels)
+    scores, labels = scores[known], labels[known]
+    if not np.isfinite(scores).all():
+        raise ValueError("scores contain NaN or infinite values")
+    if not np.isin(labels, (0.0, 1.0)).all():
+        raise ValueError("labels must be 0, 1 or NaN")
+    positives = int(labels.sum())
+    negatives = len(labels) - positives
+    if positives == 0 or negatives == 0:
+        return None
+    ranks = average_ranks(scores)
+    u = ranks[labels == 1].sum() - positives * (positives + 1) / 2.0
+    return float(u / (positives * negatives))
+
+
+def zero_shot_auroc(probs: Any, labels: Any, names: Sequence[str] | None = None) -> dict[str, Any]:
+    """``{"macro": float | None, "per_label": {name: float | None}}`` for ``[N, L]`` scores and 0/1/NaN labels.
+
+    A label is ``None`` when, after leaving out its unknown (NaN) entries, only one class remains; the macro
+    average is over the others (``None`` when there are none). Names default to the CT-RATE labels when
+    ``L == 18``, else ``label_0 ..``.
+    """
+    scores = _as_numpy(probs, "probs")
+    truth = _as_numpy(labels, "labels")
+    if scores.shape != truth.shape:
+        raise ValueError(f"probs and labels differ in shape: {scores.shape} vs {truth.shape}")
+    count = scores.shape[1]
+    if names is None:
+        from rrg3d.data.adapters.ctrate import CTRATE_LABELS
+
+        names = CTRATE_LABELS if count == len(CTRATE_LABELS) else [f"label_{j}" for j in range(count)]
+    if len(names) != count:
+        raise ValueError(f"{len(names)} names for {count} labels")
+    per_label = {str(name): binary_auroc(scores[:, j], truth[:, j]) for j, name in enumerate(names)}
+    defined = [v for v in per_label.values() if v is not None]
+    return {"macro": float(np.mean(defined)) if defined else None, "per_label": per_label}
