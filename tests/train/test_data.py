@@ -229,3 +229,12 @@ def test_report_field_selects_a_section(phantoms):
     assert item_impression["report"] and item_impression["report"] in item_whole["report"]
     with pytest.raises(ValueError, match="report_field"):
         ReportDataset(phantoms, "tiny", report_field="summary")
+
+
+def test_blank_images_control_keeps_reports_and_zeroes_volumes(phantoms):
+    from rrg3d.train.data import ReportDataset
+
+    blank = ReportDataset(phantoms, "tiny", blank_images=True)
+    real = ReportDataset(phantoms, "tiny")
+    assert torch.count_nonzero(blank[0]["volume"]) == 0 and torch.count_nonzero(real[0]["volume"]) > 0
+    assert blank[0]["report"] == real[0]["report"] and blank[0]["volume"].shape == real[0]["volume"].shape

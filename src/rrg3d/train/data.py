@@ -87,12 +87,14 @@ class ReportDataset(torch.utils.data.Dataset):
     def __init__(self, manifest: str | os.PathLike[str], preset: str | Preset, *,
                  split: str | Sequence[str] | None = None, cache_dir: str | os.PathLike[str] | None = None,
                  require_report: bool = True, workers: int = 1, progress: bool = False,
-                 report_field: str = "report") -> None:
+                 report_field: str = "report", blank_images: bool = False) -> None:
         if report_field not in REPORT_FIELDS:
             raise ValueError(f"report_field must be one of {REPORT_FIELDS}, got {report_field!r}")
         self.preset: Preset = load_preset(preset)
         self.require_report = require_report
         self.report_field = report_field
+        #: a control for learnability: every volume is zeros (the model can only learn the text prior)
+        self.blank_images = blank_images
         self.skipped: dict[str, int] = {}
         source = Path(manifest)
         records, problems = check_manifest(source)
@@ -191,9 +193,10 @@ class ReportDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         entry = self.entries[i]
+        volume = torch.zeros((1, *self.preset.shape)) if self.blank_images else torch.from_numpy(self.load_volume(i))
         return {
             "id": entry.id,
-            "volume": torch.from_numpy(self.load_volume(i)),
+            "volume": volume,
             "report": entry.report,
             "labels": torch.tensor(entry.labels, dtype=torch.float32),
         }
@@ -229,7 +232,8 @@ def collate_reports(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 def build_dataset(manifest: str | os.PathLike[str], preset: str | Preset, *, split: str | Sequence[str] | None = None,
                   cache_dir: str | os.PathLike[str] | None = None, workers: int = 1, progress: bool = True,
-                  require_report: bool = True, report_field: str = "report") -> ReportDataset:
+                  require_report: bool = True, report_field: str = "report",
+                  blank_images: bool = False) -> ReportDataset:
     """A :class:`ReportDataset` reading a cache when there is (or ``cache_dir`` allows) one, else on the fly.
 
     * ``manifest`` is a cache made with ``preset``: read as is (another preset's cache is refused);
@@ -240,5 +244,5 @@ def build_dataset(manifest: str | os.PathLike[str], preset: str | Preset, *, spl
     Under distributed training build it on the main process first (the cache writes are not concurrent-safe).
     """
     return ReportDataset(manifest, preset, split=split, cache_dir=cache_dir, require_report=require_report,
-                         report_field=report_field,
+                         report_field=report_field, blank_images=blank_images,
                          workers=workers, progress=progress)
