@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "labeler": "labeler",
     "model": "model",
     "generate": "generate",
+    "train": "train",
 }
 
 

@@ -31,7 +31,7 @@ from rrg3d.errors import RRG3DError
 FORMAT = "rrg3d-checkpoint"
 FORMAT_VERSION = 1
 LM_WEIGHT_KINDS = ("full", "adapter", "base")
-MODEL_KINDS = ("report_generator",)
+MODEL_KINDS = ("report_generator", "ct_clip")
 
 
 class CheckpointError(RRG3DError):
@@ -70,7 +70,7 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
                                          f"{FORMAT_VERSION}); upgrade rrg3d or convert the checkpoint")
     if meta.get("kind") not in MODEL_KINDS:
         raise CheckpointError(meta_path, f"kind {meta.get('kind')!r} is not one of {MODEL_KINDS}")
-    if (meta.get("lm") or {}).get("weights") not in LM_WEIGHT_KINDS:
+    if meta["kind"] == "report_generator" and (meta.get("lm") or {}).get("weights") not in LM_WEIGHT_KINDS:
         raise CheckpointError(meta_path, f"lm.weights must be one of {LM_WEIGHT_KINDS}")
     return meta
 
@@ -93,10 +93,13 @@ def _lm_weight_kind(model: Any, requested: str) -> str:
 
 
 def save_checkpoint(model: Any, path: str | os.PathLike[str], *, lm_weights: str = "auto",
-                    extra: dict[str, Any] | None = None) -> Path:
+                    extra: dict[str, Any] | None = None,
+                    train_state: str | os.PathLike[str] | None = None) -> Path:
     """Write ``model`` (a :class:`~rrg3d.models.vlm.ReportGenerator`) as a checkpoint directory at ``path``.
 
-    An existing ``train_state/`` in ``path`` is kept (training writes it beside the weights).
+    An existing ``train_state/`` in ``path`` is kept (training writes it beside the weights), unless
+    ``train_state`` names a folder: that folder is then moved into the staged checkpoint as ``train_state/``
+    before the swap, so the weights and the training state appear together or not at all.
     """
     from safetensors.torch import save_file
 
@@ -132,13 +135,23 @@ def save_checkpoint(model: Any, path: str | os.PathLike[str], *, lm_weights: str
         }
         (staging / "rrg3d.yaml").write_text(yaml.safe_dump(meta, sort_keys=False, allow_unicode=True),
                                             encoding="utf-8")
-        if (target / "train_state").is_dir():
-            shutil.copytree(target / "train_state", staging / "train_state")
+        _stage_train_state(staging, target, train_state)
         _make_readable(staging)
         _swap_in(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _stage_train_state(staging: Path, target: Path, train_state: str | os.PathLike[str] | None) -> None:
+    """Put ``train_state/`` into the staged checkpoint: the given folder (moved), else the existing one (copied)."""
+    if train_state is not None:
+        source = Path(train_state)
+        if not source.is_dir():
+            raise ValueError(f"train_state {source} is not a directory")
+        shutil.move(str(source), str(staging / "train_state"))
+    elif (target / "train_state").is_dir():
+        shutil.copytree(target / "train_state", staging / "train_state")
 
 
 def _model_record(model: Any) -> dict[str, Any]:
@@ -187,6 +200,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | None = None, 
 
     folder = Path(path)
     meta = read_manifest(folder)
+    if meta["kind"] != "report_generator":
+        raise CheckpointError(folder, f"is a {meta['kind']} checkpoint, not a report generator (a CT-CLIP "
+                                      "checkpoint initialises a report generator's encoder: model.vision_init)")
     config = ModelConfig.from_dict(meta["model"], source=str(folder / "rrg3d.yaml"))
     recorded_preset = meta.get("preprocess", {}).get("config")
     if recorded_preset is not None:
@@ -254,3 +270,105 @@ def default_model_path() -> Path:
         raise CheckpointError(path, "no default model here: pass --model CKPT, set $RRG3D_MODEL, or train the demo "
                                     "model with `rrg3d demo`")
     return path
+
+
+# -- CT-CLIP checkpoints ----------------------------------------------------------------------------------------------
+CLIP_WEIGHTS = "clip.safetensors"
+
+
+def save_clip_checkpoint(model: Any, path: str | os.PathLike[str], *, preprocess: Any,
+                         extra: dict[str, Any] | None = None,
+                         train_state: str | os.PathLike[str] | None = None) -> Path:
+    """Write a :class:`~rrg3d.models.clip.CTCLIP` as a checkpoint directory (kind ``ct_clip``), atomically.
+
+    ``rrg3d.yaml`` records the CLIP config, the encoder's full mapping (``encoder``: what a report generator's
+    ``vision.encoder`` must equal to take these weights) and the preprocessing preset; ``clip.safetensors`` holds
+    every weight (both towers, projections, temperature). ``train_state`` works as in :func:`save_checkpoint`.
+    """
+    from safetensors.torch import save_file
+
+    from rrg3d import __version__
+    from rrg3d.models.registry import ENCODERS
+    from rrg3d.preprocess.presets import load_preset
+
+    target = Path(path)
+    preset = load_preset(preprocess)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(staging / CLIP_WEIGHTS), metadata={"format": FORMAT})
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "kind": "ct_clip",
+            "rrg3d_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "clip": model.describe(),
+            "encoder": ENCODERS.describe(model.vision),
+            "preprocess": preset.record(),
+            "files": {CLIP_WEIGHTS: _sha256(staging / CLIP_WEIGHTS)},
+            "extra": extra or {},
+        }
+        (staging / "rrg3d.yaml").write_text(yaml.safe_dump(meta, sort_keys=False, allow_unicode=True),
+                                            encoding="utf-8")
+        _stage_train_state(staging, target, train_state)
+        _make_readable(staging)
+        _swap_in(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _clip_weights(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    weights = folder / CLIP_WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(folder, f"{CLIP_WEIGHTS} is missing")
+    expected = (meta.get("files") or {}).get(CLIP_WEIGHTS)
+    if expected and _sha256(weights) != expected:
+        raise CheckpointError(weights, "checksum mismatch: the file is corrupt or was changed after saving")
+    return load_file(str(weights))
+
+
+def _clip_meta(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
+    folder = Path(path)
+    meta = read_manifest(folder)
+    if meta["kind"] != "ct_clip":
+        raise CheckpointError(folder, f"is a {meta['kind']} checkpoint, not a CT-CLIP one")
+    return folder, meta
+
+
+def load_clip_checkpoint(path: str | os.PathLike[str], *, device: str | None = None, trainable: bool = False) -> Any:
+    """The :class:`~rrg3d.models.clip.CTCLIP` saved at ``path`` (text tower architecture from its recorded source)."""
+    from rrg3d.models.clip import CTCLIP
+
+    folder, meta = _clip_meta(path)
+    config = dict(meta["clip"])
+    config["text_pretrained"] = False  # every weight comes from the checkpoint
+    model = CTCLIP.from_mapping(config)
+    model.config.text_pretrained = bool(meta["clip"].get("text_pretrained", True))
+    missing, unexpected = model.load_state_dict(_clip_weights(folder, meta), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(folder, f"does not match its config: missing {sorted(missing)[:5]}, "
+                                      f"unexpected {sorted(unexpected)[:5]}")
+    model.to(device or "cpu")
+    if not trainable:
+        model.eval()
+        model.requires_grad_(False)
+    model.checkpoint_meta = meta
+    return model
+
+
+def load_clip_encoder_state(path: str | os.PathLike[str], encoder: dict[str, Any]) -> dict[str, Any]:
+    """The vision-encoder weights of a CT-CLIP checkpoint, checked against ``encoder`` (a registry mapping,
+    described in full): a report generator takes them only when its encoder is configured identically."""
+    folder, meta = _clip_meta(path)
+    recorded = meta.get("encoder") or {}
+    if recorded != encoder:
+        keys = sorted(k for k in set(recorded) | set(encoder) if recorded.get(k) != encoder.get(k))
+        detail = ", ".join(f"{k}: checkpoint {recorded.get(k)!r} vs model {encoder.get(k)!r}" for k in keys[:6])
+        raise CheckpointError(folder, f"the CT-CLIP encoder does not match the model's vision.encoder ({detail})")
+    state = _clip_weights(folder, meta)
+    return {k[len("vision."):]: v for k, v in state.items() if k.startswith("vision.")}

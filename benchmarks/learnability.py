@@ -1,0 +1,152 @@
+"""Does the image drive the text? Train on phantoms, report on held-out phantoms, compare with two controls.
+
+For each encoder architecture (default ``tiny_ctvit_v`` and ``tiny_resnet3d``) the same recipe runs twice —
+align then LoRA SFT on the phantom training split — once on the real volumes and once with every volume
+replaced by zeros (control a: the model can learn only the text prior). Control b is the majority-class report:
+the training report whose 18-label vector is the most frequent one, given for every test case. Every arm is
+scored on the held-out test phantoms with the evaluation suite: clinical efficacy (CE) micro/macro-F1 of the
+generated reports against the phantoms' true labels, BLEU-4, METEOR, ROUGE-L.
+
+Target (issue 6): CE micro-F1 ≥ 0.60 and at least 0.20 above both controls, for both encoders. The budget is
+set by ``--align-steps``/``--sft-steps``/``--phantoms``; the defaults are meant to fit in 45 minutes on 2 cores.
+
+    python benchmarks/learnability.py [--encoders tiny_ctvit_v tiny_resnet3d] [--phantoms 400] [--sft-steps 600]
+                                      [--out benchmarks/results/learnability.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def majority_report(manifest: Path, field: str) -> str:
+    """The training report whose label vector is the most common one among training cases."""
+    from rrg3d.data.manifest import load_manifest
+    from rrg3d.train.data import LABEL_NAMES, record_text
+
+    train = [r for r in load_manifest(manifest) if r.get("split") == "train"]
+    vectors = [tuple(int((r.get("labels") or {}).get(n, 0)) for n in LABEL_NAMES) for r in train]
+    common = collections.Counter(vectors).most_common(1)[0][0]
+    return str(record_text(train[vectors.index(common)], field))
+
+
+def test_references(manifest: Path, out: Path, field: str) -> Path:
+    """A references manifest of the test split whose ``report`` is the trained target text."""
+    from rrg3d.data.manifest import load_manifest, resolve, write_manifest
+    from rrg3d.train.data import record_text
+
+    records = []
+    for record in load_manifest(manifest):
+        if record.get("split") != "test":
+            continue
+        record = dict(record, report=record_text(record, field))
+        record["images"] = {k: (str(resolve(manifest, v)) if v else v) for k, v in record["images"].items()}
+        record.pop("masks", None)
+        records.append(record)
+    return write_manifest(records, out)
+
+
+def score(predictions: Path, references: Path, out: Path) -> dict[str, Any]:
+    from rrg3d.evaluate.runner import EvaluateOptions, evaluate_files
+
+    metrics = evaluate_files(predictions, references, out, EvaluateOptions(bootstrap=200, progress=False))
+    coco, ce = metrics["coco"], metrics["ce"]
+    return {"ce_micro_f1": ce["micro_f1"], "ce_macro_f1": ce["macro_f1"], "bleu_4": coco["bleu_4"],
+            "meteor": coco["meteor"], "rouge_l": coco["rouge_l"], "ci": metrics.get("ci", {}).get("ce", {})}
+
+
+def train_arm(architecture: str, manifest: Path, run_dir: Path, args: argparse.Namespace, blank: bool) -> Path:
+    from rrg3d.train import run_recipe
+
+    common = [f"model.config={architecture}", f"data.manifest={manifest}", f"data.report_field={args.field}",
+              f"data.blank_images={str(blank).lower()}", f"data.batch_size={args.batch_size}",
+              f"data.cache_dir={run_dir.parent / 'cache'}", f"seed={args.seed}", "train.progress=false"]
+    align = run_recipe("tiny_align", [*common, f"run_dir={run_dir / 'align'}", f"phases.0.steps={args.align_steps}"])
+    return run_recipe("tiny_sft", [*common, f"run_dir={run_dir / 'sft'}", f"model.init={align}",
+                                   f"phases.0.steps={args.sft_steps}", f"optim.lr={args.sft_lr}"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--encoders", nargs="+", default=["tiny_ctvit_v", "tiny_resnet3d"], metavar="ARCH")
+    parser.add_argument("--phantoms", type=int, default=400)
+    parser.add_argument("--shape", type=int, nargs=3, default=[64, 128, 128])
+    parser.add_argument("--field", default="impression", choices=("report", "findings", "impression"))
+    parser.add_argument("--align-steps", type=int, default=100)
+    parser.add_argument("--sft-steps", type=int, default=600)
+    parser.add_argument("--sft-lr", type=float, default=5e-4)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", default="learnability_work", help="folder for phantoms, runs and predictions")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "learnability.json"))
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from rrg3d.data.manifest import load_manifest
+    from rrg3d.data.phantom import PhantomConfig, generate_phantoms
+    from rrg3d.models.checkpoint import load_checkpoint
+    from rrg3d.models.inference import generate_reports
+    from rrg3d.preprocess.presets import load_preset
+
+    start = time.perf_counter()
+    work = Path(args.work).resolve()
+    manifest = generate_phantoms(PhantomConfig(n=args.phantoms, seed=args.seed, shape=tuple(args.shape), styles=1),
+                                 work / "phantoms", workers=2, progress=False)
+    references = test_references(manifest, work / "test_references.jsonl", args.field)
+    rows: list[dict[str, Any]] = []
+    majority = work / "majority.jsonl"
+    text = majority_report(manifest, args.field)
+    majority.write_text("".join(json.dumps({"id": r["id"], "report": text}) + "\n"
+                                for r in load_manifest(references)))
+    rows.append({"encoder": "-", "arm": "majority report", **score(majority, references, work / "eval_majority")})
+    for architecture in args.encoders:
+        for arm, blank in (("image", False), ("zeros (text prior)", True)):
+            tick = time.perf_counter()
+            final = train_arm(architecture, manifest, work / architecture / ("blank" if blank else "image"), args,
+                              blank)
+            predictions = work / architecture / f"pred_{'blank' if blank else 'image'}.jsonl"
+            model = load_checkpoint(final, merge_lora=True)
+            if blank:  # the control sees zeros at test time too: one constant input, one greedy report for all
+                shape = load_preset(model.config.preprocess).shape
+                report = model.generate(torch.zeros(1, 1, *shape))[0]
+                predictions.write_text("".join(json.dumps({"id": r["id"], "report": report}) + "\n"
+                                               for r in load_manifest(references)))
+            else:
+                generate_reports(model, [references], predictions, batch_size=4, progress=False, resume=False)
+            result = score(predictions, references, work / architecture / f"eval_{'blank' if blank else 'image'}")
+            rows.append({"encoder": architecture, "arm": arm, "minutes": round((time.perf_counter() - tick) / 60, 1),
+                         **result})
+            print(json.dumps(rows[-1]), flush=True)
+
+    print(f"\nlearnability on {args.phantoms} phantoms ({args.field}), test split, {time.perf_counter() - start:.0f} s")
+    print(f"{'encoder':<15} {'arm':<20} {'CE micro-F1':>11} {'macro-F1':>9} {'BLEU-4':>7} {'METEOR':>7} {'ROUGE-L':>8}")
+    for r in rows:
+        meteor = "n/a" if r["meteor"] is None else f"{r['meteor']:.3f}"
+        print(f"{r['encoder']:<15} {r['arm']:<20} {r['ce_micro_f1']:>11.3f} {r['ce_macro_f1']:>9.3f} "
+              f"{r['bleu_4']:>7.3f} {meteor:>7} {r['rouge_l']:>8.3f}")
+    verdicts = {}
+    controls = max(r["ce_micro_f1"] for r in rows if r["arm"] != "image")
+    for r in rows:
+        if r["arm"] == "image":
+            blank = next(x for x in rows if x["encoder"] == r["encoder"] and x["arm"] != "image")
+            margin = r["ce_micro_f1"] - max(blank["ce_micro_f1"], rows[0]["ce_micro_f1"])
+            verdicts[r["encoder"]] = {"micro_f1": r["ce_micro_f1"], "margin_over_controls": round(margin, 3),
+                                      "meets_target": r["ce_micro_f1"] >= 0.60 and margin >= 0.20}
+    print(json.dumps(verdicts, indent=2), f"(best control micro-F1 {controls:.3f})")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "learnability", "args": vars(args), "rows": rows,
+                               "verdicts": verdicts, "seconds": round(time.perf_counter() - start)}, indent=2) + "\n")
+    print(f"-> {out}")
+    return 0 if all(v["meets_target"] for v in verdicts.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""``clip``: CT-CLIP contrastive pretraining of a vision encoder against report text (symmetric InfoNCE, learnable
+temperature).
+
+The encoder is the one of the architecture ``model.config`` (its ``vision.encoder`` mapping), so the align stage
+can take it over unchanged: ``model.vision_init: runs/clip`` (checked: the configs must be equal). The text tower
+is ``model.clip.text`` (default: the packaged all-MiniLM-L6-v2). Validation embeds the validation split and reports
+retrieval recall R@1/5/10 both ways, the validation InfoNCE over all its pairs, and zero-shot abnormality AUROC
+over the 18 CT-RATE labels ("<label> is present." vs "... is not present."). ``RUN/final`` is a ``ct_clip``
+checkpoint.
+
+Under several processes each computes InfoNCE over its own micro-batch (negatives are not gathered across
+processes); the 3D-CT-GPT++ pretraining lr is 1e-3.
+
+    rrg3d train tiny_clip data.manifest=phantoms/manifest.jsonl run_dir=runs/clip
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rrg3d.train.loop import RunContext, Stage, TrainResult, fit, iterate_batches
+from rrg3d.train.recipe import Recipe
+
+
+def build_clip(recipe: Recipe, final_preset: Any) -> nn.Module:
+    from rrg3d.models.clip import CTCLIP
+    from rrg3d.models.config import load_model_config
+
+    settings = dataclasses.asdict(recipe.model.clip)
+    train_text = settings.pop("train_text")
+    encoder = dict(load_model_config(recipe.model.config).vision.encoder)
+    model = CTCLIP.from_mapping({"vision": encoder, **settings})
+    model.vision.requires_grad_(bool(recipe.model.train.encoder))
+    model.text.requires_grad_(train_text)
+    if recipe.train.gradient_checkpointing:
+        model.set_gradient_checkpointing(True)
+    return model
+
+
+def clip_loss(model: nn.Module, raw: nn.Module, batch: dict[str, Any], recipe: Recipe) -> torch.Tensor:
+    text = raw.tokenize(batch["reports"])
+    device = batch["volumes"].device
+    return model(batch["volumes"], text["input_ids"].to(device), text["attention_mask"].to(device))["loss"]
+
+
+def clip_frozen_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in (model.vision, model.text) if not any(p.requires_grad for p in m.parameters())]
+
+
+@torch.no_grad()
+def validate_clip(model: nn.Module, dataset: Any, recipe: Recipe, context: RunContext) -> dict[str, float]:
+    from rrg3d.models.clip import clip_loss as info_nce
+    from rrg3d.train.metrics import retrieval_recall, zero_shot_auroc
+
+    batch_size = recipe.data.val_batch_size or recipe.data.batch_size
+    device = context.accelerator.device
+    images, texts, probs, labels = [], [], [], []
+    for batch in iterate_batches(dataset, batch_size):
+        volumes = batch["volumes"].to(device)
+        tokens = {k: v.to(device) for k, v in model.tokenize(batch["reports"]).items()}
+        with context.accelerator.autocast():
+            images.append(model.encode_image(volumes).float().cpu())
+            texts.append(model.encode_text(tokens["input_ids"], tokens["attention_mask"]).float().cpu())
+            probs.append(model.zero_shot(volumes).float().cpu())
+        labels.append(batch["labels"])
+    image_embeds, text_embeds = torch.cat(images), torch.cat(texts)
+    metrics: dict[str, float] = {}
+    logits = model.temperature_scale().float().cpu() * image_embeds @ text_embeds.T
+    metrics["val_loss"] = float(info_nce(logits))
+    for direction, values in retrieval_recall(image_embeds, text_embeds).items():
+        short = "i2t" if direction == "image_to_text" else "t2i"
+        for k, value in values.items():
+            metrics[f"{short}_{k}"] = value
+    auroc = zero_shot_auroc(torch.cat(probs), torch.cat(labels))
+    if auroc["macro"] is not None:
+        metrics["zero_shot_auroc"] = float(auroc["macro"])
+    return metrics
+
+
+def save_clip(model: nn.Module, path: Path, preset: Any, extra: dict[str, Any], train_state: Path | None) -> Path:
+    from rrg3d.models.checkpoint import save_clip_checkpoint
+
+    return save_clip_checkpoint(model, path, preprocess=preset, extra=extra, train_state=train_state)
+
+
+STAGE = Stage(
+    name="clip",
+    build_model=build_clip,
+    loss=clip_loss,
+    save=save_clip,
+    validate=validate_clip,
+    frozen_modules=clip_frozen_modules,
+)
+
+
+def run(recipe: Recipe, *, resume: bool = False) -> TrainResult:
+    return fit(recipe, STAGE, resume=resume)

