@@ -17,39 +17,12 @@ set by ``--align-steps``/``--sft-steps``/``--phantoms``; the defaults are meant 
 from __future__ import annotations
 
 import argparse
-import collections
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
-
-
-def majority_report(manifest: Path, field: str) -> str:
-    """The training report whose label vector is the most common one among training cases."""
-    from rrg3d.data.manifest import load_manifest
-    from rrg3d.train.data import LABEL_NAMES, record_text
-
-    train = [r for r in load_manifest(manifest) if r.get("split") == "train"]
-    vectors = [tuple(int((r.get("labels") or {}).get(n, 0)) for n in LABEL_NAMES) for r in train]
-    common = collections.Counter(vectors).most_common(1)[0][0]
-    return str(record_text(train[vectors.index(common)], field))
-
-
-def test_references(manifest: Path, out: Path, field: str) -> Path:
-    """A references manifest of the test split whose ``report`` is the trained target text."""
-    from rrg3d.data.manifest import load_manifest, resolve, write_manifest
-    from rrg3d.train.data import record_text
-
-    records = []
-    for record in load_manifest(manifest):
-        if record.get("split") != "test":
-            continue
-        record = dict(record, report=record_text(record, field))
-        record["images"] = {k: (str(resolve(manifest, v)) if v else v) for k, v in record["images"].items()}
-        record.pop("masks", None)
-        records.append(record)
-    return write_manifest(records, out)
 
 
 def score(predictions: Path, references: Path, out: Path) -> dict[str, Any]:
@@ -66,10 +39,12 @@ def train_arm(architecture: str, manifest: Path, run_dir: Path, args: argparse.N
 
     common = [f"model.config={architecture}", f"data.manifest={manifest}", f"data.report_field={args.field}",
               f"data.blank_images={str(blank).lower()}", f"data.batch_size={args.batch_size}",
-              f"data.cache_dir={run_dir.parent / 'cache'}", f"seed={args.seed}", "train.progress=false"]
+              f"data.cache_dir={run_dir.parent.parent / 'cache'}", "data.max_length=160", f"seed={args.seed}",
+              "train.progress=false", "train.save_every=0", f"train.threads={os.cpu_count() or 1}"]
     align = run_recipe("tiny_align", [*common, f"run_dir={run_dir / 'align'}", f"phases.0.steps={args.align_steps}"])
     return run_recipe("tiny_sft", [*common, f"run_dir={run_dir / 'sft'}", f"model.init={align}",
-                                   f"phases.0.steps={args.sft_steps}", f"optim.lr={args.sft_lr}"])
+                                   "model.train.encoder=true", f"phases.0.steps={args.sft_steps}",
+                                   f"optim.lr={args.sft_lr}"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,15 +69,16 @@ def main(argv: list[str] | None = None) -> int:
     from rrg3d.models.checkpoint import load_checkpoint
     from rrg3d.models.inference import generate_reports
     from rrg3d.preprocess.presets import load_preset
+    from rrg3d.train.data import majority_text, write_references
 
     start = time.perf_counter()
     work = Path(args.work).resolve()
     manifest = generate_phantoms(PhantomConfig(n=args.phantoms, seed=args.seed, shape=tuple(args.shape), styles=1),
                                  work / "phantoms", workers=2, progress=False)
-    references = test_references(manifest, work / "test_references.jsonl", args.field)
+    references = write_references(manifest, work / "test_references.jsonl", split="test", field=args.field)
     rows: list[dict[str, Any]] = []
     majority = work / "majority.jsonl"
-    text = majority_report(manifest, args.field)
+    text = majority_text(manifest, split="train", field=args.field)
     majority.write_text("".join(json.dumps({"id": r["id"], "report": text}) + "\n"
                                 for r in load_manifest(references)))
     rows.append({"encoder": "-", "arm": "majority report", **score(majority, references, work / "eval_majority")})

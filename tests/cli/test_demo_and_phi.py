@@ -10,18 +10,28 @@ from rrg3d.cli import main
 from rrg3d.data.manifest import write_manifest
 
 
-def test_demo_runs_end_to_end(tmp_path, capsys):
+def test_demo_runs_end_to_end(tmp_path, capsys, monkeypatch):
     out = tmp_path / "demo"
+    monkeypatch.setenv("RRG3D_MODEL", str(tmp_path / "default_model"))
     assert main(["demo", "--out", str(out), "--presets", "m3d", "--workers", "1", "--no-shared",
-                 "--phantoms", "3"]) == 0
+                 "--phantoms", "10", "--align-steps", "1", "--sft-steps", "1"]) == 0
     printed = capsys.readouterr().out
     assert "studies ready" in printed and "recorded failure: bad_truncated" in printed
-    assert "CE micro-F1" in printed and (out / "evaluation" / "metrics.json").exists()
+    assert "CE micro-F1" in printed and "majority-class baseline" in printed
     metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
-    assert metrics["counts"]["references"] == metrics["counts"]["scored"] == 3
+    test_ids = [json.loads(line)["id"] for line in (out / "test_references.jsonl").read_text().splitlines()]
+    assert metrics["counts"]["references"] == metrics["counts"]["scored"] == len(test_ids) >= 1
+    assert (out / "evaluation" / "report.html").exists() and (out / "runs" / "sft" / "final" / "rrg3d.yaml").exists()
     records = [json.loads(line) for line in (out / "cache_m3d" / "manifest.jsonl").read_text().splitlines()]
     assert {r["id"] for r in records} >= {"synth_nifti", "synth_nifti_flipped", "synth_dicom", "synth_nrrd"}
     assert (out / "preview.png").stat().st_size > 10_000
+
+    # the trained checkpoint is now the default model of `rrg3d generate`
+    assert (tmp_path / "default_model" / "rrg3d.yaml").exists()
+    predictions = tmp_path / "pred.jsonl"
+    assert main(["generate", str(out / "scans" / "synth_nifti.nii.gz"), "--out", str(predictions),
+                 "--max-new-tokens", "4", "--quiet"]) == 0
+    assert json.loads(predictions.read_text())["meta"]["checkpoint"] == str(tmp_path / "default_model")
 
 
 def _all_text(folder) -> str:

@@ -57,6 +57,12 @@ def run(args: argparse.Namespace) -> int:
     from rrg3d.models.checkpoint import read_manifest
 
     meta = read_manifest(args.checkpoint)
+    if meta["kind"] != "report_generator":
+        summary = {k: meta.get(k) for k in ("kind", "format_version", "rrg3d_version", "created", "extra")}
+        print(yaml.safe_dump({**summary, "encoder": meta.get("encoder"),
+                              "preprocess": {k: meta.get("preprocess", {}).get(k) for k in ("preset", "sha256")}},
+                             sort_keys=False), end="")
+        return 0
     model = meta["model"]
     summary = {
         "architecture": model["name"],

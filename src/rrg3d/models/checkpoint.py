@@ -260,12 +260,17 @@ def _prepare_fitted_buffers(vision: Any, state: dict[str, Any]) -> None:
             setattr(module, attr, buffer.new_empty(saved.shape))
 
 
-def default_model_path() -> Path:
-    """The model ``rrg3d generate`` uses without ``--model``: ``$RRG3D_MODEL``, else the demo's checkpoint."""
+def default_model_dir() -> Path:
+    """Where the default model lives: ``$RRG3D_MODEL``, else ``<cache>/models/demo`` (written by ``rrg3d demo``)."""
     from rrg3d.models.language import cache_dir
 
     configured = os.environ.get("RRG3D_MODEL")
-    path = Path(configured).expanduser() if configured else cache_dir() / "models" / "demo"
+    return Path(configured).expanduser() if configured else cache_dir() / "models" / "demo"
+
+
+def default_model_path() -> Path:
+    """The model ``rrg3d generate`` uses without ``--model`` (an error saying what to do when there is none)."""
+    path = default_model_dir()
     if not (path / "rrg3d.yaml").is_file():
         raise CheckpointError(path, "no default model here: pass --model CKPT, set $RRG3D_MODEL, or train the demo "
                                     "model with `rrg3d demo`")
@@ -372,3 +377,18 @@ def load_clip_encoder_state(path: str | os.PathLike[str], encoder: dict[str, Any
         raise CheckpointError(folder, f"the CT-CLIP encoder does not match the model's vision.encoder ({detail})")
     state = _clip_weights(folder, meta)
     return {k[len("vision."):]: v for k, v in state.items() if k.startswith("vision.")}
+
+
+def install_checkpoint(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> Path:
+    """Copy a checkpoint (without its ``train_state/``) to ``target`` atomically, replacing what is there."""
+    read_manifest(source)
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.installing-", dir=target.parent))
+    try:
+        shutil.copytree(source, staging / "ckpt", ignore=shutil.ignore_patterns("train_state"))
+        _make_readable(staging / "ckpt")
+        _swap_in(staging / "ckpt", target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

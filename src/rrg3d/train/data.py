@@ -246,3 +246,36 @@ def build_dataset(manifest: str | os.PathLike[str], preset: str | Preset, *, spl
     return ReportDataset(manifest, preset, split=split, cache_dir=cache_dir, require_report=require_report,
                          report_field=report_field, blank_images=blank_images,
                          workers=workers, progress=progress)
+
+
+def write_references(manifest: str | os.PathLike[str], out: str | os.PathLike[str], *, split: str = "test",
+                     field: str = "report") -> Path:
+    """A references manifest of one split whose ``report`` is the text a model was trained to write
+    (``field``: the whole report or a section); image paths made absolute so it can sit anywhere."""
+    from rrg3d.data.manifest import load_manifest, write_manifest
+
+    records = []
+    for record in load_manifest(manifest):
+        if record.get("split") != split or not record_text(record, field):
+            continue
+        images = {k: (str(resolve(manifest, v)) if v else v) for k, v in (record.get("images") or {}).items()}
+        records.append({k: v for k, v in record.items() if k not in ("masks", "preprocess")}
+                       | {"report": record_text(record, field), "images": images})
+    if not records:
+        raise ValueError(f"{manifest}: no {split!r} study has a {field!r} text")
+    return write_manifest(records, out)
+
+
+def majority_text(manifest: str | os.PathLike[str], *, split: str = "train", field: str = "report") -> str:
+    """The ``field`` text of a study whose 18-label vector is the most frequent in ``split`` (a majority-class
+    baseline: the best a model that ignores the image can do on clinical efficacy, to first order)."""
+    from collections import Counter
+
+    from rrg3d.data.manifest import load_manifest
+
+    records = [r for r in load_manifest(manifest) if r.get("split") == split and record_text(r, field)]
+    if not records:
+        raise ValueError(f"{manifest}: no {split!r} study has a {field!r} text")
+    vectors = [tuple(int((r.get("labels") or {}).get(name, 0)) for name in LABEL_NAMES) for r in records]
+    common = Counter(vectors).most_common(1)[0][0]
+    return str(record_text(records[vectors.index(common)], field))
