@@ -134,3 +134,14 @@ def test_malformed_header_overrides_are_schema_errors(tmp_path):
                                     "meta": {"header_overrides": {"spacing_mm": [0, 1, 1], "slope": 2}}}) + "\n")
     fields = sorted(p.field for p in check_manifest(manifest)[1] if p.severity == "error")
     assert fields == ["meta.header_overrides", "meta.header_overrides.spacing_mm"]
+
+
+def test_pet_already_in_suv_is_cached_with_a_ct_preset(tmp_path):
+    """Phantom and AutoPET manifests record meta.pet_units: SUVbw; their PET needs no DICOM SUV factor."""
+    from rrg3d.data.phantom import PhantomConfig, generate_phantoms
+    from rrg3d.preprocess.batch import preprocess_manifest
+
+    manifest = generate_phantoms(PhantomConfig(n=2, seed=0, shape=(32, 64, 64), pet=True, styles=1),
+                                 tmp_path / "phantoms", workers=1, progress=False)
+    summary = preprocess_manifest(manifest, "tiny", tmp_path / "cache", progress=False)
+    assert summary.failed == 0 and summary.succeeded == 2

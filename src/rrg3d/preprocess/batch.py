@@ -71,15 +71,19 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def preprocess_image(path: str | os.PathLike[str], preset: Preset, *, key: str = "ct",
-                     header_overrides: dict[str, Any] | None = None) -> tuple[Volume, Volume, Preset]:
+                     header_overrides: dict[str, Any] | None = None,
+                     pet_units: str | None = None) -> tuple[Volume, Volume, Preset]:
     """Read one image of a study and apply the preset exactly as the cache does.
 
     Returns ``(read volume, preprocessed volume, preset used)``: a PET image under a non-SUV preset is
-    preprocessed with ``petct_suv``; a manifest's ``meta.header_overrides`` apply to the CT.
+    preprocessed with ``petct_suv``; a manifest's ``meta.header_overrides`` apply to the CT, and its
+    ``meta.pet_units`` (e.g. ``"SUVbw"`` for PET already in SUV, as phantoms and AutoPET ship it) to the PET.
     """
     from rrg3d.io import read_volume
 
     volume = read_volume(path, modality="PT" if key == "pet" else None)
+    if key == "pet" and pet_units and "pet_units" not in volume.meta:
+        volume.meta["pet_units"] = pet_units
     if key == "ct":
         volume = apply_header_overrides(volume, header_overrides)
     item_preset = preset
@@ -154,8 +158,10 @@ def process_record(record: dict[str, Any], manifest_path: str, preset_data: dict
                 images[key] = relative
                 continue
             current_file = str(resolve(manifest_path, relative))
-            volume, result, item_preset = preprocess_image(
-                current_file, preset, key=key, header_overrides=(record.get("meta") or {}).get("header_overrides"))
+            meta = record.get("meta") or {}
+            volume, result, item_preset = preprocess_image(current_file, preset, key=key,
+                                                           header_overrides=meta.get("header_overrides"),
+                                                           pet_units=meta.get("pet_units"))
             target = out / "tensors" / f"{name}.{key}.npy"
             _save_npy(target, result.array.astype(preset.cache_dtype, copy=False))
             images[key] = relativize(target, out / "manifest.jsonl")
