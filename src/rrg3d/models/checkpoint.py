@@ -103,7 +103,6 @@ def save_checkpoint(model: Any, path: str | os.PathLike[str], *, lm_weights: str
     """
     from safetensors.torch import save_file
 
-    from rrg3d import __version__
     from rrg3d.models.language import base_model
     from rrg3d.preprocess.presets import load_preset
 
@@ -122,25 +121,33 @@ def save_checkpoint(model: Any, path: str | os.PathLike[str], *, lm_weights: str
             model.lm.save_pretrained(staging / "lm", save_embedding_layers=False)
         model.tokenizer.save_pretrained(staging / "tokenizer")
         meta = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "kind": "report_generator",
-            "rrg3d_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **_header("report_generator"),
             "model": _model_record(model),
             "preprocess": preset.record(),
             "lm": {"weights": kind, "base": model.config.lm.name_or_path, "path": "lm", "tokenizer": "tokenizer"},
             "files": {"vision.safetensors": _sha256(staging / "vision.safetensors")},
             "extra": extra or {},
         }
-        (staging / "rrg3d.yaml").write_text(yaml.safe_dump(meta, sort_keys=False, allow_unicode=True),
-                                            encoding="utf-8")
-        _stage_train_state(staging, target, train_state)
-        _make_readable(staging)
-        _swap_in(staging, target)
+        _complete(staging, target, meta, train_state)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _header(kind: str) -> dict[str, Any]:
+    """The fields every checkpoint's ``rrg3d.yaml`` starts with."""
+    from rrg3d import __version__
+
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "rrg3d_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _complete(staging: Path, target: Path, meta: dict[str, Any], train_state: str | os.PathLike[str] | None) -> None:
+    """Write ``rrg3d.yaml`` last, add the training state, and swap the staged checkpoint in."""
+    (staging / "rrg3d.yaml").write_text(yaml.safe_dump(meta, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    _stage_train_state(staging, target, train_state)
+    _make_readable(staging)
+    _swap_in(staging, target)
 
 
 def _stage_train_state(staging: Path, target: Path, train_state: str | os.PathLike[str] | None) -> None:
@@ -292,7 +299,6 @@ def save_clip_checkpoint(model: Any, path: str | os.PathLike[str], *, preprocess
     """
     from safetensors.torch import save_file
 
-    from rrg3d import __version__
     from rrg3d.models.registry import ENCODERS
     from rrg3d.preprocess.presets import load_preset
 
@@ -304,22 +310,14 @@ def save_clip_checkpoint(model: Any, path: str | os.PathLike[str], *, preprocess
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(staging / CLIP_WEIGHTS), metadata={"format": FORMAT})
         meta = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "kind": "ct_clip",
-            "rrg3d_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **_header("ct_clip"),
             "clip": model.describe(),
             "encoder": ENCODERS.describe(model.vision),
             "preprocess": preset.record(),
             "files": {CLIP_WEIGHTS: _sha256(staging / CLIP_WEIGHTS)},
             "extra": extra or {},
         }
-        (staging / "rrg3d.yaml").write_text(yaml.safe_dump(meta, sort_keys=False, allow_unicode=True),
-                                            encoding="utf-8")
-        _stage_train_state(staging, target, train_state)
-        _make_readable(staging)
-        _swap_in(staging, target)
+        _complete(staging, target, meta, train_state)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
