@@ -34,14 +34,23 @@ def score(predictions: Path, references: Path, out: Path) -> dict[str, Any]:
             "meteor": coco["meteor"], "rouge_l": coco["rouge_l"], "ci": metrics.get("ci", {}).get("ce", {})}
 
 
-def train_arm(architecture: str, manifest: Path, run_dir: Path, args: argparse.Namespace, blank: bool) -> Path:
-    from rrg3d.train import run_recipe
+def train_arm(architecture: str, manifest: Path, run_dir: Path, args: argparse.Namespace, blank: bool,
+              clip_metrics: dict[str, Any]) -> Path:
+    from rrg3d.train import run_recipe, train
 
     common = [f"model.config={architecture}", f"data.manifest={manifest}", f"data.report_field={args.field}",
               f"data.blank_images={str(blank).lower()}", f"data.batch_size={args.batch_size}",
               f"data.cache_dir={run_dir.parent.parent / 'cache'}", "data.max_length=160", f"seed={args.seed}",
               "train.progress=false", "train.save_every=0", f"train.threads={os.cpu_count() or 1}"]
-    align = run_recipe("tiny_align", [*common, f"run_dir={run_dir / 'align'}", f"phases.0.steps={args.align_steps}"])
+    vision_init = []
+    if args.clip_steps > 0:  # CT-CLIP pretraining of the encoder on the same training split (report text as pairs)
+        clip = train("tiny_clip", [*common, f"run_dir={run_dir / 'clip'}", f"phases.0.steps={args.clip_steps}",
+                                   f"data.batch_size={args.clip_batch_size}", "optim.lr=5e-4",
+                                   "data.max_val_samples=64"])
+        clip_metrics.update(clip.metrics)
+        vision_init = [f"model.vision_init={clip.final}"]
+    align = run_recipe("tiny_align", [*common, *vision_init, f"run_dir={run_dir / 'align'}",
+                                      f"phases.0.steps={args.align_steps}"])
     return run_recipe("tiny_sft", [*common, f"run_dir={run_dir / 'sft'}", f"model.init={align}",
                                    "model.train.encoder=true", f"phases.0.steps={args.sft_steps}",
                                    f"optim.lr={args.sft_lr}"])
@@ -57,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sft-steps", type=int, default=600)
     parser.add_argument("--sft-lr", type=float, default=5e-4)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--clip-steps", type=int, default=0, help="CT-CLIP pretraining steps first (0: none)")
+    parser.add_argument("--clip-batch-size", type=int, default=16)
+    parser.add_argument("--arms", nargs="+", default=["image", "blank"], choices=("image", "blank"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default="learnability_work", help="folder for phantoms, runs and predictions")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "learnability.json"))
@@ -84,9 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     rows.append({"encoder": "-", "arm": "majority report", **score(majority, references, work / "eval_majority")})
     for architecture in args.encoders:
         for arm, blank in (("image", False), ("zeros (text prior)", True)):
+            if ("blank" if blank else "image") not in args.arms:
+                continue
             tick = time.perf_counter()
+            clip_metrics: dict[str, Any] = {}
             final = train_arm(architecture, manifest, work / architecture / ("blank" if blank else "image"), args,
-                              blank)
+                              blank, clip_metrics)
             predictions = work / architecture / f"pred_{'blank' if blank else 'image'}.jsonl"
             model = load_checkpoint(final, merge_lora=True)
             if blank:  # the control sees zeros at test time too: one constant input, one greedy report for all
@@ -98,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 generate_reports(model, [references], predictions, batch_size=4, progress=False, resume=False)
             result = score(predictions, references, work / architecture / f"eval_{'blank' if blank else 'image'}")
             rows.append({"encoder": architecture, "arm": arm, "minutes": round((time.perf_counter() - tick) / 60, 1),
-                         **result})
+                         **result, "clip": clip_metrics})
             print(json.dumps(rows[-1]), flush=True)
 
     print(f"\nlearnability on {args.phantoms} phantoms ({args.field}), test split, {time.perf_counter() - start:.0f} s")
@@ -111,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     controls = max(r["ce_micro_f1"] for r in rows if r["arm"] != "image")
     for r in rows:
         if r["arm"] == "image":
-            blank = next(x for x in rows if x["encoder"] == r["encoder"] and x["arm"] != "image")
-            margin = r["ce_micro_f1"] - max(blank["ce_micro_f1"], rows[0]["ce_micro_f1"])
+            blank_rows = [x for x in rows if x["encoder"] == r["encoder"] and x["arm"] != "image"]
+            margin = r["ce_micro_f1"] - max([x["ce_micro_f1"] for x in blank_rows] + [rows[0]["ce_micro_f1"]])
             verdicts[r["encoder"]] = {"micro_f1": r["ce_micro_f1"], "margin_over_controls": round(margin, 3),
                                       "meets_target": r["ce_micro_f1"] >= 0.60 and margin >= 0.20}
     print(json.dumps(verdicts, indent=2), f"(best control micro-F1 {controls:.3f})")

