@@ -14,7 +14,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys, monkeypatch):
     out = tmp_path / "demo"
     monkeypatch.setenv("RRG3D_MODEL", str(tmp_path / "default_model"))
     assert main(["demo", "--out", str(out), "--presets", "m3d", "--workers", "1", "--no-shared",
-                 "--phantoms", "10", "--align-steps", "1", "--sft-steps", "1"]) == 0
+                 "--phantoms", "10", "--clip-steps", "1", "--align-steps", "1", "--sft-steps", "1"]) == 0
     printed = capsys.readouterr().out
     assert "studies ready" in printed and "recorded failure: bad_truncated" in printed
     assert "CE micro-F1" in printed and "majority-class baseline" in printed

@@ -5,8 +5,9 @@ orientations, a DICOM series, NRRD, NPZ), adds the real CTs of ../shared/data wh
 slice shipped with pydicom and a truncated file (both must be rejected cleanly), builds a manifest,
 validates it, preprocesses it with the ``ctrate`` and ``m3d`` presets (resumable cache, errors recorded),
 checks HU plausibility and geometry, prints a table and writes a preview PNG. Then the model side: it
-generates phantoms with known findings (CT + PET, region masks, reports), trains the tiny CTViT-V + packaged
-SmolLM2 on their training split (align: projector only; then encoder + projector + LoRA), writes reports for the
+generates phantoms with known findings (CTs, region masks, reports), trains the tiny CTViT-V + packaged SmolLM2
+on their training split (CT-CLIP pretraining of the encoder against the impressions; align: projector only; then
+encoder + projector + LoRA SFT), writes reports for the
 held-out test phantoms and for a synthetic chest CT with `rrg3d generate`'s code, and evaluates them against the
 phantoms' truth beside a majority-class baseline (the HTML report and a metric table). The trained checkpoint is
 installed as the default model of `rrg3d generate` ($RRG3D_MODEL, else ~/.cache/rrg3d/models/demo). Re-running
@@ -38,8 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--phantoms", type=int, default=120,
                         help="phantom cases (80%% train, 10%% val, 10%% test; 0: skip phantoms and training)")
     parser.add_argument("--architecture", default="tiny_ctvit_v", help="model to train (see `rrg3d model list`)")
-    parser.add_argument("--align-steps", type=int, default=40, help="align-stage steps (batch 4)")
-    parser.add_argument("--sft-steps", type=int, default=120, help="LoRA SFT steps (batch 4)")
+    parser.add_argument("--clip-steps", type=int, default=150,
+                        help="CT-CLIP pretraining steps of the encoder, batch 16 (0: start from a random encoder)")
+    parser.add_argument("--align-steps", type=int, default=20, help="align-stage steps (batch 4)")
+    parser.add_argument("--sft-steps", type=int, default=90, help="LoRA SFT steps (batch 4)")
     parser.add_argument("--no-train", action="store_true", help="skip training: score the baseline only")
     parser.add_argument("--no-install", action="store_true",
                         help="do not install the trained checkpoint as the default model of `rrg3d generate`")
@@ -153,25 +156,25 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    print(f"[1/8] writing demo scans to {out / 'scans'}")
+    print(f"[1/9] writing demo scans to {out / 'scans'}")
     records = _write_inputs(out, use_shared=not args.no_shared)
     manifest = write_manifest(records, out / "manifest.jsonl")
     print(f"      {len(records)} studies in {manifest}")
 
-    print("[2/8] rrg3d validate: schema + opening every file")
+    print("[2/9] rrg3d validate: schema + opening every file")
     _, problems = validate_manifest(manifest)
     for problem in problems:
         print(f"      problem: {problem}")
 
     summaries = {}
     for step, preset in enumerate(args.presets, start=3):
-        print(f"[{min(step, 3)}/8] rrg3d preprocess --preset {preset} (workers={args.workers})")
+        print(f"[{min(step, 3)}/9] rrg3d preprocess --preset {preset} (workers={args.workers})")
         summary = preprocess_manifest(manifest, preset, out / f"cache_{preset}", workers=args.workers,
                                       progress=True)
         summaries[preset] = summary
         print(f"      {summary.line()}")
 
-    print("[4/8] checks on the preprocessed tensors")
+    print("[4/9] checks on the preprocessed tensors")
     from rrg3d.data.manifest import load_manifest
 
     rows = []
@@ -210,7 +213,7 @@ def _phantoms_and_evaluation(out: Path, args: argparse.Namespace) -> bool:
     from rrg3d.evaluate.runner import EvaluateOptions, evaluate_files
     from rrg3d.train.data import majority_text, write_references
 
-    print(f"[5/8] rrg3d phantom --n {args.phantoms}: synthetic chest CTs with known findings")
+    print(f"[5/9] rrg3d phantom --n {args.phantoms}: synthetic chest CTs with known findings")
     manifest = generate_phantoms(PhantomConfig(n=args.phantoms, seed=0, shape=(64, 128, 128), pet=False, styles=1),
                                  out / "phantoms", workers=args.workers, progress=False)
     records = load_manifest(manifest)
@@ -225,13 +228,13 @@ def _phantoms_and_evaluation(out: Path, args: argparse.Namespace) -> bool:
     baseline.write_text("".join(json.dumps({"id": i, "report": text}) + "\n" for i in test_ids))
     options = EvaluateOptions(bootstrap=200, progress=False, judge="rule", judge_cache=False)
     if args.no_train:
-        print("[6/8] --no-train: scoring the majority-class baseline only")
+        print("[6/9] --no-train: scoring the majority-class baseline only")
         metrics = evaluate_files(baseline, references, out / "evaluation", options)
         _print_metrics({"majority-class baseline": metrics})
         return True
 
     final = _train(out, manifest, args)
-    print(f"[8/8] rrg3d generate on the {len(test_ids)} held-out phantoms (+ a CT), then rrg3d evaluate")
+    print(f"[9/9] rrg3d generate on the {len(test_ids)} held-out phantoms (+ a CT), then rrg3d evaluate")
     predictions = _generate(final, references, out, args)
     metrics = evaluate_files(predictions, references, out / "evaluation",
                              dataclasses.replace(options, compare=str(baseline)))
@@ -259,14 +262,22 @@ def _train(out: Path, manifest: Path, args: argparse.Namespace) -> Path:
               f"data.cache_dir={out / 'train_cache'}", "data.batch_size=4", "data.max_length=160",
               f"data.preprocess_workers={args.workers}", "train.progress=false", "train.save_every=0",
               f"train.threads={os.cpu_count() or 1}"]
+    vision_init = []
+    if args.clip_steps > 0:
+        tick = time.perf_counter()
+        print(f"[6/9] rrg3d train tiny_clip: CT-CLIP pretraining of the encoder, {args.clip_steps} steps (batch 16)")
+        clip = run_recipe("tiny_clip", [*common, f"run_dir={out / 'runs' / 'clip'}", "data.batch_size=16",
+                                        f"phases.0.steps={args.clip_steps}", "optim.lr=5e-4"], resume=True)
+        vision_init = [f"model.vision_init={clip}"]
+        print(f"      {time.perf_counter() - tick:.0f} s -> {clip}")
     tick = time.perf_counter()
-    print(f"[6/8] rrg3d train tiny_align: projector only, {args.align_steps} steps ({args.architecture}, "
+    print(f"[7/9] rrg3d train tiny_align: projector only, {args.align_steps} steps ({args.architecture}, "
           "packaged SmolLM2 frozen)")
-    align = run_recipe("tiny_align", [*common, f"run_dir={out / 'runs' / 'align'}",
+    align = run_recipe("tiny_align", [*common, *vision_init, f"run_dir={out / 'runs' / 'align'}",
                                       f"phases.0.steps={args.align_steps}"], resume=True)
     print(f"      {time.perf_counter() - tick:.0f} s -> {align}")
     tick = time.perf_counter()
-    print(f"[7/8] rrg3d train tiny_sft: encoder + projector + LoRA, {args.sft_steps} steps")
+    print(f"[8/9] rrg3d train tiny_sft: encoder + projector + LoRA, {args.sft_steps} steps")
     final = run_recipe("tiny_sft", [*common, f"run_dir={out / 'runs' / 'sft'}", f"model.init={align}",
                                     "model.train.encoder=true", f"phases.0.steps={args.sft_steps}",
                                     "optim.lr=5e-4"], resume=True)
