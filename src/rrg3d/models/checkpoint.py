@@ -243,12 +243,22 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | None = None, 
     vision = VisionTower.from_config(config.vision, lm_dim=int(lm.config.hidden_size))
     state = load_file(str(vision_file))
     _prepare_fitted_buffers(vision, state)
-    missing, unexpected = vision.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(vision_file, f"does not match the model config: missing {sorted(missing)[:5]}, "
-                                           f"unexpected {sorted(unexpected)[:5]}")
+    _load_state(vision, state, vision_file, "the model config")
     model = ReportGenerator(config, vision, lm, tokenizer, lm_is_base=kind == "base")
     model.lora_merged = kind == "adapter" and merge_lora
+    return _ready(model, meta, device=device, trainable=trainable)
+
+
+def _load_state(module: Any, state: dict[str, Any], where: Path, what: str) -> None:
+    """Load weights that must match the module exactly (a clear error otherwise, never a silent partial load)."""
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(where, f"does not match {what}: missing {sorted(missing)[:5]}, "
+                                     f"unexpected {sorted(unexpected)[:5]}")
+
+
+def _ready(model: Any, meta: dict[str, Any], *, device: str | None, trainable: bool) -> Any:
+    """A loaded model on its device, frozen in eval mode unless it is loaded for training."""
     model.to(device or "cpu")
     if not trainable:
         model.eval()
@@ -352,16 +362,8 @@ def load_clip_checkpoint(path: str | os.PathLike[str], *, device: str | None = N
     config["text_pretrained"] = False  # every weight comes from the checkpoint
     model = CTCLIP.from_mapping(config)
     model.config.text_pretrained = bool(meta["clip"].get("text_pretrained", True))
-    missing, unexpected = model.load_state_dict(_clip_weights(folder, meta), strict=False)
-    if missing or unexpected:
-        raise CheckpointError(folder, f"does not match its config: missing {sorted(missing)[:5]}, "
-                                      f"unexpected {sorted(unexpected)[:5]}")
-    model.to(device or "cpu")
-    if not trainable:
-        model.eval()
-        model.requires_grad_(False)
-    model.checkpoint_meta = meta
-    return model
+    _load_state(model, _clip_weights(folder, meta), folder, "its config")
+    return _ready(model, meta, device=device, trainable=trainable)
 
 
 def load_clip_encoder_state(path: str | os.PathLike[str], encoder: dict[str, Any]) -> dict[str, Any]:

@@ -63,17 +63,18 @@ def config_from_mapping(config_cls: type[T], data: Mapping[str, Any], where: str
         raise ConfigError(f"{where}: {exc}") from exc
 
 
+def plain_data(value: Any) -> Any:
+    """Nested tuples, lists and dicts as YAML-safe lists and dicts (tuples become lists)."""
+    if isinstance(value, (list, tuple)):
+        return [plain_data(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain_data(v) for k, v in value.items()}
+    return value
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A config dataclass as plain YAML-safe data (tuples become lists)."""
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return value
-
-    return {k: plain(v) for k, v in dataclasses.asdict(config).items()}
+    return {k: plain_data(v) for k, v in dataclasses.asdict(config).items()}
 
 
 class Registry:

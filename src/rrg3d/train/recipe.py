@@ -43,6 +43,7 @@ import yaml
 
 from rrg3d.errors import ConfigError
 from rrg3d.models.language import LoraSettings
+from rrg3d.models.registry import plain_data
 
 STAGES = ("clip", "align", "sft")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
@@ -191,7 +192,7 @@ class Recipe:
         return Path(self.run_dir if self.run_dir else Path("runs") / self.name)
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        return plain_data(dataclasses.asdict(self))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
@@ -214,14 +215,6 @@ def resolved_trainable(stage: str, parts: TrainableParts, model: ModelSection) -
         projector=True if parts.projector is None else parts.projector,
         lm=parts.lm or default_lm,
     )
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
 
 
 def _strip_volatile(data: dict[str, Any]) -> dict[str, Any]:
@@ -409,7 +402,7 @@ def _default_of(cls: type, name: str) -> Any:
     for f in dataclasses.fields(cls):
         if f.name == name:
             if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-                return _plain(_asdict_any(f.default_factory()))  # type: ignore[misc]
+                return plain_data(_asdict_any(f.default_factory()))  # type: ignore[misc]
             return None if f.default is dataclasses.MISSING else f.default
     return None
 
