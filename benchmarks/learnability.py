@@ -43,17 +43,22 @@ def train_arm(architecture: str, manifest: Path, run_dir: Path, args: argparse.N
               f"data.cache_dir={run_dir.parent.parent / 'cache'}", "data.max_length=160", f"seed={args.seed}",
               "train.progress=false", "train.save_every=0", f"train.threads={os.cpu_count() or 1}"]
     vision_init = []
-    if args.clip_steps > 0:  # CT-CLIP pretraining of the encoder on the same training split (report text as pairs)
+    if args.clip_steps > 0 and not blank:  # CT-CLIP pretraining of the encoder on the training split's reports
+        # (the zeros arm skips it: an encoder that only ever sees zeros gives the LM one constant input anyway)
         clip = train("tiny_clip", [*common, f"run_dir={run_dir / 'clip'}", f"phases.0.steps={args.clip_steps}",
-                                   f"data.batch_size={args.clip_batch_size}", "optim.lr=5e-4",
-                                   "data.max_val_samples=64"])
+                                   f"data.batch_size={args.clip_batch_size}", f"optim.lr={args.clip_lr}",
+                                   "optim.weight_decay=0.05", "model.clip.pooling=meanmax",
+                                   "model.clip.embed_dim=128", f"model.clip.train_text={str(args.clip_text).lower()}",
+                                   "data.max_val_samples=200"])
         clip_metrics.update(clip.metrics)
         vision_init = [f"model.vision_init={clip.final}"]
     align = run_recipe("tiny_align", [*common, *vision_init, f"run_dir={run_dir / 'align'}",
                                       f"phases.0.steps={args.align_steps}"])
     return run_recipe("tiny_sft", [*common, f"run_dir={run_dir / 'sft'}", f"model.init={align}",
-                                   "model.train.encoder=true", f"phases.0.steps={args.sft_steps}",
-                                   f"optim.lr={args.sft_lr}"])
+                                   f"model.train.encoder={str(args.sft_encoder_lr > 0).lower()}",
+                                   f"optim.lr_multipliers={{vision.encoder: {args.sft_encoder_lr}}}"
+                                   if args.sft_encoder_lr > 0 else "optim.lr_multipliers={}",
+                                   f"phases.0.steps={args.sft_steps}", f"optim.lr={args.sft_lr}"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sft-lr", type=float, default=5e-4)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--clip-steps", type=int, default=0, help="CT-CLIP pretraining steps first (0: none)")
-    parser.add_argument("--clip-batch-size", type=int, default=16)
+    parser.add_argument("--clip-batch-size", type=int, default=32)
+    parser.add_argument("--clip-lr", type=float, default=1e-3)
+    parser.add_argument("--clip-text", action="store_true", help="train the CLIP text tower too (default: frozen)")
+    parser.add_argument("--sft-encoder-lr", type=float, default=0.0,
+                        help="train the encoder in SFT at this multiple of the SFT lr (0: frozen)")
     parser.add_argument("--arms", nargs="+", default=["image", "blank"], choices=("image", "blank"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default="learnability_work", help="folder for phantoms, runs and predictions")

@@ -171,6 +171,15 @@ def test_mean_pooling_and_random_text_tower(tiny_encoder) -> None:
     assert not any(getattr(m, "gradient_checkpointing", False) is True for m in clip.text.modules())
 
 
+def test_meanmax_pooling_concatenates_mean_and_max(tiny_encoder) -> None:
+    clip = CTCLIP.from_mapping({"vision": tiny_encoder, "text_pretrained": False, "embed_dim": 8, "pooling": "meanmax"})
+    assert clip.vision_proj.in_features == 2 * clip.vision.out_dim
+    volumes = torch.randn(2, 1, 8, 8, 8)
+    grid = clip.vision(volumes)
+    expected = clip.vision_proj(torch.cat([grid.mean((1, 2, 3)), grid.amax((1, 2, 3))], dim=-1))
+    torch.testing.assert_close(clip.encode_image(volumes, normalize=False), expected)
+
+
 def test_text_pooling_ignores_padding(model: CTCLIP) -> None:
     model.eval()
     short = model.tokenize(["Pleural effusion."])

@@ -14,6 +14,7 @@ from rrg3d.models.encoders import ENCODERS, CTViTV, RelativePositionBias
 from rrg3d.models.encoders.layers import (
     Attention,
     PatchEmbed3D,
+    conv_stem_strides,
     resize_pos_embed,
     sincos_pos_embed_3d,
 )
@@ -34,6 +35,10 @@ TINY: dict[str, dict] = {
     "ctvit_v": {
         "input_shape": REFERENCE, "patch_size": (4, 16, 16), "dim": 32, "spatial_depth": 1, "slice_depth": 2,
         "heads": 2, "dim_head": 16, "max_distance": 6,
+    },
+    "ctvit_v_conv_stem": {
+        "name": "ctvit_v", "input_shape": REFERENCE, "patch_size": (4, 8, 8), "dim": 32, "spatial_depth": 1,
+        "slice_depth": 1, "heads": 2, "dim_head": 16, "max_distance": 6, "patch_stem": "conv",
     },
     "resnet3d": {"input_shape": REFERENCE, "layers": (1, 1, 1), "widths": (8, 12, 16)},
     "resnet3d_group": {
@@ -220,14 +225,27 @@ def test_attention_bias_and_causal_mask_match_explicit_softmax():
         torch.testing.assert_close(attn(x, bias=bias, is_causal=True), reference(True))
 
 
-def test_patch_embed_zero_pads_at_the_end():
+@pytest.mark.parametrize("stem", PatchEmbed3D.STEMS)
+def test_patch_embed_zero_pads_at_the_end(stem):
     torch.manual_seed(0)
-    embed = PatchEmbed3D(1, 8, (4, 8, 8))
+    embed = PatchEmbed3D(1, 8, (4, 8, 8), stem=stem)
     x = torch.randn(1, 1, 10, 20, 17)
     assert embed.grid_shape(x.shape[2:]) == (3, 3, 3)
     padded = F.pad(x, (0, 7, 0, 4, 0, 2))  # W 17→24, H 20→24, D 10→12, zeros after the data
     torch.testing.assert_close(embed(x), embed(padded))
     assert embed(x).shape == (1, 3, 3, 3, 8)
+
+
+def test_conv_stem_halves_even_factors_then_patchifies_the_rest():
+    assert conv_stem_strides((4, 8, 8)) == [(2, 2, 2), (2, 2, 2), (1, 2, 2), (1, 1, 1)]
+    assert conv_stem_strides((15, 30, 30)) == [(1, 2, 2), (15, 15, 15)]
+    assert conv_stem_strides(1) == [(1, 1, 1)]
+    embed = PatchEmbed3D(1, 64, (15, 30, 30), stem="conv")
+    assert embed(torch.randn(1, 1, 30, 60, 60)).shape == (1, 2, 2, 2, 64)
+    convs = [m for m in embed.proj if isinstance(m, torch.nn.Conv3d)]
+    assert [c.stride for c in convs] == [(1, 2, 2), (15, 15, 15)] and convs[-1].out_channels == 64
+    with pytest.raises(ValueError, match="patch stem"):
+        PatchEmbed3D(1, 8, 4, stem="overlapping")
 
 
 def test_position_embedding_resizing():

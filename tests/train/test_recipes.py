@@ -109,3 +109,25 @@ def test_epoch_batches_are_seeded_padded_and_sharded():
     assert sorted(i for r in ranks for b in r for i in b) == list(range(6))
     assert epoch_batches(6, 2, seed=0, phase=0, epoch=0, skip=2) == one[2:]
     assert steps_per_epoch(6, 1, 1, 2) == 3 and steps_per_epoch(5, 2, 1, 2) == 2
+
+
+def test_lr_multipliers_give_module_prefixes_their_own_learning_rate() -> None:
+    from torch import nn
+
+    from rrg3d.train.loop import _optimizer
+
+    model = nn.ModuleDict({"vision": nn.ModuleDict({"encoder": nn.Linear(4, 4), "projector": nn.Linear(4, 4)}),
+                           "text": nn.Linear(4, 4)})
+    recipe = load_recipe("tiny_clip", ["optim.lr=0.01", "optim.weight_decay=0.1",
+                                       "optim.lr_multipliers={text: 0.1, vision.encoder: 0.5, vision: 2}"])
+    optimizer = _optimizer(recipe, model)
+    lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+    assert lr_of[id(model["text"].weight)] == pytest.approx((0.001, 0.1))
+    assert lr_of[id(model["text"].bias)] == pytest.approx((0.001, 0.0))  # no decay on biases
+    assert lr_of[id(model["vision"]["encoder"].weight)] == pytest.approx((0.005, 0.1))  # longest prefix wins
+    assert lr_of[id(model["vision"]["projector"].weight)] == pytest.approx((0.02, 0.1))
+    assert len(lr_of) == 6
+    with pytest.raises(ConfigError, match="no parameters under"):
+        _optimizer(load_recipe("tiny_clip", ["optim.lr_multipliers={txt: 0.1}"]), model)
+    with pytest.raises(ConfigError, match="lr_multipliers"):
+        load_recipe("tiny_clip", ["optim.lr_multipliers={text: -1}"])

@@ -72,7 +72,9 @@ class CTCLIP(nn.Module):
     class Config:
         #: Mapping for ``ENCODERS.build`` (``name`` plus that encoder's keys).
         vision: dict[str, Any] = field(default_factory=_default_vision)
-        pooling: str = "mean"  # over the grid tokens: "mean" or "attention"
+        #: over the grid tokens: "mean", "meanmax" (mean and max concatenated: small findings survive the max)
+        #: or "attention" (a learned query)
+        pooling: str = "mean"
         pool_heads: int = 8  # heads of the attention pooling
         #: Hugging Face encoder (folder or hub id); None: the packaged all-MiniLM-L6-v2.
         text: str | None = None
@@ -85,15 +87,16 @@ class CTCLIP(nn.Module):
     def __init__(self, config: Config | None = None) -> None:
         super().__init__()
         config = config if config is not None else self.Config()
-        if config.pooling not in ("mean", "attention"):
-            raise ConfigError(f"clip: pooling must be 'mean' or 'attention', got {config.pooling!r}")
+        if config.pooling not in ("mean", "meanmax", "attention"):
+            raise ConfigError(f"clip: pooling must be 'mean', 'meanmax' or 'attention', got {config.pooling!r}")
         self.config = config
         import rrg3d.models.encoders  # noqa: F401  (registers the encoders; imported here to avoid import cycles)
 
         self.vision = ENCODERS.build(config.vision)
         vision_dim = int(self.vision.out_dim)
         self.vision_pool = AttentionPool(vision_dim, config.pool_heads) if config.pooling == "attention" else None
-        self.vision_proj = nn.Linear(vision_dim, config.embed_dim, bias=False)
+        pooled_dim = 2 * vision_dim if config.pooling == "meanmax" else vision_dim
+        self.vision_proj = nn.Linear(pooled_dim, config.embed_dim, bias=False)
 
         self.text_path = self._text_path(config.text)
         self.text, self.tokenizer = self._load_text(self.text_path, config.text_pretrained)
@@ -166,7 +169,12 @@ class CTCLIP(nn.Module):
         """Volumes ``[B, C, D, H, W]`` → embeddings ``[B, embed_dim]`` (unit norm unless ``normalize=False``)."""
         grid = self.vision(volumes)  # [B, d, h, w, C]
         tokens = grid.reshape(grid.shape[0], -1, grid.shape[-1])
-        pooled = tokens.mean(1) if self.vision_pool is None else self.vision_pool(tokens)
+        if self.vision_pool is not None:
+            pooled = self.vision_pool(tokens)
+        elif self.config.pooling == "meanmax":
+            pooled = torch.cat([tokens.mean(1), tokens.amax(1)], dim=-1)
+        else:
+            pooled = tokens.mean(1)
         embeds = self.vision_proj(pooled)
         return F.normalize(embeds, dim=-1) if normalize else embeds
 

@@ -389,17 +389,33 @@ def _phase_steps(recipe: Recipe, datasets: list[Any], world: int) -> list[int]:
     return steps
 
 
+def _lr_multiplier(name: str, multipliers: dict[str, float]) -> float:
+    """The multiplier of the longest ``optim.lr_multipliers`` prefix that names a module above ``name``."""
+    best, scale = -1, 1.0
+    for prefix, value in multipliers.items():
+        if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best:
+            best, scale = len(prefix), float(value)
+    return scale
+
+
 def _optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for _name, p in model.named_parameters():
+    """AdamW with weight decay on matrices only; ``optim.lr_multipliers`` gives module prefixes their own lr."""
+    multipliers = dict(recipe.optim.lr_multipliers)
+    names = {name for name, _ in model.named_parameters()}
+    unknown = [prefix for prefix in multipliers if not any(n == prefix or n.startswith(prefix + ".") for n in names)]
+    if unknown:
+        raise ConfigError(f"optim.lr_multipliers: no parameters under {unknown} (top-level modules: "
+                          f"{sorted({n.split('.')[0] for n in names})})")
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    if not decay and not no_decay:
+            groups.setdefault((p.ndim >= 2, _lr_multiplier(name, multipliers)), []).append(p)
+    if not groups:
         raise ConfigError("nothing to train: every parameter is frozen (check model.train)")
-    groups = [{"params": decay, "weight_decay": recipe.optim.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.optim.lr, betas=recipe.optim.betas,
-                             eps=recipe.optim.eps)
+    param_groups = [{"params": params, "weight_decay": recipe.optim.weight_decay if decay else 0.0,
+                     "lr": recipe.optim.lr * scale}
+                    for (decay, scale), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
+    return torch.optim.AdamW(param_groups, lr=recipe.optim.lr, betas=recipe.optim.betas, eps=recipe.optim.eps)
 
 
 def _scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, total: int) -> Any:

@@ -66,7 +66,7 @@ class TrainableParts:
 class ClipSettings:
     """CT-CLIP besides its vision encoder (which comes from ``model.config``'s ``vision.encoder``)."""
 
-    pooling: Literal["mean", "attention"] = "mean"
+    pooling: Literal["mean", "meanmax", "attention"] = "mean"
     pool_heads: int = 8
     text: str | None = None  # HF text encoder (folder or hub id); None: the packaged all-MiniLM-L6-v2
     text_pretrained: bool = True
@@ -117,12 +117,18 @@ class OptimSection:
     warmup_ratio: float = 0.03  # of all optimizer steps
     warmup_steps: int | None = None  # overrides warmup_ratio
     max_grad_norm: float | None = 1.0  # gradient clipping; None: off
+    #: lr × multiplier for the parameters under a module prefix, e.g. {text: 0.05} (CLIP text tower) or
+    #: {vision: 0.1, projector: 1.0}; the longest matching prefix wins, the rest train at lr
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
             raise ConfigError("optim.lr must be > 0")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError("optim.warmup_ratio must be in [0, 1)")
+        if any(not isinstance(v, (int, float)) or v < 0 for v in self.lr_multipliers.values()):
+            raise ConfigError(f"optim.lr_multipliers must map module prefixes to numbers >= 0, "
+                              f"got {self.lr_multipliers}")
 
 
 @dataclass

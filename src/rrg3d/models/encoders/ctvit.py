@@ -45,7 +45,8 @@ class FactorisedEncoder(nn.Module):
         self.config = config
         self.in_channels = config.in_channels
         self.out_dim = config.dim
-        self.patch_embed = PatchEmbed3D(config.in_channels, config.dim, config.patch_size, norm=True)
+        self.patch_embed = PatchEmbed3D(config.in_channels, config.dim, config.patch_size, norm=True,
+                                        stem=config.patch_stem)
         self.reference_grid: Shape3 = self.patch_embed.grid_shape(config.input_shape)
         self.spatial_pos = nn.Parameter(torch.zeros(*self.reference_grid[1:], config.dim))
         nn.init.trunc_normal_(self.spatial_pos, std=0.02)
@@ -103,6 +104,7 @@ class CTViT(FactorisedEncoder):
         in_channels: int = 1
         input_shape: tuple[int, int, int] = (240, 480, 480)  # reference (D, H, W) of the position tables
         patch_size: tuple[int, int, int] = (10, 20, 20)  # (slices per group, H, W)
+        patch_stem: str = "linear"  # "linear" (kernel = stride patchify) or "conv" (convolutional stem)
         dim: int = 512
         spatial_depth: int = 4
         temporal_depth: int = 4

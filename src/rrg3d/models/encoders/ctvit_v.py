@@ -63,6 +63,7 @@ class CTViTV(FactorisedEncoder):
         in_channels: int = 1
         input_shape: tuple[int, int, int] = (240, 480, 480)  # reference (D, H, W) of the spatial position grid
         patch_size: tuple[int, int, int] = (15, 30, 30)  # (slices per group, H, W)
+        patch_stem: str = "linear"  # "linear" (kernel = stride patchify) or "conv" (convolutional stem)
         dim: int = 512
         spatial_depth: int = 4
         slice_depth: int = 4

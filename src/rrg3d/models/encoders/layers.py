@@ -48,8 +48,27 @@ def ceil_grid(input_shape: Sequence[int], patch: Sequence[int]) -> Shape3:
     return (d, h, w)
 
 
+def conv_stem_strides(patch_size: Sequence[int]) -> list[Shape3]:
+    """Strides of a convolutional stem for ``patch_size``: stride 2 on every axis whose remaining factor is even,
+    as long as one is; the last entry is what is left (a kernel = stride patchify, ``(1, 1, 1)`` if nothing)."""
+    remaining = list(to_3tuple(patch_size, "patch_size"))
+    strides: list[Shape3] = []
+    while any(r % 2 == 0 for r in remaining):
+        step = tuple(2 if r % 2 == 0 else 1 for r in remaining)
+        strides.append(step)  # type: ignore[arg-type]
+        remaining = [r // s for r, s in zip(remaining, step, strict=True)]
+    strides.append(tuple(remaining))  # type: ignore[arg-type]
+    return strides
+
+
 class PatchEmbed3D(nn.Module):
-    """Non-overlapping 3D patches → ``dim`` channels: a Conv3d with kernel = stride = ``patch_size``.
+    """3D patches → ``dim`` channels, one token per ``patch_size`` block.
+
+    ``stem="linear"`` (ViT/CTViT): a Conv3d with kernel = stride = ``patch_size``, i.e. a linear map of each
+    flattened patch. ``stem="conv"``: a convolutional stem (Xiao et al. 2021, "Early convolutions help
+    transformers see better") — 3×3×3 convolutions of stride 2 (GroupNorm, GELU) on every axis whose remaining
+    patch factor is even, channels doubling up to ``dim``, then a kernel = stride convolution for what is left;
+    the grid is the same, the optimisation far easier on small datasets.
 
     An input whose D, H or W is not a multiple of the patch is zero-padded *at the end* of that axis (after the
     last slice / row / column) up to the next multiple, so the grid is ``ceil(D / pd) × ceil(H / ph) ×
@@ -57,16 +76,35 @@ class PatchEmbed3D(nn.Module):
     ``[B, d, h, w, dim]``, optionally followed by a LayerNorm over ``dim``.
     """
 
-    def __init__(self, in_channels: int, dim: int, patch_size: int | Sequence[int], norm: bool = False) -> None:
+    STEMS = ("linear", "conv")
+
+    def __init__(self, in_channels: int, dim: int, patch_size: int | Sequence[int], norm: bool = False,
+                 stem: str = "linear") -> None:
         super().__init__()
         self.patch_size = to_3tuple(patch_size, "patch_size")
         if min(self.patch_size) < 1:
             raise ValueError(f"patch_size must be positive, got {self.patch_size}")
-        self.proj = nn.Conv3d(in_channels, dim, kernel_size=self.patch_size, stride=self.patch_size)
+        if stem not in self.STEMS:
+            raise ValueError(f"patch stem must be one of {self.STEMS}, got {stem!r}")
+        self.stem = stem
+        if stem == "linear":
+            self.proj: nn.Module = nn.Conv3d(in_channels, dim, kernel_size=self.patch_size, stride=self.patch_size)
+            # ViT/MAE practice: initialise the patch projection like a Linear layer on the flattened patch.
+            nn.init.xavier_uniform_(self.proj.weight.view(dim, -1))
+            nn.init.zeros_(self.proj.bias)
+        else:
+            strides = conv_stem_strides(self.patch_size)
+            downs, last = strides[:-1], strides[-1]
+            widths = [max(dim >> (len(downs) - i), 8) for i in range(len(downs))]
+            layers: list[nn.Module] = []
+            c_in = in_channels
+            for width, stride in zip(widths, downs, strict=True):
+                layers += [nn.Conv3d(c_in, width, 3, stride=stride, padding=1, bias=False),
+                           nn.GroupNorm(min(8, width), width), nn.GELU()]
+                c_in = width
+            layers.append(nn.Conv3d(c_in, dim, kernel_size=last, stride=last))
+            self.proj = nn.Sequential(*layers)
         self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
-        # ViT/MAE practice: initialise the patch projection like a Linear layer on the flattened patch.
-        nn.init.xavier_uniform_(self.proj.weight.view(dim, -1))
-        nn.init.zeros_(self.proj.bias)
 
     def grid_shape(self, input_shape: Sequence[int]) -> Shape3:
         return ceil_grid(input_shape, self.patch_size)

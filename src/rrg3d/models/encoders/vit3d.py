@@ -42,6 +42,7 @@ class ViT3D(nn.Module):
         in_channels: int = 1
         input_shape: tuple[int, int, int] = (240, 480, 480)  # reference (D, H, W) of the position embedding
         patch_size: tuple[int, int, int] = (16, 16, 16)  # (D, H, W)
+        patch_stem: str = "linear"  # "linear" (kernel = stride patchify) or "conv" (convolutional stem)
         dim: int = 768
         depth: int = 12
         heads: int = 12
@@ -65,7 +66,7 @@ class ViT3D(nn.Module):
         self.config = config
         self.in_channels = config.in_channels
         self.out_dim = config.dim
-        self.patch_embed = PatchEmbed3D(config.in_channels, config.dim, config.patch_size)
+        self.patch_embed = PatchEmbed3D(config.in_channels, config.dim, config.patch_size, stem=config.patch_stem)
         self.reference_grid: Shape3 = self.patch_embed.grid_shape(config.input_shape)
         if config.pos_embed == "learned":
             self.pos_embed = nn.Parameter(torch.zeros(*self.reference_grid, config.dim))
