@@ -208,3 +208,54 @@ def test_clip_loss_prefers_matching_pairs() -> None:
     matched = torch.eye(3) * 20
     assert clip_loss(matched) < clip_loss(torch.zeros(3, 3)) < clip_loss(-matched)
     assert clip_loss(torch.zeros(3, 3)).item() == pytest.approx(math.log(3))
+
+
+def _gathered_loss_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from rrg3d.models.clip import gathered_clip_loss
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        images, texts = _global_pairs()
+        b = images.shape[0] // world
+        image = images[rank * b:(rank + 1) * b].clone().requires_grad_(True)
+        text = texts[rank * b:(rank + 1) * b].clone().requires_grad_(True)
+        loss = gathered_clip_loss(image, text, torch.tensor(5.0))
+        loss.backward()
+        torch.save({"loss": loss.detach(), "image_grad": image.grad, "text_grad": text.grad}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _global_pairs() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(6, 8, generator=gen), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(6, 8, generator=gen), dim=-1)
+    return images, texts
+
+
+def test_gathered_loss_over_two_processes_equals_the_global_batch_loss(tmp_path) -> None:
+    """Two gloo processes with 3 pairs each: the mean of their losses is the InfoNCE of all 6 pairs, and each
+    process's embedding gradients are world × that loss's gradients (DDP then averages to the global gradient)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from rrg3d.models.clip import gathered_clip_loss
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_gathered_loss_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    images, texts = _global_pairs()
+    images.requires_grad_(True)
+    texts.requires_grad_(True)
+    expected = clip_loss(5.0 * images @ texts.T)
+    expected.backward()
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, expected.detach())
+    torch.testing.assert_close(torch.cat([r["image_grad"] for r in ranks]), 2 * images.grad)
+    torch.testing.assert_close(torch.cat([r["text_grad"] for r in ranks]), 2 * texts.grad)
+    single = gathered_clip_loss(images.detach(), texts.detach(), torch.tensor(5.0))  # no process group: local
+    torch.testing.assert_close(single, expected.detach())

@@ -17,9 +17,10 @@ from rrg3d.train.loop import TrainingInterrupted, trainable_state
 pytest.importorskip("transformers")
 
 #: batch 1 with 2 accumulated micro-batches: 3 optimizer steps per epoch of the 6 training phantoms, so 4 steps
-#: cross an epoch boundary; a short max_length keeps each step around a second.
+#: cross an epoch boundary; a short max_length keeps each step around a second. Augmentation is on, so resuming
+#: must also redraw the same augmentations.
 SFT = ["data.batch_size=1", "train.gradient_accumulation_steps=2", "data.max_length=160", "phases.0.steps=4",
-       "train.save_every=0", "data.max_val_samples=1"]
+       "train.save_every=0", "data.max_val_samples=1", "data.augment.enabled=true"]
 
 
 def _same_weights(a, b) -> None:

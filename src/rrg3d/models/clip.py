@@ -30,13 +30,38 @@ from rrg3d.data.adapters.ctrate import CTRATE_LABELS
 from rrg3d.errors import ConfigError
 from rrg3d.models.registry import ENCODERS, config_from_mapping, config_to_dict
 
-__all__ = ["CTCLIP", "AttentionPool", "clip_loss"]
+__all__ = ["CTCLIP", "AttentionPool", "clip_loss", "gathered_clip_loss"]
 
 
 def clip_loss(logits_per_image: Tensor) -> Tensor:
     """Symmetric InfoNCE: cross-entropy over texts for each image and over images for each text (pair i ↔ i)."""
     targets = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
     return (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_image.T, targets)) / 2
+
+
+def gathered_clip_loss(image_embeds: Tensor, text_embeds: Tensor, scale: Tensor) -> Tensor:
+    """Symmetric InfoNCE whose negatives come from every process (open_clip's "gather with grad, local loss").
+
+    Each process scores its own ``B`` images against the texts of all ``world × B`` pairs (and its texts
+    against all images), its matches at ``rank × B + i``. The all-gather carries gradients back to the process
+    that made each embedding, so averaging the processes' gradients (DDP) gives exactly the gradient of the
+    InfoNCE over the global batch. Every process must pass the same ``B``. Without an initialised process group
+    of more than one process this is :func:`clip_loss` of the local batch.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return clip_loss(scale * image_embeds @ text_embeds.T)
+    from torch.distributed.nn.functional import all_gather
+
+    all_images = torch.cat(all_gather(image_embeds))
+    all_texts = torch.cat(all_gather(text_embeds))
+    b = image_embeds.shape[0]
+    if all_images.shape[0] != b * dist.get_world_size():
+        raise RuntimeError("gathered_clip_loss: every process must contribute the same batch size")
+    targets = torch.arange(b, device=image_embeds.device) + dist.get_rank() * b
+    return (F.cross_entropy(scale * image_embeds @ all_texts.T, targets)
+            + F.cross_entropy(scale * text_embeds @ all_images.T, targets)) / 2
 
 
 class AttentionPool(nn.Module):
@@ -191,11 +216,14 @@ class CTCLIP(nn.Module):
         return self.logit_scale.clamp(max=self.config.logit_scale_max).exp()
 
     def forward(self, volumes: Tensor, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
-        """Embeddings, ``[B, B]`` similarity logits both ways, and the symmetric InfoNCE loss (pair i ↔ i)."""
+        """Embeddings, ``[B, B]`` similarity logits both ways, the temperature scale and the symmetric InfoNCE loss
+        of the local batch (pair i ↔ i)."""
         image_embeds = self.encode_image(volumes)
         text_embeds = self.encode_text(input_ids, attention_mask)
-        logits_per_image = self.temperature_scale() * image_embeds @ text_embeds.T
+        scale = self.temperature_scale()
+        logits_per_image = scale * image_embeds @ text_embeds.T
         return {
+            "scale": scale,
             "loss": clip_loss(logits_per_image),
             "logits_per_image": logits_per_image,
             "logits_per_text": logits_per_image.T,

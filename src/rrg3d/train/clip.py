@@ -8,8 +8,9 @@ retrieval recall R@1/5/10 both ways, the validation InfoNCE over all its pairs, 
 over the 18 CT-RATE labels ("<label> is present." vs "... is not present."). ``RUN/final`` is a ``ct_clip``
 checkpoint.
 
-Under several processes each computes InfoNCE over its own micro-batch (negatives are not gathered across
-processes); the 3D-CT-GPT++ pretraining lr is 1e-3.
+Under several processes the embeddings are all-gathered with gradients, so every pair is contrasted with the
+whole global batch (``model.clip.gather_negatives``, on by default; off: each process's own micro-batch). The
+3D-CT-GPT++ pretraining lr is 1e-3.
 
     rrg3d train tiny_clip data.manifest=phantoms/manifest.jsonl run_dir=runs/clip
 """
@@ -33,6 +34,7 @@ def build_clip(recipe: Recipe, final_preset: Any) -> nn.Module:
 
     settings = dataclasses.asdict(recipe.model.clip)
     train_text = settings.pop("train_text")
+    settings.pop("gather_negatives")
     encoder = dict(load_model_config(recipe.model.config).vision.encoder)
     model = CTCLIP.from_mapping({"vision": encoder, **settings})
     model.vision.requires_grad_(bool(recipe.model.train.encoder))
@@ -44,8 +46,13 @@ def build_clip(recipe: Recipe, final_preset: Any) -> nn.Module:
 
 def clip_loss(model: nn.Module, raw: nn.Module, batch: dict[str, Any], recipe: Recipe) -> torch.Tensor:
     text = raw.tokenize(batch["reports"])
+    from rrg3d.models.clip import gathered_clip_loss
+
     device = batch["volumes"].device
-    return model(batch["volumes"], text["input_ids"].to(device), text["attention_mask"].to(device))["loss"]
+    out = model(batch["volumes"], text["input_ids"].to(device), text["attention_mask"].to(device))
+    if recipe.model.clip.gather_negatives:
+        return gathered_clip_loss(out["image_embeds"], out["text_embeds"], out["scale"])
+    return out["loss"]
 
 
 def clip_frozen_modules(model: nn.Module) -> list[nn.Module]:

@@ -374,6 +374,10 @@ def _build_datasets(recipe: Recipe, presets: list[Any], accelerator: Any) -> tup
         if len(dataset) == 0:
             raise RRG3DError(f"phase {i}: the split {recipe.data.train_split!r} of {recipe.data.manifest} has no "
                              "usable study")
+    if recipe.data.augment.enabled:  # training items only; validation sees the volumes as they are
+        from rrg3d.train.augment import AugmentedDataset
+
+        datasets = [AugmentedDataset(d, recipe.data.augment, seed=recipe.seed) for d in datasets]
     return datasets, val
 
 
@@ -529,6 +533,8 @@ def fit(recipe: Recipe, stage: Stage, *, resume: bool = False) -> TrainResult:
                 epoch = position["epoch"] if phase_index == position["phase"] else 0
                 skip = position["batches"] if phase_index == position["phase"] else 0
                 while step < bounds[phase_index + 1]:
+                    if hasattr(dataset, "set_epoch"):  # augmentation drawn per (seed, phase, epoch, item)
+                        dataset.set_epoch(phase_index, epoch)
                     batches = epoch_batches(len(dataset), batch_size, seed=recipe.seed, phase=phase_index,
                                             epoch=epoch, world=world, rank=rank, multiple=accumulation, skip=skip)
                     loader = torch.utils.data.DataLoader(

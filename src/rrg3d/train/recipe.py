@@ -44,6 +44,7 @@ import yaml
 from rrg3d.errors import ConfigError
 from rrg3d.models.language import LoraSettings
 from rrg3d.models.registry import plain_data
+from rrg3d.train.augment import AugmentSettings
 
 STAGES = ("clip", "align", "sft")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
@@ -73,6 +74,7 @@ class ClipSettings:
     max_text_length: int = 256
     embed_dim: int = 512
     train_text: bool = True  # False freezes the text tower (only its projection learns)
+    gather_negatives: bool = True  # several processes: contrast with the whole global batch (all-gather)
 
 
 @dataclass
@@ -99,6 +101,8 @@ class DataSection:
     preprocess_workers: int = 1  # processes that build the preprocessing cache
     report_field: str = "report"  # the target text: the whole report or a section (findings, impression)
     blank_images: bool = False  # control runs: every volume replaced by zeros (text prior only)
+    #: training-time augmentation (translation, intensity jitter, noise; no flips), see rrg3d.train.augment
+    augment: AugmentSettings = field(default_factory=AugmentSettings)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or (self.val_batch_size is not None and self.val_batch_size < 1):
