@@ -131,3 +131,9 @@ def test_lr_multipliers_give_module_prefixes_their_own_learning_rate() -> None:
         _optimizer(load_recipe("tiny_clip", ["optim.lr_multipliers={txt: 0.1}"]), model)
     with pytest.raises(ConfigError, match="lr_multipliers"):
         load_recipe("tiny_clip", ["optim.lr_multipliers={text: -1}"])
+
+
+def test_yaml_no_is_the_choice_no_not_false() -> None:
+    assert load_recipe("tiny_sft", ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="must be one of"):
+        load_recipe("tiny_sft", ["train.mixed_precision=yes"])

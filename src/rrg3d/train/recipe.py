@@ -272,7 +272,10 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
             raise ConfigError(errors[0])
         raise ConfigError(f"{where}: expected {_type_name(annotation)}, got {value!r}")
     if origin is Literal:
-        if value not in typing.get_args(annotation):
+        choices = typing.get_args(annotation)
+        if isinstance(value, bool) and ("yes" if value else "no") in choices:  # YAML 1.1 read `no` as false
+            value = "yes" if value else "no"
+        if value not in choices:
             raise ConfigError(f"{where}: must be one of {list(typing.get_args(annotation))}, got {value!r}")
         return value
     if dataclasses.is_dataclass(annotation):
