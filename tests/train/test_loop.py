@@ -97,14 +97,20 @@ def test_stages_chain_clip_align_sft(tmp_path, base_overrides, capsys):
 
     quick = ["data.batch_size=1", "data.max_length=160", "phases.0.steps=1", "data.max_val_samples=1"]
     align = train("tiny_align", [*base_overrides, *quick, f"model.vision_init={tmp_path / 'c'}",
-                                 f"run_dir={tmp_path / 'a'}"])
+                                 "data.val_split=train", "data.max_val_samples=2", f"run_dir={tmp_path / 'a'}"])
     assert read_manifest(align.final)["lm"]["weights"] == "base"
+    # validation scores each report with its own and with another study's image: different images, different loss
+    gain = align.metrics["val_loss_other_image"] - align.metrics["val_loss"]
+    assert align.metrics["image_gain"] == pytest.approx(gain) and gain != 0.0
     aligned = load_checkpoint(align.final)
     for key, value in encoder.items():
         assert torch.equal(aligned.vision.encoder.state_dict()[key], value), key
-    sft = run_recipe("tiny_sft", [*base_overrides, *quick, f"model.init={tmp_path / 'a'}", "model.train.encoder=true",
-                                  "train.gradient_checkpointing=true", f"run_dir={tmp_path / 's'}"])
+    sft = train("tiny_sft", [*base_overrides, *quick, f"model.init={tmp_path / 'a'}", "model.train.encoder=true",
+                             "train.gradient_checkpointing=true", "data.val_split=train", "data.max_val_samples=2",
+                             "data.blank_images=true", f"run_dir={tmp_path / 's'}"]).final
     assert read_manifest(sft)["lm"]["weights"] == "adapter"
+    with open(tmp_path / "s" / "eval_log.csv", encoding="utf-8") as handle:
+        assert float(list(csv.DictReader(handle))[-1]["image_gain"]) == 0.0  # all-zero volumes: nothing to gain
     with pytest.raises(CheckpointError, match=r"does not match the model's vision\.encoder"):
         train("tiny_align", [*base_overrides, *quick, "model.config=tiny_ctvit", f"model.vision_init={clip.final}",
                              f"run_dir={tmp_path / 'bad'}"])

@@ -122,19 +122,34 @@ def generator_frozen_modules(model: nn.Module) -> list[nn.Module]:
 
 @torch.no_grad()
 def validate_generator(model: nn.Module, dataset: Any, recipe: Recipe, context: RunContext) -> dict[str, float]:
-    """Mean validation loss (and a few greedy reports written to ``samples.jsonl`` when asked)."""
+    """Mean validation loss; ``val_loss_other_image``, the same reports scored with each study's neighbour's volume
+    (item ``i`` gets item ``i − 1``'s, the first the last's); ``image_gain``, their difference — how much the image
+    tells the model about its report (about 0 when the image is ignored); and a few greedy reports written to
+    ``samples.jsonl`` when asked."""
     batch_size = recipe.data.val_batch_size or recipe.data.batch_size
     device = context.accelerator.device
-    losses, weights = [], []
+    losses, other_losses, weights = [], [], []
+    carry = dataset[len(dataset) - 1]["volume"][None] if len(dataset) > 1 else None
     for batch in iterate_batches(dataset, batch_size):
         volumes = batch["volumes"].to(device)
         tokens = model.training_batch(batch["reports"], model.num_image_tokens(volumes.shape[-3:]),
                                       max_length=recipe.data.max_length, ids=batch["ids"])
         with context.accelerator.autocast():
-            loss = model(volumes, tokens["input_ids"], tokens["attention_mask"], tokens["labels"]).loss
-        losses.append(float(loss))
+            losses.append(float(model(volumes, tokens["input_ids"], tokens["attention_mask"], tokens["labels"]).loss))
+            if carry is not None:
+                others = torch.cat([carry.to(device), volumes[:-1]])
+                other_losses.append(float(model(others, tokens["input_ids"], tokens["attention_mask"],
+                                                tokens["labels"]).loss))
+        carry = batch["volumes"][-1:]
         weights.append(len(batch["ids"]))
-    metrics = {"val_loss": sum(w * v for w, v in zip(weights, losses, strict=True)) / max(1, sum(weights))}
+
+    def mean(values: list[float]) -> float:
+        return sum(w * v for w, v in zip(weights, values, strict=True)) / max(1, sum(weights))
+
+    metrics = {"val_loss": mean(losses)}
+    if other_losses:
+        metrics["val_loss_other_image"] = mean(other_losses)
+        metrics["image_gain"] = metrics["val_loss_other_image"] - metrics["val_loss"]
     if recipe.train.eval_samples and context.accelerator.is_main_process:
         count = min(recipe.train.eval_samples, len(dataset))
         items = [dataset[i] for i in range(count)]
