@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     from rrg3d.models.checkpoint import load_checkpoint
     from rrg3d.models.inference import generate_reports
     from rrg3d.preprocess.presets import load_preset
-    from rrg3d.train.data import majority_text, write_references
+    from rrg3d.train.data import build_dataset, majority_text, write_references
+    from rrg3d.train.generator import image_conditioned_losses
 
     start = time.perf_counter()
     work = Path(args.work).resolve()
@@ -142,19 +143,24 @@ def main(argv: list[str] | None = None) -> int:
         else:
             generate_reports(model, [references], predictions, batch_size=8, progress=False, resume=False)
         result = score(predictions, references, work / architecture / f"eval_{'blank' if blank else 'image'}")
+        # teacher-forced report loss on the test split with each study's own image vs a neighbour's
+        test_set = build_dataset(manifest, model.config.preprocess, split="test", cache_dir=work / "cache",
+                                 report_field=args.field)
+        losses = image_conditioned_losses(model, test_set, batch_size=8, max_length=160)
+        result.update({"test_loss": losses["loss"], "test_image_gain": losses.get("image_gain")})
         rows.append({"encoder": architecture, "arm": "zeros (text prior)" if blank else "image",
                      "minutes": round((time.perf_counter() - tick) / 60, 1), **result, "clip": clip_metrics})
         print(json.dumps(rows[-1]), flush=True)
 
     print(f"\nlearnability on {args.phantoms} phantoms ({args.field}), test split, {time.perf_counter() - start:.0f} s")
     print(f"{'encoder':<15} {'arm':<20} {'CE micro-F1':>11} {'macro-F1':>9} {'BLEU-4':>7} {'METEOR':>7} {'ROUGE-L':>8} "
-          f"{'CLIP AUROC':>10} {'minutes':>7}")
+          f"{'CLIP AUROC':>10} {'image gain':>10} {'minutes':>7}")
     for r in rows:
         meteor = "n/a" if r["meteor"] is None else f"{r['meteor']:.3f}"
-        auroc = r.get("clip", {}).get("zero_shot_auroc")
+        auroc, gain = r.get("clip", {}).get("zero_shot_auroc"), r.get("test_image_gain")
         print(f"{r['encoder']:<15} {r['arm']:<20} {r['ce_micro_f1']:>11.3f} {r['ce_macro_f1']:>9.3f} "
               f"{r['bleu_4']:>7.3f} {meteor:>7} {r['rouge_l']:>8.3f} {'-' if auroc is None else f'{auroc:.3f}':>10} "
-              f"{r.get('minutes', '-'):>7}")
+              f"{'-' if gain is None else f'{gain:.3f}':>10} {r.get('minutes', '-'):>7}")
     controls = [r for r in rows if r["arm"] != "image"]
     best_control = max(r["ce_micro_f1"] for r in controls)
     has_text_prior = any(r["arm"] == "zeros (text prior)" for r in controls)

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -121,35 +122,52 @@ def generator_frozen_modules(model: nn.Module) -> list[nn.Module]:
 
 
 @torch.no_grad()
-def validate_generator(model: nn.Module, dataset: Any, recipe: Recipe, context: RunContext) -> dict[str, float]:
-    """Mean validation loss; ``val_loss_other_image``, the same reports scored with each study's neighbour's volume
-    (item ``i`` gets item ``i − 1``'s, the first the last's); ``image_gain``, their difference — how much the image
-    tells the model about its report (about 0 when the image is ignored); and a few greedy reports written to
-    ``samples.jsonl`` when asked."""
-    batch_size = recipe.data.val_batch_size or recipe.data.batch_size
-    device = context.accelerator.device
+def image_conditioned_losses(model: nn.Module, dataset: Any, batch_size: int, max_length: int | None = None,
+                             autocast: Any = contextlib.nullcontext, device: Any = None) -> dict[str, float]:
+    """Mean report loss of ``dataset`` with each study's own volume (``loss``) and with its neighbour's
+    (``loss_other_image``: item ``i`` gets item ``i − 1``'s, the first the last's), and their difference
+    ``image_gain`` — how much the image tells the model about its report (about 0 when the image is ignored;
+    needs at least two studies, otherwise only ``loss``)."""
+    device = device if device is not None else model.device
     losses, other_losses, weights = [], [], []
     carry = dataset[len(dataset) - 1]["volume"][None] if len(dataset) > 1 else None
-    for batch in iterate_batches(dataset, batch_size):
-        volumes = batch["volumes"].to(device)
-        tokens = model.training_batch(batch["reports"], model.num_image_tokens(volumes.shape[-3:]),
-                                      max_length=recipe.data.max_length, ids=batch["ids"])
-        with context.accelerator.autocast():
-            losses.append(float(model(volumes, tokens["input_ids"], tokens["attention_mask"], tokens["labels"]).loss))
-            if carry is not None:
-                others = torch.cat([carry.to(device), volumes[:-1]])
-                other_losses.append(float(model(others, tokens["input_ids"], tokens["attention_mask"],
-                                                tokens["labels"]).loss))
-        carry = batch["volumes"][-1:]
-        weights.append(len(batch["ids"]))
+    with torch.no_grad():
+        for batch in iterate_batches(dataset, batch_size):
+            volumes = batch["volumes"].to(device)
+            tokens = model.training_batch(batch["reports"], model.num_image_tokens(volumes.shape[-3:]),
+                                          max_length=max_length, ids=batch["ids"])
+            tokens = {k: v.to(device) for k, v in tokens.items()}
+            with autocast():
+                losses.append(float(model(volumes, tokens["input_ids"], tokens["attention_mask"],
+                                          tokens["labels"]).loss))
+                if carry is not None:
+                    others = torch.cat([carry.to(device), volumes[:-1]])
+                    other_losses.append(float(model(others, tokens["input_ids"], tokens["attention_mask"],
+                                                    tokens["labels"]).loss))
+            carry = batch["volumes"][-1:]
+            weights.append(len(batch["ids"]))
 
     def mean(values: list[float]) -> float:
         return sum(w * v for w, v in zip(weights, values, strict=True)) / max(1, sum(weights))
 
-    metrics = {"val_loss": mean(losses)}
+    result = {"loss": mean(losses)}
     if other_losses:
-        metrics["val_loss_other_image"] = mean(other_losses)
-        metrics["image_gain"] = metrics["val_loss_other_image"] - metrics["val_loss"]
+        result["loss_other_image"] = mean(other_losses)
+        result["image_gain"] = result["loss_other_image"] - result["loss"]
+    return result
+
+
+def validate_generator(model: nn.Module, dataset: Any, recipe: Recipe, context: RunContext) -> dict[str, float]:
+    """Validation loss, the loss with other studies' images and the image gain (see
+    :func:`image_conditioned_losses`), and a few greedy reports written to ``samples.jsonl`` when asked."""
+    losses = image_conditioned_losses(model, dataset, recipe.data.val_batch_size or recipe.data.batch_size,
+                                      recipe.data.max_length, context.accelerator.autocast,
+                                      context.accelerator.device)
+    metrics = {"val_loss": losses["loss"]}
+    if "image_gain" in losses:
+        metrics["val_loss_other_image"] = losses["loss_other_image"]
+        metrics["image_gain"] = losses["image_gain"]
+    device = context.accelerator.device
     if recipe.train.eval_samples and context.accelerator.is_main_process:
         count = min(recipe.train.eval_samples, len(dataset))
         items = [dataset[i] for i in range(count)]
