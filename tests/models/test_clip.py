@@ -87,7 +87,7 @@ def pairs(model: CTCLIP) -> tuple[Tensor, dict[str, Tensor]]:
 def test_forward_outputs(model: CTCLIP, pairs) -> None:
     volumes, batch = pairs
     out = model(volumes, batch["input_ids"], batch["attention_mask"])
-    assert set(out) == {"loss", "logits_per_image", "logits_per_text", "image_embeds", "text_embeds"}
+    assert set(out) == {"loss", "logits_per_image", "logits_per_text", "image_embeds", "text_embeds", "scale"}
     assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
     assert out["logits_per_image"].shape == (4, 4)
     assert torch.equal(out["logits_per_text"], out["logits_per_image"].T)
@@ -97,6 +97,7 @@ def test_forward_outputs(model: CTCLIP, pairs) -> None:
     torch.testing.assert_close(model.encode_image(volumes), out["image_embeds"])
     scale = out["logits_per_image"] / (out["image_embeds"] @ out["text_embeds"].T)
     torch.testing.assert_close(scale, torch.full((4, 4), 1 / 0.07), rtol=1e-4, atol=0)
+    torch.testing.assert_close(out["scale"], torch.tensor(1 / 0.07), rtol=1e-4, atol=0)
 
 
 def test_logit_scale_is_clamped(model: CTCLIP) -> None:
