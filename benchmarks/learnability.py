@@ -67,6 +67,37 @@ def train_arm(architecture: str, manifest: Path, run_dir: Path, args: argparse.N
                                    f"phases.0.steps={args.sft_steps}", f"optim.lr={args.sft_lr}"])
 
 
+def visual_token_stats(model: Any, dataset: Any, count: int = 32) -> dict[str, float]:
+    """How the projected visual tokens look to the LM: their norm against its word embeddings', and the share of
+    their variance that differs between studies (the rest is what every scan shares at each token position)."""
+    import torch
+
+    volumes = torch.stack([dataset[i]["volume"] for i in range(min(count, len(dataset)))])
+    with torch.no_grad():
+        tokens = model.vision(volumes.to(model.device)).float()  # [B, N, hidden]
+        words = model.lm.get_input_embeddings().weight.float()
+    return {"visual_norm": float(tokens.norm(dim=-1).mean()), "word_norm": float(words.norm(dim=-1).mean()),
+            "between_study_variance": float(tokens.var(0).mean() / tokens.flatten(0, 1).var(0).mean())}
+
+
+def inspect(checkpoint: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Image gain and visual-token statistics of a trained report generator on the test phantoms."""
+    from rrg3d.data.phantom import PhantomConfig, generate_phantoms
+    from rrg3d.models.checkpoint import load_checkpoint
+    from rrg3d.train.data import build_dataset
+    from rrg3d.train.generator import image_conditioned_losses
+
+    work = Path(args.work).resolve()
+    manifest = generate_phantoms(PhantomConfig(n=args.phantoms, seed=args.seed, shape=tuple(args.shape), styles=1),
+                                 work / "phantoms", workers=2, progress=False)
+    model = load_checkpoint(checkpoint, merge_lora=True)
+    test_set = build_dataset(manifest, model.config.preprocess, split="test", cache_dir=work / "cache",
+                             report_field=args.field)
+    losses = image_conditioned_losses(model, test_set, batch_size=8, max_length=160)
+    return {"checkpoint": str(checkpoint), "test_loss": losses["loss"], "test_image_gain": losses.get("image_gain"),
+            **visual_token_stats(model, test_set)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--encoders", nargs="+", default=["small_ctvit_v", "small_resnet3d"], metavar="ARCH")
@@ -97,7 +128,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default="learnability_work", help="folder for phantoms, runs and predictions")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "learnability.json"))
+    parser.add_argument("--inspect", nargs="+", default=None, metavar="CHECKPOINT",
+                        help="only measure trained report generators on the test phantoms: image gain, visual-token "
+                             "norm against the word embeddings, between-study share of the token variance")
     args = parser.parse_args(argv)
+    if args.inspect:
+        found = [inspect(path, args) for path in args.inspect]
+        for row in found:
+            print(json.dumps(row))
+        Path(args.out).write_text(json.dumps({"benchmark": "learnability_inspect", "args": vars(args),
+                                              "rows": found}, indent=2) + "\n")
+        print(f"-> {args.out}")
+        return 0
 
     import torch
 
@@ -147,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         test_set = build_dataset(manifest, model.config.preprocess, split="test", cache_dir=work / "cache",
                                  report_field=args.field)
         losses = image_conditioned_losses(model, test_set, batch_size=8, max_length=160)
-        result.update({"test_loss": losses["loss"], "test_image_gain": losses.get("image_gain")})
+        result.update({"test_loss": losses["loss"], "test_image_gain": losses.get("image_gain"),
+                       **visual_token_stats(model, test_set)})
         rows.append({"encoder": architecture, "arm": "zeros (text prior)" if blank else "image",
                      "minutes": round((time.perf_counter() - tick) / 60, 1), **result, "clip": clip_metrics})
         print(json.dumps(rows[-1]), flush=True)
