@@ -131,21 +131,19 @@ def image_conditioned_losses(model: nn.Module, dataset: Any, batch_size: int, ma
     device = device if device is not None else model.device
     losses, other_losses, weights = [], [], []
     carry = dataset[len(dataset) - 1]["volume"][None] if len(dataset) > 1 else None
-    with torch.no_grad():
-        for batch in iterate_batches(dataset, batch_size):
-            volumes = batch["volumes"].to(device)
-            tokens = model.training_batch(batch["reports"], model.num_image_tokens(volumes.shape[-3:]),
-                                          max_length=max_length, ids=batch["ids"])
-            tokens = {k: v.to(device) for k, v in tokens.items()}
-            with autocast():
-                losses.append(float(model(volumes, tokens["input_ids"], tokens["attention_mask"],
-                                          tokens["labels"]).loss))
-                if carry is not None:
-                    others = torch.cat([carry.to(device), volumes[:-1]])
-                    other_losses.append(float(model(others, tokens["input_ids"], tokens["attention_mask"],
-                                                    tokens["labels"]).loss))
-            carry = batch["volumes"][-1:]
-            weights.append(len(batch["ids"]))
+    for batch in iterate_batches(dataset, batch_size):
+        volumes = batch["volumes"].to(device)
+        tokens = model.training_batch(batch["reports"], model.num_image_tokens(volumes.shape[-3:]),
+                                      max_length=max_length, ids=batch["ids"])
+        tokens = {k: v.to(device) for k, v in tokens.items()}
+        with autocast():
+            losses.append(float(model(volumes, tokens["input_ids"], tokens["attention_mask"], tokens["labels"]).loss))
+            if carry is not None:
+                others = torch.cat([carry.to(device), volumes[:-1]])
+                other_losses.append(float(model(others, tokens["input_ids"], tokens["attention_mask"],
+                                                tokens["labels"]).loss))
+        carry = batch["volumes"][-1:]
+        weights.append(len(batch["ids"]))
 
     def mean(values: list[float]) -> float:
         return sum(w * v for w, v in zip(weights, values, strict=True)) / max(1, sum(weights))
@@ -157,6 +155,7 @@ def image_conditioned_losses(model: nn.Module, dataset: Any, batch_size: int, ma
     return result
 
 
+@torch.no_grad()
 def validate_generator(model: nn.Module, dataset: Any, recipe: Recipe, context: RunContext) -> dict[str, float]:
     """Validation loss, the loss with other studies' images and the image gain (see
     :func:`image_conditioned_losses`), and a few greedy reports written to ``samples.jsonl`` when asked."""

@@ -393,20 +393,22 @@ def _phase_steps(recipe: Recipe, datasets: list[Any], world: int) -> list[int]:
     return steps
 
 
+def _under(name: str, prefix: str) -> bool:
+    """Whether the parameter ``name`` is ``prefix`` itself or lies in the module ``prefix``."""
+    return name == prefix or name.startswith(prefix + ".")
+
+
 def _lr_multiplier(name: str, multipliers: dict[str, float]) -> float:
     """The multiplier of the longest ``optim.lr_multipliers`` prefix that names a module above ``name``."""
-    best, scale = -1, 1.0
-    for prefix, value in multipliers.items():
-        if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best:
-            best, scale = len(prefix), float(value)
-    return scale
+    matches = [prefix for prefix in multipliers if _under(name, prefix)]
+    return float(multipliers[max(matches, key=len)]) if matches else 1.0
 
 
 def _optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only; ``optim.lr_multipliers`` gives module prefixes their own lr."""
     multipliers = dict(recipe.optim.lr_multipliers)
     names = {name for name, _ in model.named_parameters()}
-    unknown = [prefix for prefix in multipliers if not any(n == prefix or n.startswith(prefix + ".") for n in names)]
+    unknown = [prefix for prefix in multipliers if not any(_under(n, prefix) for n in names)]
     if unknown:
         raise ConfigError(f"optim.lr_multipliers: no parameters under {unknown} (top-level modules: "
                           f"{sorted({n.split('.')[0] for n in names})})")
@@ -416,9 +418,9 @@ def _optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
             groups.setdefault((p.ndim >= 2, _lr_multiplier(name, multipliers)), []).append(p)
     if not groups:
         raise ConfigError("nothing to train: every parameter is frozen (check model.train)")
-    param_groups = [{"params": params, "weight_decay": recipe.optim.weight_decay if decay else 0.0,
-                     "lr": recipe.optim.lr * scale}
-                    for (decay, scale), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
+    order = sorted(groups, key=lambda key: (key[1] != 1.0, not key[0], key[1]))  # base lr first: it is logged
+    param_groups = [{"params": groups[(decay, scale)], "lr": recipe.optim.lr * scale,
+                     "weight_decay": recipe.optim.weight_decay if decay else 0.0} for decay, scale in order]
     return torch.optim.AdamW(param_groups, lr=recipe.optim.lr, betas=recipe.optim.betas, eps=recipe.optim.eps)
 
 
