@@ -80,16 +80,22 @@ def visual_token_stats(model: Any, dataset: Any, count: int = 32) -> dict[str, f
             "between_study_variance": float(tokens.var(0).mean() / tokens.flatten(0, 1).var(0).mean())}
 
 
+def phantom_manifest(work: Path, args: argparse.Namespace) -> Path:
+    """The benchmark's phantom set under ``work/phantoms`` (generated once; a rerun reuses it)."""
+    from rrg3d.data.phantom import PhantomConfig, generate_phantoms
+
+    return generate_phantoms(PhantomConfig(n=args.phantoms, seed=args.seed, shape=tuple(args.shape), styles=1),
+                             work / "phantoms", workers=2, progress=False)
+
+
 def inspect(checkpoint: str, args: argparse.Namespace) -> dict[str, Any]:
     """Image gain and visual-token statistics of a trained report generator on the test phantoms."""
-    from rrg3d.data.phantom import PhantomConfig, generate_phantoms
     from rrg3d.models.checkpoint import load_checkpoint
     from rrg3d.train.data import build_dataset
     from rrg3d.train.generator import image_conditioned_losses
 
     work = Path(args.work).resolve()
-    manifest = generate_phantoms(PhantomConfig(n=args.phantoms, seed=args.seed, shape=tuple(args.shape), styles=1),
-                                 work / "phantoms", workers=2, progress=False)
+    manifest = phantom_manifest(work, args)
     model = load_checkpoint(checkpoint, merge_lora=True)
     test_set = build_dataset(manifest, model.config.preprocess, split="test", cache_dir=work / "cache",
                              report_field=args.field)
@@ -144,7 +150,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from rrg3d.data.manifest import load_manifest
-    from rrg3d.data.phantom import PhantomConfig, generate_phantoms
     from rrg3d.models.checkpoint import load_checkpoint
     from rrg3d.models.inference import generate_reports
     from rrg3d.preprocess.presets import load_preset
@@ -153,8 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     work = Path(args.work).resolve()
-    manifest = generate_phantoms(PhantomConfig(n=args.phantoms, seed=args.seed, shape=tuple(args.shape), styles=1),
-                                 work / "phantoms", workers=2, progress=False)
+    manifest = phantom_manifest(work, args)
     references = write_references(manifest, work / "test_references.jsonl", split="test", field=args.field)
     rows: list[dict[str, Any]] = []
     majority = work / "majority.jsonl"

@@ -50,16 +50,16 @@ def gathered_clip_loss(image_embeds: Tensor, text_embeds: Tensor, scale: Tensor)
     """
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return clip_loss(scale * image_embeds @ text_embeds.T)
-    from torch.distributed.nn.functional import all_gather
+    b, rank = image_embeds.shape[0], 0
+    all_images, all_texts = image_embeds, text_embeds
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from torch.distributed.nn.functional import all_gather
 
-    all_images = torch.cat(all_gather(image_embeds))
-    all_texts = torch.cat(all_gather(text_embeds))
-    b = image_embeds.shape[0]
-    if all_images.shape[0] != b * dist.get_world_size():
-        raise RuntimeError("gathered_clip_loss: every process must contribute the same batch size")
-    targets = torch.arange(b, device=image_embeds.device) + dist.get_rank() * b
+        all_images, all_texts = torch.cat(all_gather(image_embeds)), torch.cat(all_gather(text_embeds))
+        if all_images.shape[0] != b * dist.get_world_size():
+            raise RuntimeError("gathered_clip_loss: every process must contribute the same batch size")
+        rank = dist.get_rank()
+    targets = torch.arange(b, device=image_embeds.device) + rank * b
     return (F.cross_entropy(scale * image_embeds @ all_texts.T, targets)
             + F.cross_entropy(scale * text_embeds @ all_images.T, targets)) / 2
 

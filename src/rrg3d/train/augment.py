@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rrg3d.errors import ConfigError
+from rrg3d.models.encoders.layers import to_3tuple
 
 __all__ = ["AugmentSettings", "AugmentedDataset", "augment_volume"]
 
@@ -34,8 +35,11 @@ class AugmentSettings:
     prob: float = 1.0  # chance that an item is augmented at all
 
     def __post_init__(self) -> None:
-        self.shift = tuple(int(v) for v in (self.shift if not isinstance(self.shift, int) else [self.shift] * 3))
-        if len(self.shift) != 3 or min(self.shift) < 0:
+        try:
+            self.shift = to_3tuple(self.shift, "data.augment.shift")
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(str(exc)) from exc
+        if min(self.shift) < 0:
             raise ConfigError(f"data.augment.shift must be 3 voxel counts >= 0, got {self.shift}")
         if min(self.scale, self.offset, self.noise) < 0 or not 0 <= self.prob <= 1:
             raise ConfigError("data.augment: scale, offset and noise must be >= 0 and prob in [0, 1]")
