@@ -129,3 +129,56 @@ def test_cli_reports_bad_keys_and_missing_manifest(capsys, tmp_path):
     assert "data.manifest is not set" in capsys.readouterr().err
     assert main(["train", "--accelerate-config", "ddp"]) == 0
     assert capsys.readouterr().out.strip().endswith("ddp.yaml")
+
+
+def test_align_fits_the_projector_standardisation_resumes_it_and_sft_keeps_it(tmp_path, base_overrides):
+    from importlib import resources
+
+    from rrg3d.models.checkpoint import load_checkpoint
+    from rrg3d.preprocess.presets import load_preset
+    from rrg3d.train.data import build_dataset
+
+    arch = yaml.safe_load((resources.files("rrg3d") / "configs" / "models" / "tiny_ctvit_v.yaml").read_text())
+    arch["vision"]["projector"]["standardize"] = "per_token"
+    (tmp_path / "arch.yaml").write_text(yaml.safe_dump(arch))
+    quick = [*base_overrides, f"model.config={tmp_path / 'arch.yaml'}", "data.batch_size=1", "data.max_length=160",
+             "phases.0.steps=2", "data.max_val_samples=1", "data.fit_samples=4"]
+    straight = train("tiny_align", [*quick, f"run_dir={tmp_path / 'a'}"])
+    projector = straight.model.vision.projector
+    assert not projector.needs_fit and projector.feature_mean.shape == (64, 32)
+    # the statistics are those of the first data.fit_samples training studies, as the encoder was at the start
+    # (the align stage trains only the projector, so the encoder is still that one)
+    index = next(i for i, k in enumerate(base_overrides) if k.startswith("data.manifest="))
+    train_set = build_dataset(base_overrides[index].split("=", 1)[1], load_preset("tiny"), split="train",
+                              cache_dir=base_overrides[index + 1].split("=", 1)[1])
+    with torch.no_grad():
+        features = straight.model.vision.features(torch.stack([train_set[i]["volume"] for i in range(4)]))
+    torch.testing.assert_close(projector.feature_mean, features.mean(0), atol=1e-5, rtol=1e-5)
+    # a resumed run refits the same statistics and continues bit for bit
+    split = [*quick, f"run_dir={tmp_path / 'split'}"]
+    with pytest.raises(TrainingInterrupted):
+        train("tiny_align", [*split, "train.stop_after=1"])
+    resumed = train("tiny_align", split, resume=True)
+    assert resumed.losses == straight.losses[1:]
+    _same_weights(straight.model, resumed.model)
+    # the checkpoint carries the statistics; sft from it keeps them (nothing is refitted)
+    assert torch.equal(load_checkpoint(straight.final).vision.projector.feature_std, projector.feature_std)
+    sft = train("tiny_sft", [*quick, "phases.0.steps=1", f"model.init={straight.final}", "data.fit_samples=2",
+                             f"run_dir={tmp_path / 's'}"])
+    assert torch.equal(sft.model.vision.projector.feature_mean, projector.feature_mean)
+
+
+def test_align_fits_a_pca_compressor_first(tmp_path, base_overrides):
+    from importlib import resources
+
+    arch = yaml.safe_load((resources.files("rrg3d") / "configs" / "models" / "tiny_ctvit_v.yaml").read_text())
+    arch["vision"]["compressor"] = {"name": "pca", "num_components": 8}  # 8 tokens from the 8x8x8 grid
+    arch["vision"]["projector"]["standardize"] = "per_channel"  # fitted after, on the PCA tokens
+    (tmp_path / "arch.yaml").write_text(yaml.safe_dump(arch))
+    result = train("tiny_align", [*base_overrides, f"model.config={tmp_path / 'arch.yaml'}", "data.batch_size=2",
+                                  "data.max_length=160", "phases.0.steps=1", "data.max_val_samples=1",
+                                  f"run_dir={tmp_path / 'a'}"])
+    vision = result.model.vision
+    assert vision.compressor.is_fitted and vision.unfitted_parts() == []
+    assert vision.compressor.grid_shape.tolist() == [8, 8, 8]
+    assert vision.num_tokens((32, 64, 64)) == 8

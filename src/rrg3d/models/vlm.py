@@ -12,7 +12,7 @@ silently contributing no loss.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -67,6 +67,32 @@ class VisionTower(nn.Module):
 
     def forward(self, volumes: torch.Tensor) -> torch.Tensor:
         return self.projector(self.features(volumes))
+
+    def unfitted_parts(self) -> list[str]:
+        """Parts with data-dependent statistics not fitted yet: a PCA compressor, a standardising projector."""
+        parts = []
+        if hasattr(self.compressor, "is_fitted") and not self.compressor.is_fitted:
+            parts.append("compressor")
+        if getattr(self.projector, "needs_fit", False):
+            parts.append("projector")
+        return parts
+
+    @torch.no_grad()
+    def fit_statistics(self, volume_batches: Callable[[], Iterable[torch.Tensor]]) -> list[str]:
+        """Fit what :meth:`unfitted_parts` lists, in data-flow order (the compressor's PCA on encoder grids, then
+        the projector's standardisation on compressed tokens). ``volume_batches()`` yields volume batches
+        ``[B, C, D, H, W]`` on the tower's device and is called once per part. Returns the parts fitted."""
+        parts = self.unfitted_parts()
+        was_training = self.training
+        self.eval()  # no dropout; BatchNorm uses its running statistics
+        try:
+            if "compressor" in parts:
+                self.compressor.fit(self.encoder(v) for v in volume_batches())
+            if "projector" in parts:
+                self.projector.fit(self.features(v) for v in volume_batches())
+        finally:
+            self.train(was_training)
+        return parts
 
 
 class ReportGenerator(nn.Module):

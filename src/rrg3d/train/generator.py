@@ -103,6 +103,27 @@ def build_report_generator(recipe: Recipe, final_preset: Any) -> nn.Module:
     return model
 
 
+def fit_generator_statistics(model: nn.Module, dataset: Any, recipe: Recipe, device: torch.device) -> None:
+    """Fit the vision tower's data-dependent parts that are not fitted yet (a PCA compressor, a standardising
+    projector) on the first ``data.fit_samples`` training studies, before the first step. A ``model.init`` checkpoint
+    brings its fitted statistics along, so sft after align keeps align's; a resumed run refits the same values (the
+    computation is deterministic) and then loads them from its checkpoint anyway."""
+    parts = model.vision.unfitted_parts()
+    if not parts:
+        return
+    count = min(recipe.data.fit_samples, len(dataset))
+    subset = torch.utils.data.Subset(dataset, range(count))
+    batch_size = recipe.data.val_batch_size or recipe.data.batch_size
+    model.vision.to(device)
+
+    def volume_batches() -> Any:
+        for batch in iterate_batches(subset, batch_size):
+            yield batch["volumes"].to(device=device, dtype=torch.float32)
+
+    model.vision.fit_statistics(volume_batches)
+    log.info("fitted %s on %d training studies", " and ".join(parts), count)
+
+
 def set_generator_preset(model: nn.Module, preset: Any) -> None:
     model.config.preprocess = preset_reference(preset)
 

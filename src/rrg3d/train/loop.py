@@ -98,6 +98,9 @@ class Stage:
     set_preset: Callable[[nn.Module, Any], None] | None = None
     #: modules to keep in eval mode while training (frozen parts: no dropout, no BatchNorm statistics).
     frozen_modules: Callable[[nn.Module], list[nn.Module]] = lambda model: []
+    #: (model, phase-0 training dataset without augmentation, recipe, device) → fit data-dependent parts (PCA,
+    #: feature standardisation) before training; deterministic, so every process and a resumed run agree.
+    fit_statistics: Callable[[nn.Module, Any, Recipe, torch.device], None] | None = None
 
 
 @dataclass
@@ -465,6 +468,11 @@ def fit(recipe: Recipe, stage: Stage, *, resume: bool = False) -> TrainResult:
 
     seed_everything(recipe.seed)  # the model is initialised the same way whatever the datasets consumed
     model = stage.build_model(recipe, presets[-1])
+    if stage.fit_statistics is not None:
+        from rrg3d.train.augment import AugmentedDataset
+
+        first = datasets[0].dataset if isinstance(datasets[0], AugmentedDataset) else datasets[0]
+        stage.fit_statistics(model, first, recipe, accelerator.device)
     optimizer = _optimizer(recipe, model)
     scheduler = _scheduler(recipe, optimizer, total)
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -101,12 +101,17 @@ class DataSection:
     preprocess_workers: int = 1  # processes that build the preprocessing cache
     report_field: str = "report"  # the target text: the whole report or a section (findings, impression)
     blank_images: bool = False  # control runs: every volume replaced by zeros (text prior only)
+    #: training studies (the first N of phase 0, not augmented) that fit data-dependent parts before the first step:
+    #: a PCA compressor, a standardising projector (align/sft; nothing to fit: nothing read)
+    fit_samples: int = 256
     #: training-time augmentation (translation, intensity jitter, noise; no flips), see rrg3d.train.augment
     augment: AugmentSettings = field(default_factory=AugmentSettings)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or (self.val_batch_size is not None and self.val_batch_size < 1):
             raise ConfigError("data.batch_size and data.val_batch_size must be >= 1")
+        if self.fit_samples < 2:
+            raise ConfigError("data.fit_samples must be >= 2")
         if self.workers < 0 or self.preprocess_workers < 1:
             raise ConfigError("data.workers must be >= 0 and data.preprocess_workers >= 1")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from rrg3d.errors import ConfigError
 from rrg3d.train.generator import (
     build_report_generator,
+    fit_generator_statistics,
     generator_frozen_modules,
     generator_loss,
     save_generator,
@@ -39,6 +40,7 @@ STAGE = Stage(
     validate=validate_generator,
     set_preset=set_generator_preset,
     frozen_modules=generator_frozen_modules,
+    fit_statistics=fit_generator_statistics,
 )
 
 
