@@ -9,13 +9,16 @@ constant input whatever its kind, and CLIP pretraining on zeros is skipped for t
 majority-class report (the training report whose 18-label vector is the most frequent), for every test case.
 Every arm is scored with the evaluation suite: clinical efficacy (CE) micro/macro-F1 of the generated reports
 against the phantoms' true labels, BLEU-4, METEOR, ROUGE-L; the CLIP stage's zero-shot AUROC on the validation
-phantoms is reported beside its arm.
+phantoms is reported beside its arm, and so is the *readout ceiling* of the trained encoder: a logistic probe on its
+frozen, pooled features (threshold chosen on the validation phantoms) — the CE micro-F1 a report writer that read
+those features perfectly through a linear map would reach; generated reports far below it mean the language model
+does not read the image, a ceiling below the target means the encoder must improve first.
 
 Targets (issue 6): CE micro-F1 ≥ 0.60 and at least 0.20 above both controls, for both encoders; CLIP zero-shot
 AUROC ≥ 0.80. Arms measured by earlier runs on the same phantoms join the table with ``--merge``.
 
     python benchmarks/learnability.py [--encoders small_ctvit_v small_resnet3d] [--phantoms 1200]
-        [--clip-steps 400] [--align-steps 150] [--sft-steps 600] [--arms image blank] [--merge earlier.json]
+        [--clip-steps 400] [--align-steps 300] [--sft-steps 450] [--arms image blank] [--merge earlier.json]
         [--out benchmarks/results/learnability.json]
 """
 
@@ -80,6 +83,34 @@ def visual_token_stats(model: Any, dataset: Any, count: int = 32) -> dict[str, f
             "between_study_variance": float(tokens.var(0).mean() / tokens.flatten(0, 1).var(0).mean())}
 
 
+def encoder_readout(encoder: Any, manifest: Path, preset: Any, cache_dir: Path) -> dict[str, Any]:
+    """What the frozen encoder's features support: a logistic probe on its mean+max pooled grid (train split),
+    threshold chosen on val, CE micro/macro-F1 and AUROC on test — the ceiling for a report writer reading them."""
+    import torch
+
+    from rrg3d.train.data import build_dataset
+    from rrg3d.train.metrics import linear_probe_readout
+
+    def features(split: str) -> tuple[Any, Any]:
+        dataset = build_dataset(manifest, preset, split=split, cache_dir=cache_dir)
+        device = next(encoder.parameters()).device
+        rows = []
+        with torch.no_grad():
+            for start in range(0, len(dataset), 32):
+                volumes = torch.stack([dataset[i]["volume"] for i in range(start, min(len(dataset), start + 32))])
+                grid = encoder(volumes.to(device)).float().flatten(1, 3)  # [B, cells, C]
+                rows.append(torch.cat([grid.mean(1), grid.amax(1)], dim=1).cpu())
+        return torch.cat(rows), dataset.label_matrix()
+
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        found = linear_probe_readout(features("train"), features("val"), features("test"))
+    finally:
+        encoder.train(was_training)
+    return {f"readout_{k}": v for k, v in found.items() if k != "train_loss"}
+
+
 def phantom_manifest(work: Path, args: argparse.Namespace) -> Path:
     """The benchmark's phantom set under ``work/phantoms`` (generated once; a rerun reuses it)."""
     from rrg3d.data.phantom import PhantomConfig, generate_phantoms
@@ -101,7 +132,8 @@ def inspect(checkpoint: str, args: argparse.Namespace) -> dict[str, Any]:
                              report_field=args.field)
     losses = image_conditioned_losses(model, test_set, batch_size=8, max_length=160)
     return {"checkpoint": str(checkpoint), "test_loss": losses["loss"], "test_image_gain": losses.get("image_gain"),
-            **visual_token_stats(model, test_set)}
+            **visual_token_stats(model, test_set),
+            **encoder_readout(model.vision.encoder, manifest, test_set.preset, work / "cache")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phantoms", type=int, default=1200)
     parser.add_argument("--shape", type=int, nargs=3, default=[64, 128, 128])
     parser.add_argument("--field", default="impression", choices=("report", "findings", "impression"))
-    parser.add_argument("--align-steps", type=int, default=150)
+    parser.add_argument("--align-steps", type=int, default=300)
     parser.add_argument("--align-lr", type=float, default=1e-3)
-    parser.add_argument("--sft-steps", type=int, default=600)
+    parser.add_argument("--sft-steps", type=int, default=450)
     parser.add_argument("--sft-lr", type=float, default=5e-4)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--clip-steps", type=int, default=400, help="CT-CLIP pretraining steps first (0: none)")
@@ -195,19 +227,23 @@ def main(argv: list[str] | None = None) -> int:
         losses = image_conditioned_losses(model, test_set, batch_size=8, max_length=160)
         result.update({"test_loss": losses["loss"], "test_image_gain": losses.get("image_gain"),
                        **visual_token_stats(model, test_set)})
+        if not blank:  # the ceiling the encoder sets: a linear reader of its frozen features
+            result.update(encoder_readout(model.vision.encoder, manifest, test_set.preset, work / "cache"))
         rows.append({"encoder": architecture, "arm": "zeros (text prior)" if blank else "image",
                      "minutes": round((time.perf_counter() - tick) / 60, 1), **result, "clip": clip_metrics})
         print(json.dumps(rows[-1]), flush=True)
 
     print(f"\nlearnability on {args.phantoms} phantoms ({args.field}), test split, {time.perf_counter() - start:.0f} s")
     print(f"{'encoder':<15} {'arm':<20} {'CE micro-F1':>11} {'macro-F1':>9} {'BLEU-4':>7} {'METEOR':>7} {'ROUGE-L':>8} "
-          f"{'CLIP AUROC':>10} {'image gain':>10} {'minutes':>7}")
+          f"{'CLIP AUROC':>10} {'readout F1':>10} {'image gain':>10} {'minutes':>7}")
     for r in rows:
         meteor = "n/a" if r["meteor"] is None else f"{r['meteor']:.3f}"
-        auroc, gain = r.get("clip", {}).get("zero_shot_auroc"), r.get("test_image_gain")
+        auroc, gain, readout = (r.get("clip", {}).get("zero_shot_auroc"), r.get("test_image_gain"),
+                                r.get("readout_test_micro_f1"))
         print(f"{r['encoder']:<15} {r['arm']:<20} {r['ce_micro_f1']:>11.3f} {r['ce_macro_f1']:>9.3f} "
               f"{r['bleu_4']:>7.3f} {meteor:>7} {r['rouge_l']:>8.3f} {'-' if auroc is None else f'{auroc:.3f}':>10} "
-              f"{'-' if gain is None else f'{gain:.3f}':>10} {r.get('minutes', '-'):>7}")
+              f"{'-' if readout is None else f'{readout:.3f}':>10} {'-' if gain is None else f'{gain:.3f}':>10} "
+              f"{r.get('minutes', '-'):>7}")
     controls = [r for r in rows if r["arm"] != "image"]
     best_control = max(r["ce_micro_f1"] for r in controls)
     has_text_prior = any(r["arm"] == "zeros (text prior)" for r in controls)

@@ -103,3 +103,24 @@ def test_zero_shot_auroc_per_label_and_macro():
         zero_shot_auroc(np.zeros((2, 2)), np.ones((2, 2)), names=["only one"])
     with pytest.raises(ValueError):
         binary_auroc([0.1, 0.2], [0, 2])
+
+
+def test_linear_probe_readout_reads_what_the_features_carry() -> None:
+    from rrg3d.train.metrics import linear_probe_readout
+
+    rng = np.random.default_rng(0)
+
+    def split(n: int, informative: bool) -> tuple[np.ndarray, np.ndarray]:
+        x = rng.normal(size=(n, 6))
+        signal = x[:, :3] if informative else rng.normal(size=(n, 3))
+        return x, (signal + 0.3 * rng.normal(size=(n, 3)) > 0.5).astype(float)
+
+    good = linear_probe_readout(split(400, True), split(100, True), split(100, True), steps=300)
+    assert good["test_macro_auroc"] > 0.9 and good["test_micro_f1"] > 0.75
+    assert 0.05 <= good["threshold"] <= 0.95 and good["val_micro_f1"] > 0.75
+    labels = split(400, True)
+    labels[1][:5, 0] = np.nan  # unknown labels are left out of the fit
+    noise = linear_probe_readout(labels, split(100, False), split(100, False), steps=300)
+    assert abs(noise["test_macro_auroc"] - 0.5) < 0.15 and noise["test_micro_f1"] < good["test_micro_f1"] - 0.3
+    with pytest.raises(ValueError, match="feature rows"):
+        linear_probe_readout((np.zeros((3, 2)), np.zeros((4, 1))), split(10, True), split(10, True))

@@ -1,12 +1,16 @@
-"""Validation metrics of the ``clip`` stage: image↔text retrieval recall and zero-shot abnormality AUROC.
+"""Encoder metrics: image↔text retrieval recall and zero-shot abnormality AUROC (the ``clip`` stage's validation),
+and the labels a frozen encoder's features support (a linear-probe readout).
 
-Both take tensors or arrays and return plain Python floats (JSON-ready).
+All take tensors or arrays and return plain Python floats (JSON-ready).
 
 * :func:`retrieval_recall` — pair ``i`` (image ``i``, text ``i``) is the match; cosine similarity; a match
   tied with other candidates counts as ranked *behind* them (a collapsed model scores 0, not 1).
 * :func:`zero_shot_auroc` — per-label ROC AUC by the Mann–Whitney rank formula (average ranks for ties), so no
   scikit-learn is needed; unknown (NaN) labels are left out per label.
+* :func:`linear_probe_readout` — a logistic-regression probe on frozen features, its decision threshold chosen on
+  a validation split: how well *any* reader of those features (e.g. the language model) could name the findings.
 """
+
 
 from __future__ import annotations
 
@@ -112,3 +116,57 @@ def zero_shot_auroc(probs: Any, labels: Any, names: Sequence[str] | None = None)
     per_label = {str(name): binary_auroc(scores[:, j], truth[:, j]) for j, name in enumerate(names)}
     defined = [v for v in per_label.values() if v is not None]
     return {"macro": float(np.mean(defined)) if defined else None, "per_label": per_label}
+
+
+def linear_probe_readout(train: tuple[Any, Any], val: tuple[Any, Any], test: tuple[Any, Any], *,
+                         weight_decay: float = 1e-3, steps: int = 500, lr: float = 1e-2, seed: int = 0,
+                         names: Sequence[str] | None = None) -> dict[str, Any]:
+    """Fit one logistic probe per label on frozen ``(features [N, F], labels [N, L])`` pairs; report its test AUROC
+    and the CE P/R/F1 of its thresholded predictions, with the one threshold that maximises micro-F1 on ``val``.
+
+    Features are standardised with the training split's statistics; AdamW full-batch steps on the mean binary
+    cross-entropy (unknown NaN labels are left out). The micro-F1 is the ceiling a report writer reading these
+    features through a linear map would reach on the same labels — a bound that separates what the encoder carries
+    from what the language model reads.
+    """
+    import torch
+
+    from rrg3d.evaluate.clinical import label_metrics
+
+    def tensors(pair: tuple[Any, Any], name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.as_tensor(_as_numpy(pair[0], f"{name} features"), dtype=torch.float32)
+        y = torch.as_tensor(_as_numpy(pair[1], f"{name} labels"), dtype=torch.float32)
+        if len(x) != len(y) or len(x) == 0:
+            raise ValueError(f"{name}: {len(x)} feature rows for {len(y)} label rows")
+        return x, y
+
+    (x_train, y_train), (x_val, y_val), (x_test, y_test) = (tensors(p, n) for p, n in
+                                                            ((train, "train"), (val, "val"), (test, "test")))
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    x_train, x_val, x_test = ((x - mean) / std for x in (x_train, x_val, x_test))
+    known = ~torch.isnan(y_train)
+    generator = torch.Generator().manual_seed(seed)
+    probe = torch.nn.Linear(x_train.shape[1], y_train.shape[1])
+    with torch.no_grad():
+        probe.weight.normal_(0.0, 0.01, generator=generator)
+        probe.bias.zero_()
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(probe(x_train)[known], y_train[known])
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        p_val, p_test = probe(x_val).sigmoid().numpy(), probe(x_test).sigmoid().numpy()
+
+    def thresholded(p: np.ndarray, y: torch.Tensor, t: float) -> dict[str, Any]:
+        truth = y.numpy()
+        keep = ~np.isnan(truth).any(axis=1)  # CE counts need every label known
+        return label_metrics(p[keep] >= t, truth[keep] == 1, names=names)
+
+    thresholds = np.round(np.arange(0.05, 0.96, 0.05), 2)
+    threshold = float(max(thresholds, key=lambda t: thresholded(p_val, y_val, float(t))["micro_f1"]))
+    scores = thresholded(p_test, y_test, threshold)
+    return {"test_macro_auroc": zero_shot_auroc(p_test, y_test.numpy(), names)["macro"],
+            "threshold": threshold, "val_micro_f1": thresholded(p_val, y_val, threshold)["micro_f1"],
+            "test_micro_f1": scores["micro_f1"], "test_macro_f1": scores["macro_f1"], "train_loss": float(loss)}
