@@ -50,7 +50,8 @@ def train_arm(architecture: str, manifest: Path, run_dir: Path, args: argparse.N
               f"data.blank_images={str(blank).lower()}", f"data.batch_size={args.batch_size}",
               f"data.cache_dir={run_dir.parent.parent / 'cache'}", "data.max_length=160", f"seed={args.seed}",
               "train.progress=false", "train.save_every=0", f"train.threads={os.cpu_count() or 1}",
-              f"train.mixed_precision={args.mixed_precision}"]
+              f"train.mixed_precision={args.mixed_precision}",
+              "phases.0.preset=null"]  # every stage at the architecture's own preset (the tiny recipes name tiny)
     vision_init = []
     if args.clip_steps > 0 and not blank:  # CT-CLIP pretraining of the encoder on the training split's reports
         # (the zeros arm skips it: an encoder that only ever sees zeros gives the LM one constant input anyway)

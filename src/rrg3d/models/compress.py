@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rrg3d.errors import ConfigError
+from rrg3d.models.fitted import adopt_incoming_shapes
 from rrg3d.models.registry import COMPRESSORS
 
 __all__ = [
@@ -177,12 +178,7 @@ class PCACompressor(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
-        # Buffers are sized by the fit; take the incoming sizes so a fresh module loads any fitted state.
-        for name in ("mean", "components", "explained_variance", "grid_shape"):
-            incoming = state_dict.get(prefix + name)
-            current = getattr(self, name)
-            if isinstance(incoming, Tensor) and incoming.shape != current.shape:
-                setattr(self, name, torch.empty(incoming.shape, dtype=current.dtype, device=current.device))
+        adopt_incoming_shapes(self, state_dict, prefix, ("mean", "components", "explained_variance", "grid_shape"))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if self.axis == "tokens" and self.is_fitted:

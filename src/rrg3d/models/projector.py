@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from rrg3d.errors import ConfigError
+from rrg3d.models.fitted import adopt_incoming_shapes
 from rrg3d.models.registry import PROJECTORS
 
 __all__ = ["STANDARDIZE_MODES", "LinearProjector", "MLPProjector"]
@@ -103,12 +104,8 @@ class _Projector(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
-        if self.standardize != "none":  # per_token statistics are sized by the fit: take the incoming size
-            for name in ("feature_mean", "feature_std"):
-                incoming = state_dict.get(prefix + name)
-                current = getattr(self, name)
-                if isinstance(incoming, Tensor) and incoming.shape != current.shape:
-                    setattr(self, name, torch.empty(incoming.shape, dtype=current.dtype, device=current.device))
+        if self.standardize != "none":  # per_token statistics are sized by the fit
+            adopt_incoming_shapes(self, state_dict, prefix, ("feature_mean", "feature_std"))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
