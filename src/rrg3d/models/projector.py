@@ -118,7 +118,9 @@ class _Projector(nn.Module):
             raise RuntimeError(f"the projector's per_token standardisation was fitted on {positions} tokens and got "
                                f"{tokens.shape[-2]} (another input size?); use standardize: per_channel to change "
                                "resolution")
-        return (tokens - self.feature_mean.to(tokens.dtype)) / self.feature_std.to(tokens.dtype)
+        # in float32: under bf16 autocast the shared per-position part is large, and subtracting it in bf16 would
+        # round away much of the between-study part that standardising is meant to keep
+        return ((tokens.float() - self.feature_mean) / self.feature_std).to(tokens.dtype)
 
     def forward(self, tokens: Tensor) -> Tensor:
         if self.standardize != "none":
