@@ -118,6 +118,7 @@ def test_linear_probe_readout_reads_what_the_features_carry() -> None:
     good = linear_probe_readout(split(400, True), split(100, True), split(100, True), steps=300)
     assert good["test_macro_auroc"] > 0.9 and good["test_micro_f1"] > 0.75
     assert 0.05 <= good["threshold"] <= 0.95 and good["val_micro_f1"] > 0.75
+    assert set(good["test_per_label_auroc"]) == {"label_0", "label_1", "label_2"}
     labels = split(400, True)
     labels[1][:5, 0] = np.nan  # unknown labels are left out of the fit
     noise = linear_probe_readout(labels, split(100, False), split(100, False), steps=300)
