@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         result = score(predictions, references, work / architecture / f"eval_{'blank' if blank else 'image'}")
         # teacher-forced report loss on the test split with each study's own image vs a neighbour's
         test_set = build_dataset(manifest, model.config.preprocess, split="test", cache_dir=work / "cache",
-                                 report_field=args.field)
+                                 report_field=args.field, blank_images=blank)  # the zeros arm: as it was trained
         losses = image_conditioned_losses(model, test_set, batch_size=8, max_length=160)
         result.update({"test_loss": losses["loss"], "test_image_gain": losses.get("image_gain"),
                        **visual_token_stats(model, test_set)})

@@ -170,4 +170,4 @@ def linear_probe_readout(train: tuple[Any, Any], val: tuple[Any, Any], test: tup
     auroc = zero_shot_auroc(p_test, y_test.numpy(), names)
     return {"test_macro_auroc": auroc["macro"], "test_per_label_auroc": auroc["per_label"],
             "threshold": threshold, "val_micro_f1": thresholded(p_val, y_val, threshold)["micro_f1"],
-            "test_micro_f1": scores["micro_f1"], "test_macro_f1": scores["macro_f1"], "train_loss": float(loss)}
+            "test_micro_f1": scores["micro_f1"], "test_macro_f1": scores["macro_f1"], "train_loss": loss.item()}
