@@ -8,9 +8,9 @@ All take tensors or arrays and return plain Python floats (JSON-ready).
 * :func:`zero_shot_auroc` — per-label ROC AUC by the Mann–Whitney rank formula (average ranks for ties), so no
   scikit-learn is needed; unknown (NaN) labels are left out per label.
 * :func:`linear_probe_readout` — a logistic-regression probe on frozen features, its decision threshold chosen on
-  a validation split: how well *any* reader of those features (e.g. the language model) could name the findings.
+  a validation split: the CE-F1 a linear reader of those features reaches — a reference for what the language
+  model could read from them.
 """
-
 
 from __future__ import annotations
 
