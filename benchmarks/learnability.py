@@ -38,7 +38,8 @@ def score(predictions: Path, references: Path, out: Path) -> dict[str, Any]:
 
     metrics = evaluate_files(predictions, references, out, EvaluateOptions(bootstrap=200, progress=False))
     coco, ce = metrics["coco"], metrics["ce"]
-    return {"ce_micro_f1": ce["micro_f1"], "ce_macro_f1": ce["macro_f1"], "bleu_4": coco["bleu_4"],
+    return {"ce_micro_f1": ce["micro_f1"], "ce_macro_f1": ce["macro_f1"], "ce_micro_precision": ce["micro_precision"],
+            "ce_micro_recall": ce["micro_recall"], "bleu_4": coco["bleu_4"],
             "meteor": coco["meteor"], "rouge_l": coco["rouge_l"], "ci": metrics.get("ci", {}).get("ce", {})}
 
 
