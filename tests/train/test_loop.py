@@ -131,26 +131,32 @@ def test_cli_reports_bad_keys_and_missing_manifest(capsys, tmp_path):
     assert capsys.readouterr().out.strip().endswith("ddp.yaml")
 
 
-def test_align_fits_the_projector_standardisation_resumes_it_and_sft_keeps_it(tmp_path, base_overrides):
+def _tiny_architecture(path, **vision) -> str:
+    """``tiny_ctvit_v`` with some vision parts replaced (``part={key: value}`` updates that part), written to path."""
     from importlib import resources
 
+    arch = yaml.safe_load((resources.files("rrg3d") / "configs" / "models" / "tiny_ctvit_v.yaml").read_text())
+    for part, changes in vision.items():
+        arch["vision"][part] = changes if "name" in changes else {**arch["vision"][part], **changes}
+    path.write_text(yaml.safe_dump(arch))
+    return str(path)
+
+
+def test_align_fits_the_projector_standardisation_resumes_it_and_sft_keeps_it(tmp_path, base_overrides, phantoms,
+                                                                              cache_dir):
     from rrg3d.models.checkpoint import load_checkpoint
     from rrg3d.preprocess.presets import load_preset
     from rrg3d.train.data import build_dataset
 
-    arch = yaml.safe_load((resources.files("rrg3d") / "configs" / "models" / "tiny_ctvit_v.yaml").read_text())
-    arch["vision"]["projector"]["standardize"] = "per_token"
-    (tmp_path / "arch.yaml").write_text(yaml.safe_dump(arch))
-    quick = [*base_overrides, f"model.config={tmp_path / 'arch.yaml'}", "data.batch_size=1", "data.max_length=160",
+    arch = _tiny_architecture(tmp_path / "arch.yaml", projector={"standardize": "per_token"})
+    quick = [*base_overrides, f"model.config={arch}", "data.batch_size=1", "data.max_length=160",
              "phases.0.steps=2", "data.max_val_samples=1", "data.fit_samples=4"]
     straight = train("tiny_align", [*quick, f"run_dir={tmp_path / 'a'}"])
     projector = straight.model.vision.projector
     assert not projector.needs_fit and projector.feature_mean.shape == (64, 32)
     # the statistics are those of the first data.fit_samples training studies, as the encoder was at the start
     # (the align stage trains only the projector, so the encoder is still that one)
-    index = next(i for i, k in enumerate(base_overrides) if k.startswith("data.manifest="))
-    train_set = build_dataset(base_overrides[index].split("=", 1)[1], load_preset("tiny"), split="train",
-                              cache_dir=base_overrides[index + 1].split("=", 1)[1])
+    train_set = build_dataset(phantoms, load_preset("tiny"), split="train", cache_dir=cache_dir)
     with torch.no_grad():
         features = straight.model.vision.features(torch.stack([train_set[i]["volume"] for i in range(4)]))
     torch.testing.assert_close(projector.feature_mean, features.mean(0), atol=1e-5, rtol=1e-5)
@@ -169,13 +175,10 @@ def test_align_fits_the_projector_standardisation_resumes_it_and_sft_keeps_it(tm
 
 
 def test_align_fits_a_pca_compressor_first(tmp_path, base_overrides):
-    from importlib import resources
-
-    arch = yaml.safe_load((resources.files("rrg3d") / "configs" / "models" / "tiny_ctvit_v.yaml").read_text())
-    arch["vision"]["compressor"] = {"name": "pca", "num_components": 8}  # 8 tokens from the 8x8x8 grid
-    arch["vision"]["projector"]["standardize"] = "per_channel"  # fitted after, on the PCA tokens
-    (tmp_path / "arch.yaml").write_text(yaml.safe_dump(arch))
-    result = train("tiny_align", [*base_overrides, f"model.config={tmp_path / 'arch.yaml'}", "data.batch_size=2",
+    # 8 PCA tokens from the 8x8x8 grid, then a per-channel standardisation fitted on those tokens
+    arch = _tiny_architecture(tmp_path / "arch.yaml", compressor={"name": "pca", "num_components": 8},
+                              projector={"standardize": "per_channel"})
+    result = train("tiny_align", [*base_overrides, f"model.config={arch}", "data.batch_size=2",
                                   "data.max_length=160", "phases.0.steps=1", "data.max_val_samples=1",
                                   f"run_dir={tmp_path / 'a'}"])
     vision = result.model.vision
