@@ -225,6 +225,7 @@ def _gathered_loss_worker(rank: int, world: int, port: int, out: str) -> None:
         loss = gathered_clip_loss(image, text, torch.tensor(5.0))
         loss.backward()
         torch.save({"loss": loss.detach(), "image_grad": image.grad, "text_grad": text.grad}, f"{out}/rank{rank}.pt")
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it (that aborts the process)
     finally:
         dist.destroy_process_group()
 
