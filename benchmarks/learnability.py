@@ -43,13 +43,37 @@ def score(predictions: Path, references: Path, out: Path) -> dict[str, Any]:
             "meteor": coco["meteor"], "rouge_l": coco["rouge_l"], "ci": metrics.get("ci", {}).get("ce", {})}
 
 
+FINDINGS_PROMPT = "Findings the image classifier calls: {findings}."
+
+
+def generator_architecture(architecture: str, work: Path, args: argparse.Namespace) -> str:
+    """The report generator's architecture: ``architecture`` itself, or with ``--findings-prompt`` a copy with a
+    finding classifier on the encoder grid whose calls are written into every prompt (diagnosis prompting)."""
+    if not args.findings_prompt:
+        return architecture
+    import yaml
+
+    from rrg3d.models.config import load_model_config
+
+    config = load_model_config(architecture).to_dict()
+    config["name"] = f"{config['name']}_findings"
+    config["vision"]["classifier"] = {"hidden": 0}
+    config["prompt"]["findings"] = FINDINGS_PROMPT
+    path = work / "configs" / f"{config['name']}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return str(path)
+
+
 def train_arm(architecture: str, manifest: Path, run_dir: Path, args: argparse.Namespace, blank: bool,
               clip_metrics: dict[str, Any]) -> Path:
     from rrg3d.train import run_recipe, train
 
+    generator = generator_architecture(architecture, run_dir.parent.parent, args)
     common = [f"model.config={architecture}", f"data.manifest={manifest}", f"data.report_field={args.field}",
               f"data.blank_images={str(blank).lower()}", f"data.batch_size={args.batch_size}",
-              f"data.cache_dir={run_dir.parent.parent / 'cache'}", "data.max_length=160", f"seed={args.seed}",
+              f"data.cache_dir={run_dir.parent.parent / 'cache'}", f"data.max_length={args.max_length}",
+              f"seed={args.seed}",
               "train.progress=false", "train.save_every=0", f"train.threads={os.cpu_count() or 1}",
               f"train.mixed_precision={args.mixed_precision}",
               "phases.0.preset=null"]  # every stage at the architecture's own preset (the tiny recipes name tiny)
@@ -63,7 +87,12 @@ def train_arm(architecture: str, manifest: Path, run_dir: Path, args: argparse.N
                                    "data.max_val_samples=200", f"data.augment.enabled={str(args.augment).lower()}"])
         clip_metrics.update(clip.metrics)
         vision_init = [f"model.vision_init={clip.final}"]
+    common[0] = f"model.config={generator}"  # CLIP trained the encoder alone; the generator may add a classifier
+    # a finding classifier trains in align beside the projector, at a higher rate (a linear head on frozen features
+    # would not converge in a few hundred steps of batch 4 at the projector's rate)
+    classifier_rate = [f"optim.lr_multipliers={{vision.classifier: {args.classifier_lr_mult}}}"]
     align = run_recipe("tiny_align", [*common, *vision_init, f"run_dir={run_dir / 'align'}",
+                                      *(classifier_rate if args.findings_prompt else []),
                                       f"phases.0.steps={args.align_steps}", f"optim.lr={args.align_lr}"])
     return run_recipe("tiny_sft", [*common, f"run_dir={run_dir / 'sft'}", f"model.init={align}",
                                    f"model.train.encoder={str(args.sft_encoder_lr > 0).lower()}",
@@ -83,6 +112,27 @@ def visual_token_stats(model: Any, dataset: Any, count: int = 32) -> dict[str, f
         words = model.lm.get_input_embeddings().weight.float()
     return {"visual_norm": float(tokens.norm(dim=-1).mean()), "word_norm": float(words.norm(dim=-1).mean()),
             "between_study_variance": float(tokens.var(0).mean() / tokens.flatten(0, 1).var(0).mean())}
+
+
+def classifier_scores(model: Any, dataset: Any) -> dict[str, Any]:
+    """A finding classifier's calls on the test phantoms: micro-F1 at its (validation-chosen) threshold and macro
+    AUROC — what a report that copied the diagnosis prompt would score at best."""
+    import torch
+
+    from rrg3d.train.metrics import zero_shot_auroc
+
+    classifier = model.vision.classifier
+    if classifier is None:
+        return {}
+    logits = []
+    with torch.no_grad():
+        for start in range(0, len(dataset), 16):
+            volumes = torch.stack([dataset[i]["volume"] for i in range(start, min(len(dataset), start + 16))])
+            logits.append(model.vision.encode(volumes.to(model.device))[1].float().cpu())
+    found, labels = torch.cat(logits), dataset.label_matrix()
+    auroc = zero_shot_auroc(torch.sigmoid(found), classifier.targets(labels), names=classifier.labels)
+    return {"classifier_test_micro_f1": classifier.micro_f1(found, labels), "classifier_test_auroc": auroc["macro"],
+            "classifier_threshold": float(classifier.threshold)}
 
 
 def encoder_readout(encoder: Any, manifest: Path, preset: Any, cache_dir: Path) -> dict[str, Any]:
@@ -132,7 +182,7 @@ def inspect(checkpoint: str, args: argparse.Namespace) -> dict[str, Any]:
     model = load_checkpoint(checkpoint, merge_lora=True)
     test_set = build_dataset(manifest, model.config.preprocess, split="test", cache_dir=work / "cache",
                              report_field=args.field)
-    losses = image_conditioned_losses(model, test_set, batch_size=8, max_length=160)
+    losses = image_conditioned_losses(model, test_set, batch_size=8, max_length=args.max_length)
     return {"checkpoint": str(checkpoint), "test_loss": losses["loss"], "test_image_gain": losses.get("image_gain"),
             **visual_token_stats(model, test_set),
             **encoder_readout(model.vision.encoder, manifest, test_set.preset, work / "cache")}
@@ -159,6 +209,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="autocast of every stage (bf16 runs faster on CPUs with AVX512-BF16 or AMX)")
     parser.add_argument("--sft-encoder-lr", type=float, default=0.0,
                         help="train the encoder in SFT at this multiple of the SFT lr (0: frozen)")
+    parser.add_argument("--findings-prompt", action="store_true",
+                        help="diagnosis prompting: a finding classifier on the encoder grid (trained in align beside "
+                             "the projector, threshold chosen on val) whose calls every prompt lists")
+    parser.add_argument("--classifier-lr-mult", type=float, default=10.0,
+                        help="with --findings-prompt: the classifier's lr in align as a multiple of --align-lr")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="token budget of prompt + report (default 160; 256 with --findings-prompt)")
     parser.add_argument("--arms", nargs="+", default=["image", "blank"], choices=("image", "blank"))
     parser.add_argument("--blank-encoder", default=None, metavar="ARCH",
                         help="architecture of the zeros arm (default: the first of --encoders). It runs once: an "
@@ -172,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="only measure trained report generators on the test phantoms: image gain, visual-token "
                              "norm against the word embeddings, between-study share of the token variance")
     args = parser.parse_args(argv)
+    if args.max_length is None:
+        args.max_length = 256 if args.findings_prompt else 160
     if args.inspect:
         found = [inspect(path, args) for path in args.inspect]
         for row in found:
@@ -211,9 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     for architecture, blank in arms:
         tick = time.perf_counter()
         clip_metrics: dict[str, Any] = {}
-        run_dir = work / architecture / ("blank" if blank else "image")
+        variant = "_findings" if args.findings_prompt else ""
+        run_dir = work / architecture / (("blank" if blank else "image") + variant)
         final = train_arm(architecture, manifest, run_dir, args, blank, clip_metrics)
-        predictions = work / architecture / f"pred_{'blank' if blank else 'image'}.jsonl"
+        predictions = run_dir / "predictions.jsonl"
         model = load_checkpoint(final, merge_lora=True)
         if blank:  # the control sees zeros at test time too: one constant input, one greedy report for all
             shape = load_preset(model.config.preprocess).shape
@@ -222,13 +282,13 @@ def main(argv: list[str] | None = None) -> int:
                                            for r in load_manifest(references)))
         else:
             generate_reports(model, [references], predictions, batch_size=8, progress=False, resume=False)
-        result = score(predictions, references, work / architecture / f"eval_{'blank' if blank else 'image'}")
+        result = score(predictions, references, run_dir / "eval")
         # teacher-forced report loss on the test split with each study's own image vs a neighbour's
         test_set = build_dataset(manifest, model.config.preprocess, split="test", cache_dir=work / "cache",
                                  report_field=args.field, blank_images=blank)  # the zeros arm: as it was trained
-        losses = image_conditioned_losses(model, test_set, batch_size=8, max_length=160)
+        losses = image_conditioned_losses(model, test_set, batch_size=8, max_length=args.max_length)
         result.update({"test_loss": losses["loss"], "test_image_gain": losses.get("image_gain"),
-                       **visual_token_stats(model, test_set)})
+                       **visual_token_stats(model, test_set), **classifier_scores(model, test_set)})
         if not blank:  # the ceiling the encoder sets: a linear reader of its frozen features
             result.update(encoder_readout(model.vision.encoder, manifest, test_set.preset, work / "cache"))
         rows.append({"encoder": architecture, "arm": "zeros (text prior)" if blank else "image",

@@ -185,3 +185,28 @@ def test_align_fits_a_pca_compressor_first(tmp_path, base_overrides):
     assert vision.compressor.is_fitted and vision.unfitted_parts() == []
     assert vision.compressor.grid_shape.tolist() == [8, 8, 8]
     assert vision.num_tokens((32, 64, 64)) == 8
+
+
+def test_align_trains_and_calibrates_a_finding_classifier_and_sft_keeps_it(tmp_path, base_overrides):
+    from rrg3d.models.checkpoint import load_checkpoint
+    from rrg3d.models.config import load_model_config
+    from rrg3d.models.vlm import ReportGenerator
+
+    arch = load_model_config("tiny_ctvit_v").to_dict()
+    arch["vision"]["classifier"] = {"hidden": 0}
+    arch["prompt"]["findings"] = "Findings the image classifier calls: {findings}."
+    (tmp_path / "arch.yaml").write_text(yaml.safe_dump(arch))
+    quick = [*base_overrides, f"model.config={tmp_path / 'arch.yaml'}", "data.batch_size=2", "data.max_length=256",
+             "data.max_val_samples=1", "optim.lr_multipliers={vision.classifier: 10}"]
+    align = train("tiny_align", [*quick, "phases.0.steps=2", f"run_dir={tmp_path / 'a'}"])
+    fresh = ReportGenerator.from_config(str(tmp_path / "arch.yaml"), seed=0).vision.classifier
+    trained = align.model.vision.classifier
+    assert not torch.equal(fresh.head[-1].weight, trained.head[-1].weight)  # trained beside the projector
+    assert {"classifier_threshold", "classifier_micro_f1"} <= set(align.metrics)  # calibrated on val
+    assert float(trained.threshold) == align.metrics["classifier_threshold"]
+    sft = train("tiny_sft", [*quick[:-1], "phases.0.steps=1", f"model.init={align.final}",
+                             f"run_dir={tmp_path / 's'}"])
+    assert sft.model.trainable_parameters()["classifier"] == 0  # sft keeps align's calls
+    for key, value in trained.state_dict().items():
+        assert torch.equal(sft.model.vision.classifier.state_dict()[key], value), key
+    assert load_checkpoint(sft.final).uses_findings_prompt

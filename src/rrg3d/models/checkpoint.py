@@ -4,7 +4,7 @@ Layout (DESIGN.md)::
 
     CKPT/rrg3d.yaml           format + version, kind, the full model config, the preprocessing preset (full
                               mapping + sha256), what lm/ holds, file checksums
-    CKPT/vision.safetensors   encoder, compressor (PCA included), projector
+    CKPT/vision.safetensors   encoder, compressor (PCA included), projector, finding classifier (if any)
     CKPT/lm/                  "full": HF weights (save_pretrained) | "adapter": a PEFT adapter | "base": empty —
                               the unchanged base model, named in rrg3d.yaml (lm.base)
     CKPT/tokenizer/           the tokenizer with rrg3d's special tokens and chat template
@@ -170,6 +170,10 @@ def _model_record(model: Any) -> dict[str, Any]:
     record["vision"] = {"encoder": ENCODERS.describe(vision.encoder),
                         "compressor": COMPRESSORS.describe(vision.compressor),
                         "projector": PROJECTORS.describe(vision.projector)}
+    if vision.classifier is not None:
+        from rrg3d.models.registry import config_to_dict
+
+        record["vision"]["classifier"] = config_to_dict(vision.classifier.config)
     return record
 
 

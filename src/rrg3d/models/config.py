@@ -3,10 +3,11 @@
 Built-in architectures live in ``rrg3d/configs/models/*.yaml`` (inside the package, so an installed rrg3d can build
 them by name); each full-size file has a ``tiny_*`` sibling that fast tests build. A config has five sections::
 
-    vision:     {encoder: {name: ctvit_v, ...}, compressor: {name: pool, ...}, projector: {name: mlp2x_gelu}}
+    vision:     {encoder: {name: ctvit_v, ...}, compressor: {name: pool, ...}, projector: {name: mlp2x_gelu},
+                 classifier: {hidden: 0} | null}
     lm:         {name_or_path: smollm2-135m-instruct, dtype: auto, lora: {r: 16, ...} | null, ...}
     preprocess: a preset name (``rrg3d presets``) or an inline preset mapping
-    prompt:     {system: ..., instruction: "<image>\\n..."}
+    prompt:     {system: ..., instruction: "<image>\\n...", findings: "...{findings}..." | null}
     generation: {max_new_tokens: 256, temperature: 0.0, top_p: 1.0, num_beams: 1, repetition_penalty: 1.0}
 """
 
@@ -35,6 +36,8 @@ class VisionConfig:
     encoder: dict[str, Any]
     compressor: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
     projector: dict[str, Any] = field(default_factory=lambda: {"name": "mlp2x_gelu"})
+    #: optional finding classifier on the encoder grid (:mod:`rrg3d.models.classifier`), e.g. ``{hidden: 0}``
+    classifier: dict[str, Any] | None = None
 
 
 @dataclass
@@ -43,10 +46,25 @@ class PromptConfig:
 
     system: str | None = "You are an expert radiologist. Write concise, accurate chest CT reports."
     instruction: str = IMAGE_TOKEN + "\nWrite the radiology report (findings and impression) for this chest CT."
+    #: diagnosis prompt: a line appended to the instruction with the classifier's calls, e.g. "Findings the image
+    #: classifier calls: {findings}." (needs ``vision.classifier``); None: no diagnosis prompt
+    findings: str | None = None
+    #: what ``{findings}`` becomes when the classifier calls nothing
+    no_findings: str = "none"
 
     def __post_init__(self) -> None:
         if self.instruction.count(IMAGE_TOKEN) != 1:
             raise ConfigError(f"prompt.instruction must contain {IMAGE_TOKEN} exactly once: {self.instruction!r}")
+        if self.findings is not None and (self.findings.count("{findings}") != 1 or IMAGE_TOKEN in self.findings):
+            raise ConfigError(f"prompt.findings must contain {{findings}} exactly once and no {IMAGE_TOKEN}: "
+                              f"{self.findings!r}")
+
+    def with_findings(self, instruction: str, findings: list[str]) -> str:
+        """``instruction`` followed by the diagnosis line for ``findings`` (unchanged without ``findings``)."""
+        if self.findings is None:
+            return instruction
+        called = ", ".join(name[0].lower() + name[1:] for name in findings) or self.no_findings
+        return f"{instruction}\n{self.findings.replace('{findings}', called)}"
 
 
 @dataclass
@@ -106,19 +124,28 @@ class ModelConfig:
             value = getattr(vision, part)
             if not isinstance(value, Mapping) or "name" not in value:
                 raise ConfigError(f"{source}: vision.{part} must be a mapping with a 'name' key")
+        if vision.classifier is not None:
+            if not isinstance(vision.classifier, Mapping):
+                raise ConfigError(f"{source}: vision.classifier must be a mapping (e.g. {{hidden: 0}}) or null")
+            from rrg3d.models.classifier import ClassifierConfig
+
+            config_from_mapping(ClassifierConfig, vision.classifier, where=f"{source}: vision.classifier")
         lm_data = dict(data.get("lm") or {})
         if lm_data.get("lora") is not None:
             lm_data["lora"] = config_from_mapping(LoraSettings, lm_data["lora"], where=f"{source}: lm.lora")
         preprocess = data.get("preprocess", "ctrate")
         if not isinstance(preprocess, (str, Mapping)):
             raise ConfigError(f"{source}: preprocess must be a preset name or a preset mapping")
+        prompt = config_from_mapping(PromptConfig, data.get("prompt") or {}, where=f"{source}: prompt")
+        if prompt.findings is not None and vision.classifier is None:
+            raise ConfigError(f"{source}: prompt.findings (a diagnosis prompt) needs vision.classifier")
         return cls(
             name=str(data["name"]),
             description=str(data.get("description") or ""),
             vision=vision,
             lm=config_from_mapping(LMConfig, lm_data, where=f"{source}: lm"),
             preprocess=preprocess if isinstance(preprocess, str) else dict(preprocess),
-            prompt=config_from_mapping(PromptConfig, data.get("prompt") or {}, where=f"{source}: prompt"),
+            prompt=prompt,
             generation=config_from_mapping(GenerationSettings, data.get("generation") or {},
                                            where=f"{source}: generation"),
         )

@@ -7,6 +7,10 @@ the vision tower yields for the input size, and the splice checks that count per
 Training batches (:meth:`ReportGenerator.training_batch`) carry labels on the report tokens and the end-of-turn token
 only; prompt, image and padding tokens are −100. A sample whose report would be cut away entirely raises instead of
 silently contributing no loss.
+
+With a finding classifier (``vision.classifier``) and a diagnosis prompt (``prompt.findings``), each sample's
+instruction gains a line listing the findings the classifier calls in its image — computed the same way in training
+(:meth:`ReportGenerator.report_batch`) and in generation, so the language model learns to read the calls it will get.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from torch import nn
 
 from rrg3d.errors import ConfigError
+from rrg3d.models.classifier import ClassifierConfig, FindingClassifier
 from rrg3d.models.config import GenerationSettings, ModelConfig, load_model_config
 from rrg3d.models.language import (
     IMAGE_TOKEN,
@@ -27,7 +32,7 @@ from rrg3d.models.language import (
     load_language_model,
     special_token_ids,
 )
-from rrg3d.models.registry import COMPRESSORS, ENCODERS, PROJECTORS
+from rrg3d.models.registry import COMPRESSORS, ENCODERS, PROJECTORS, config_from_mapping
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -41,13 +46,16 @@ def register_components() -> None:
 
 
 class VisionTower(nn.Module):
-    """Volume [B, C, D, H, W] → visual embeddings [B, N, lm_dim]."""
+    """Volume [B, C, D, H, W] → visual embeddings [B, N, lm_dim] (and, with a finding classifier, one logit per
+    finding from the same encoder pass: :meth:`encode`)."""
 
-    def __init__(self, encoder: nn.Module, compressor: nn.Module, projector: nn.Module) -> None:
+    def __init__(self, encoder: nn.Module, compressor: nn.Module, projector: nn.Module,
+                 classifier: FindingClassifier | None = None) -> None:
         super().__init__()
         self.encoder = encoder
         self.compressor = compressor
         self.projector = projector
+        self.classifier = classifier
 
     @classmethod
     def from_config(cls, vision: Any, lm_dim: int) -> VisionTower:
@@ -55,7 +63,11 @@ class VisionTower(nn.Module):
         encoder = ENCODERS.build(vision.encoder)
         compressor = COMPRESSORS.build(vision.compressor, in_dim=encoder.out_dim)
         projector = PROJECTORS.build(vision.projector, in_dim=compressor.out_dim, out_dim=lm_dim)
-        return cls(encoder, compressor, projector)
+        classifier = None
+        if getattr(vision, "classifier", None) is not None:
+            settings = config_from_mapping(ClassifierConfig, vision.classifier, where="vision.classifier")
+            classifier = FindingClassifier(encoder.out_dim, settings)
+        return cls(encoder, compressor, projector, classifier)
 
     def num_tokens(self, input_shape: Sequence[int]) -> int:
         """Visual embeddings per volume of spatial size ``(D, H, W)``."""
@@ -67,6 +79,13 @@ class VisionTower(nn.Module):
 
     def forward(self, volumes: torch.Tensor) -> torch.Tensor:
         return self.projector(self.features(volumes))
+
+    def encode(self, volumes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Visual embeddings [B, N, lm_dim] and finding logits [B, L] (None without a classifier), one encoder
+        pass for both."""
+        grid = self.encoder(volumes)
+        logits = self.classifier(grid) if self.classifier is not None else None
+        return self.projector(self.compressor(grid)), logits
 
     def unfitted_parts(self) -> list[str]:
         """Parts with data-dependent statistics not fitted yet: a PCA compressor, a standardising projector."""
@@ -154,8 +173,9 @@ class ReportGenerator(nn.Module):
 
     # -- trainability ---------------------------------------------------------------------------------------------
     def set_trainable(self, *, encoder: bool, compressor: bool = True, projector: bool = True,
-                      lm: str = "frozen") -> None:
-        """Freeze or unfreeze each part; ``lm`` is ``"frozen"``, ``"lora"`` (adapter only) or ``"full"``."""
+                      lm: str = "frozen", classifier: bool = False) -> None:
+        """Freeze or unfreeze each part; ``lm`` is ``"frozen"``, ``"lora"`` (adapter only) or ``"full"``;
+        ``classifier`` applies to a finding classifier when the tower has one."""
         if lm not in ("frozen", "lora", "full"):
             raise ConfigError(f"lm trainability must be frozen, lora or full, got {lm!r}")
         is_peft = hasattr(self.lm, "peft_config")
@@ -164,6 +184,8 @@ class ReportGenerator(nn.Module):
         self.vision.encoder.requires_grad_(encoder)
         self.vision.compressor.requires_grad_(compressor)
         self.vision.projector.requires_grad_(projector)
+        if self.vision.classifier is not None:
+            self.vision.classifier.requires_grad_(classifier)
         for name, parameter in self.lm.named_parameters():
             parameter.requires_grad_(lm == "full" or (lm == "lora" and "lora_" in name))
         if lm == "full":
@@ -173,6 +195,8 @@ class ReportGenerator(nn.Module):
         """Trainable parameter counts per part."""
         parts = {"encoder": self.vision.encoder, "compressor": self.vision.compressor,
                  "projector": self.vision.projector, "lm": self.lm}
+        if self.vision.classifier is not None:
+            parts["classifier"] = self.vision.classifier
         return {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in parts.items()}
 
     # -- prompts and batches --------------------------------------------------------------------------------------
@@ -215,6 +239,36 @@ class ReportGenerator(nn.Module):
             ids[i, width - len(row):] = torch.tensor(row)
             mask[i, width - len(row):] = 1
         return {"input_ids": ids, "attention_mask": mask}
+
+    @property
+    def uses_findings_prompt(self) -> bool:
+        """True when each prompt carries the finding classifier's calls (``prompt.findings``)."""
+        return self.config.prompt.findings is not None and self.vision.classifier is not None
+
+    def finding_instructions(self, logits: torch.Tensor | None,
+                             instructions: Sequence[str | None] | None = None) -> list[str | None] | None:
+        """Each sample's instruction with the diagnosis line for the findings its classifier logits call;
+        ``instructions`` unchanged without a diagnosis prompt."""
+        if not self.uses_findings_prompt or logits is None or self.vision.classifier is None:
+            return list(instructions) if instructions is not None else None
+        calls = self.vision.classifier.calls(logits)
+        base = list(instructions) if instructions is not None else [None] * len(calls)
+        if len(base) != len(calls):
+            raise ValueError(f"{len(base)} instructions for a batch of {len(calls)}")
+        return [self.config.prompt.with_findings(text or self.config.prompt.instruction, found)
+                for text, found in zip(base, calls, strict=True)]
+
+    def report_batch(self, volumes: torch.Tensor, reports: Sequence[str], *, max_length: int | None = None,
+                     instructions: Sequence[str | None] | None = None,
+                     ids: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """:meth:`training_batch` for these volumes: with a diagnosis prompt, each instruction lists the findings
+        the classifier calls in that volume (a gradient-free pass, as in generation)."""
+        if self.uses_findings_prompt:
+            with torch.no_grad():
+                _, logits = self.vision.encode(volumes.to(self.device))
+            instructions = self.finding_instructions(logits, instructions)
+        return self.training_batch(reports, self.num_image_tokens(volumes.shape[-3:]), max_length=max_length,
+                                   instructions=instructions, ids=ids)
 
     def training_batch(self, reports: Sequence[str], num_image_tokens: int, *, max_length: int | None = None,
                        instructions: Sequence[str | None] | None = None,
@@ -260,13 +314,21 @@ class ReportGenerator(nn.Module):
         return splice_visual(embeddings, input_ids, visual.to(embeddings.dtype), self.image_token_id)
 
     def forward(self, volumes: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor | None = None) -> Any:
-        """HF causal-LM output (``.loss`` when labels are given)."""
+                labels: torch.Tensor | None = None, finding_labels: torch.Tensor | None = None) -> Any:
+        """HF causal-LM output (``.loss`` when labels are given); with a finding classifier also
+        ``.finding_logits`` [B, L], and ``.classifier_loss`` when ``finding_labels`` [B, 18] (NaN: unknown) are
+        given."""
         device = self.device
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        inputs_embeds = self.embed(input_ids, volumes)
-        return self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                       labels=None if labels is None else labels.to(device))
+        visual, logits = self.vision.encode(volumes.to(device))
+        inputs_embeds = self.embed(input_ids, visual=visual)
+        output = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                         labels=None if labels is None else labels.to(device))
+        if logits is not None and self.vision.classifier is not None:
+            output.finding_logits = logits
+            if finding_labels is not None:
+                output.classifier_loss = self.vision.classifier.loss(logits, finding_labels)
+        return output
 
     # -- generation -------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -277,8 +339,8 @@ class ReportGenerator(nn.Module):
 
         settings = settings or self.config.generation
         volumes = volumes.to(self.device)
-        visual = self.vision(volumes)
-        batch = self.prompt_batch(visual.shape[1], volumes.shape[0], instructions)
+        visual, logits = self.vision.encode(volumes)
+        batch = self.prompt_batch(visual.shape[1], volumes.shape[0], self.finding_instructions(logits, instructions))
         input_ids = batch["input_ids"].to(self.device)
         inputs_embeds = self.embed(input_ids, visual=visual)
         return decode(self.lm, inputs_embeds, batch["attention_mask"].to(self.device), settings,

@@ -3,9 +3,12 @@
 * **build**: from ``model.init`` (a report-generator checkpoint, e.g. the align run's ``final/``) or from the
   architecture ``model.config`` (pretrained LM, LoRA when configured, fresh vision tower); ``model.vision_init``
   then loads a CT-CLIP run's encoder (its config must equal the model's ``vision.encoder``).
-* **loss**: the LM's next-token loss on report tokens only (``ReportGenerator.training_batch``).
-* **validation**: mean loss over the validation split; with ``train.eval_samples`` also a few greedy reports,
-  appended to ``RUN/samples.jsonl`` beside their references.
+* **loss**: the LM's next-token loss on report tokens only (``ReportGenerator.report_batch``), plus
+  ``model.classifier_weight`` × the finding classifier's cross-entropy on the manifest labels while it trains.
+* **validation**: mean loss over the validation split and the image gain; with a finding classifier its macro AUROC
+  and micro-F1 — a classifier in training first gets its decision threshold chosen there (best micro-F1), so the
+  final checkpoint calls findings at the threshold validated last; with ``train.eval_samples`` also a few greedy
+  reports, appended to ``RUN/samples.jsonl`` beside their references.
 * **checkpoint**: :func:`rrg3d.models.checkpoint.save_checkpoint`, recording the phase's preset as the model's
   preprocessing, so inference uses the resolution the model was last trained at.
 """
@@ -93,7 +96,7 @@ def build_report_generator(recipe: Recipe, final_preset: Any) -> nn.Module:
         model.vision.encoder.load_state_dict(state, strict=True)
         log.info("vision encoder initialised from the CT-CLIP checkpoint %s", source)
     model.set_trainable(encoder=bool(parts.encoder), compressor=bool(parts.compressor),
-                        projector=bool(parts.projector), lm=str(parts.lm))
+                        projector=bool(parts.projector), lm=str(parts.lm), classifier=bool(parts.classifier))
     if recipe.train.gradient_checkpointing:
         if hasattr(model.vision.encoder, "set_gradient_checkpointing"):
             model.vision.encoder.set_gradient_checkpointing(True)
@@ -131,14 +134,20 @@ def set_generator_preset(model: nn.Module, preset: Any) -> None:
 def generator_loss(model: nn.Module, raw: nn.Module, batch: dict[str, Any], recipe: Recipe) -> torch.Tensor:
     """Next-token loss on the report tokens of a batch (visual tokens for this batch's input size)."""
     volumes = batch["volumes"]
-    tokens = raw.training_batch(batch["reports"], raw.num_image_tokens(volumes.shape[-3:]),
-                                max_length=recipe.data.max_length, ids=batch["ids"])
-    output = model(volumes, tokens["input_ids"], tokens["attention_mask"], tokens["labels"])
+    tokens = raw.report_batch(volumes, batch["reports"], max_length=recipe.data.max_length, ids=batch["ids"])
+    classifier = raw.vision.classifier
+    train_classifier = classifier is not None and any(p.requires_grad for p in classifier.parameters())
+    output = model(volumes, tokens["input_ids"], tokens["attention_mask"], tokens["labels"],
+                   finding_labels=batch["labels"] if train_classifier else None)
+    if train_classifier:
+        return output.loss + recipe.model.classifier_weight * output.classifier_loss
     return output.loss
 
 
 def generator_frozen_modules(model: nn.Module) -> list[nn.Module]:
     parts = [model.vision.encoder, model.vision.compressor, model.vision.projector, model.lm]
+    if model.vision.classifier is not None:
+        parts.append(model.vision.classifier)
     return [m for m in parts if not any(p.requires_grad for p in m.parameters())]
 
 
@@ -154,13 +163,12 @@ def image_conditioned_losses(model: nn.Module, dataset: Any, batch_size: int, ma
     carry = dataset[len(dataset) - 1]["volume"][None] if len(dataset) > 1 else None
     for batch in iterate_batches(dataset, batch_size):
         volumes = batch["volumes"].to(device)
-        tokens = model.training_batch(batch["reports"], model.num_image_tokens(volumes.shape[-3:]),
-                                      max_length=max_length, ids=batch["ids"])
-        tokens = {k: v.to(device) for k, v in tokens.items()}
         with autocast():
+            tokens = model.report_batch(volumes, batch["reports"], max_length=max_length, ids=batch["ids"])
             losses.append(float(model(volumes, tokens["input_ids"], tokens["attention_mask"], tokens["labels"]).loss))
-            if carry is not None:
+            if carry is not None:  # the other study's image, and (with a diagnosis prompt) its classifier's calls
                 others = torch.cat([carry.to(device), volumes[:-1]])
+                tokens = model.report_batch(others, batch["reports"], max_length=max_length, ids=batch["ids"])
                 other_losses.append(float(model(others, tokens["input_ids"], tokens["attention_mask"],
                                                 tokens["labels"]).loss))
         carry = batch["volumes"][-1:]
@@ -177,13 +185,42 @@ def image_conditioned_losses(model: nn.Module, dataset: Any, batch_size: int, ma
 
 
 @torch.no_grad()
+def validate_classifier(model: nn.Module, dataset: Any, batch_size: int, context: RunContext) -> dict[str, float]:
+    """The finding classifier on the validation split: macro AUROC and micro-F1 at its threshold. A classifier
+    in training (trainable parameters) first gets its threshold re-chosen here (best validation micro-F1)."""
+    from rrg3d.train.metrics import zero_shot_auroc
+
+    classifier = model.vision.classifier
+    device = context.accelerator.device
+    logits, labels = [], []
+    for batch in iterate_batches(dataset, batch_size):
+        with context.accelerator.autocast():
+            _, batch_logits = model.vision.encode(batch["volumes"].to(device))
+        logits.append(batch_logits.float().cpu())
+        labels.append(batch["labels"])
+    all_logits, all_labels = torch.cat(logits), torch.cat(labels)
+    metrics: dict[str, float] = {}
+    if any(p.requires_grad for p in classifier.parameters()):
+        classifier.calibrate(all_logits, all_labels)
+    metrics["classifier_threshold"] = float(classifier.threshold)
+    auroc = zero_shot_auroc(torch.sigmoid(all_logits), classifier.targets(all_labels), names=classifier.labels)
+    if auroc["macro"] is not None:
+        metrics["classifier_auroc"] = float(auroc["macro"])
+    metrics["classifier_micro_f1"] = classifier.micro_f1(all_logits, all_labels)
+    return metrics
+
+
+@torch.no_grad()
 def validate_generator(model: nn.Module, dataset: Any, recipe: Recipe, context: RunContext) -> dict[str, float]:
     """Validation loss, the loss with other studies' images and the image gain (see
     :func:`image_conditioned_losses`), and a few greedy reports written to ``samples.jsonl`` when asked."""
-    losses = image_conditioned_losses(model, dataset, recipe.data.val_batch_size or recipe.data.batch_size,
-                                      recipe.data.max_length, context.accelerator.autocast,
+    batch_size = recipe.data.val_batch_size or recipe.data.batch_size
+    metrics: dict[str, float] = {}
+    if model.vision.classifier is not None:
+        metrics.update(validate_classifier(model, dataset, batch_size, context))
+    losses = image_conditioned_losses(model, dataset, batch_size, recipe.data.max_length, context.accelerator.autocast,
                                       context.accelerator.device)
-    metrics = {"val_loss": losses["loss"]}
+    metrics["val_loss"] = losses["loss"]
     if "image_gain" in losses:
         metrics["val_loss_other_image"] = losses["loss_other_image"]
         metrics["image_gain"] = losses["image_gain"]

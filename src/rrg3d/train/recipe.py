@@ -12,7 +12,8 @@ A recipe names the stage and everything the stage needs; every key has a default
       init: null                    # report-generator checkpoint to continue from (e.g. the align run's final/)
       vision_init: null             # CT-CLIP run or checkpoint whose encoder starts the vision tower
       lora: null                    # LoRA for sft {r, alpha, dropout, target_modules}; default: the architecture's
-      train: {encoder: null, compressor: null, projector: null, lm: null}   # null: the stage's default
+      train: {encoder: null, compressor: null, projector: null, classifier: null, lm: null}  # null: stage default
+      classifier_weight: 1.0        # weight of a finding classifier's cross-entropy beside the report loss
       clip: {pooling: mean, embed_dim: 512, text: null, ...}              # clip stage only
     data: {manifest: null, train_split: train, val_split: val, cache_dir: null, batch_size: 1, workers: 0, ...}
     optim: {lr: 2.0e-4, weight_decay: 0.0, scheduler: cosine, warmup_ratio: 0.03, max_grad_norm: 1.0, ...}
@@ -55,11 +56,13 @@ VOLATILE_KEYS = ("train.stop_after", "train.progress", "train.keep_last", "train
 
 @dataclass
 class TrainableParts:
-    """What the stage trains; ``None`` takes the stage's default (align: projector + compressor; sft: + LoRA)."""
+    """What the stage trains; ``None`` takes the stage's default (align: projector + compressor + a finding
+    classifier; sft: projector + compressor + LoRA, the classifier frozen so its calls stay as align calibrated)."""
 
     encoder: bool | None = None
     compressor: bool | None = None
     projector: bool | None = None
+    classifier: bool | None = None
     lm: Literal["frozen", "lora", "full"] | None = None
 
 
@@ -84,7 +87,12 @@ class ModelSection:
     vision_init: str | None = None
     lora: LoraSettings | None = None
     train: TrainableParts = field(default_factory=TrainableParts)
+    classifier_weight: float = 1.0  # the finding classifier's cross-entropy weight beside the report loss
     clip: ClipSettings = field(default_factory=ClipSettings)
+
+    def __post_init__(self) -> None:
+        if self.classifier_weight < 0:
+            raise ConfigError(f"model.classifier_weight must be >= 0, got {self.classifier_weight}")
 
 
 @dataclass
@@ -222,12 +230,13 @@ def resolved_trainable(stage: str, parts: TrainableParts, model: ModelSection) -
     if stage == "clip":
         return TrainableParts(encoder=True if parts.encoder is None else parts.encoder,
                               compressor=bool(parts.compressor), projector=bool(parts.projector),
-                              lm=parts.lm or "frozen")
+                              classifier=bool(parts.classifier), lm=parts.lm or "frozen")
     default_lm = "frozen" if stage == "align" else "lora"
     return TrainableParts(
         encoder=False if parts.encoder is None else parts.encoder,
         compressor=True if parts.compressor is None else parts.compressor,
         projector=True if parts.projector is None else parts.projector,
+        classifier=(stage == "align") if parts.classifier is None else parts.classifier,
         lm=parts.lm or default_lm,
     )
 

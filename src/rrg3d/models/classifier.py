@@ -1,0 +1,108 @@
+"""Finding classifier: a multi-label head on the encoder grid, whose calls become diagnosis prompts.
+
+Generated reports of a LLaVA-style model often follow the text prior more than the image; diagnosis-driven
+prompting (PromptMRG, Jin et al., AAAI 2024) closes part of that gap by classifying the image first and writing
+the positive findings into the prompt, so the language model conditions on an explicit, image-derived list.
+rrg3d's head reads the encoder grid ``[B, D, H, W, C]`` (mean- and max-pooled channels, then a linear layer or a
+one-hidden-layer MLP) and predicts the 18 CT-RATE abnormalities. It trains with a masked binary cross-entropy (labels
+unknown for a study, NaN, carry no loss) beside the report loss; its decision ``threshold`` is a buffer chosen on the
+validation split (:meth:`FindingClassifier.calibrate`), so a checkpoint calls findings exactly as it was validated.
+
+Enable it in a model config with ``vision.classifier: {hidden: 0}`` and ``prompt.findings: "...{findings}..."``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from rrg3d.data.adapters.ctrate import CTRATE_LABELS as LABEL_NAMES
+
+
+@dataclass
+class ClassifierConfig:
+    """``hidden`` 0: a linear head on the pooled grid; > 0: one hidden GELU layer of that width."""
+
+    hidden: int = 0
+    dropout: float = 0.0
+    labels: list[str] = field(default_factory=lambda: list(LABEL_NAMES))
+
+    def __post_init__(self) -> None:
+        if self.hidden < 0:
+            raise ValueError(f"vision.classifier.hidden must be >= 0, got {self.hidden}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"vision.classifier.dropout must be in [0, 1), got {self.dropout}")
+        unknown = sorted(set(self.labels) - set(LABEL_NAMES))
+        if unknown or not self.labels:
+            raise ValueError(f"vision.classifier.labels must be CT-RATE abnormalities; unknown: {unknown}")
+
+
+class FindingClassifier(nn.Module):
+    """Encoder grid ``[B, ..., C]`` → one logit per finding ``[B, L]``."""
+
+    def __init__(self, in_dim: int, config: ClassifierConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or ClassifierConfig()
+        self.labels = list(self.config.labels)
+        width = 2 * in_dim  # mean and max pooled
+        if self.config.hidden:
+            self.head: nn.Module = nn.Sequential(nn.LayerNorm(width), nn.Dropout(self.config.dropout),
+                                                 nn.Linear(width, self.config.hidden), nn.GELU(),
+                                                 nn.Linear(self.config.hidden, len(self.labels)))
+        else:
+            self.head = nn.Sequential(nn.LayerNorm(width), nn.Dropout(self.config.dropout),
+                                      nn.Linear(width, len(self.labels)))
+        self.register_buffer("threshold", torch.tensor(0.5))
+        #: dataset columns (in :data:`LABEL_NAMES` order) this head predicts, for picking its targets
+        self.register_buffer("columns", torch.tensor([LABEL_NAMES.index(n) for n in self.labels]), persistent=False)
+
+    def forward(self, grid: Tensor) -> Tensor:
+        if grid.dim() < 3:
+            raise ValueError(f"the classifier reads an encoder grid [B, ..., C], got shape {tuple(grid.shape)}")
+        tokens = grid.flatten(1, -2).float()
+        return self.head(torch.cat([tokens.mean(1), tokens.amax(1)], dim=-1))
+
+    def targets(self, labels: Tensor) -> Tensor:
+        """This head's columns of a dataset label matrix ``[B, 18]`` (NaN: unknown)."""
+        if labels.shape[-1] != len(LABEL_NAMES):
+            raise ValueError(f"finding labels must have {len(LABEL_NAMES)} columns, got {labels.shape[-1]}")
+        return labels.index_select(-1, self.columns.to(labels.device))
+
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Binary cross-entropy over the known labels of ``labels [B, 18]`` (0 with a graph when none is known)."""
+        targets = self.targets(labels.to(logits.device)).float()
+        known = ~torch.isnan(targets)
+        if not bool(known.any()):
+            return logits.float().sum() * 0.0
+        return nn.functional.binary_cross_entropy_with_logits(logits.float()[known], targets[known])
+
+    def calls(self, logits: Tensor) -> list[list[str]]:
+        """The findings called present (probability ≥ ``threshold``) for each study, in label order."""
+        present = torch.sigmoid(logits.float()) >= self.threshold.to(logits.device)
+        return [[name for name, on in zip(self.labels, row.tolist(), strict=True) if on] for row in present]
+
+    @torch.no_grad()
+    def micro_f1(self, logits: Tensor, labels: Tensor, threshold: float | None = None) -> float:
+        """Micro-F1 of the calls at ``threshold`` (default: the buffer) against ``labels [B, 18]`` (NaN ignored)."""
+        probs = torch.sigmoid(logits.float().cpu())
+        targets = self.targets(labels.cpu()).float()
+        known = ~torch.isnan(targets)
+        truth = targets.nan_to_num(0.0).bool() & known
+        called = (probs >= (float(self.threshold) if threshold is None else threshold)) & known
+        denominator = float(called.sum() + truth.sum())
+        return 2 * float((called & truth).sum()) / denominator if denominator else 0.0
+
+    @torch.no_grad()
+    def calibrate(self, logits: Tensor, labels: Tensor, grid: Sequence[float] | None = None) -> float:
+        """Set ``threshold`` to the value of ``grid`` (default 0.05 … 0.95) with the best micro-F1 on these studies
+        (NaN labels ignored; ties: the value nearest 0.5). Returns the threshold."""
+        best: tuple[float, float] = (-1.0, 0.5)
+        for value in grid or [round(0.05 * i, 2) for i in range(1, 20)]:
+            f1 = self.micro_f1(logits, labels, float(value))
+            if f1 > best[0] + 1e-12 or (abs(f1 - best[0]) <= 1e-12 and abs(value - 0.5) < abs(best[1] - 0.5)):
+                best = (f1, float(value))
+        self.threshold.fill_(best[1])
+        return best[1]

@@ -1,0 +1,143 @@
+"""The finding classifier and diagnosis prompts: masked loss, threshold calibration, the prompt line, the same calls
+in training batches and in generation, and checkpoints that carry the head and its threshold."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rrg3d.data.adapters.ctrate import CTRATE_LABELS
+from rrg3d.errors import ConfigError
+from rrg3d.models.classifier import ClassifierConfig, FindingClassifier
+from rrg3d.models.config import PromptConfig, load_model_config
+
+PROMPT = "Findings the image classifier calls: {findings}."
+
+
+def _config_with_classifier(**classifier):
+    config = load_model_config("tiny_ctvit_v").to_dict()
+    config["vision"]["classifier"] = classifier or {"hidden": 0}
+    config["prompt"]["findings"] = PROMPT
+    return load_model_config(config)
+
+
+def test_loss_is_the_cross_entropy_of_the_known_labels_only():
+    head = FindingClassifier(8)
+    logits = torch.randn(3, 18, requires_grad=True)
+    labels = torch.randint(0, 2, (3, 18)).float()
+    labels[0, :5] = math.nan
+    known = ~torch.isnan(labels)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits[known], labels[known])
+    torch.testing.assert_close(head.loss(logits, labels), expected)
+    nothing_known = head.loss(logits, torch.full((3, 18), math.nan))
+    assert float(nothing_known.detach()) == 0.0
+    nothing_known.backward()  # still part of the graph (no unused-parameter errors under DDP)
+    with pytest.raises(ValueError, match="18 columns"):
+        head.loss(logits, labels[:, :4])
+
+
+def test_a_head_on_some_labels_reads_their_columns():
+    head = FindingClassifier(4, ClassifierConfig(labels=["Lung nodule", "Emphysema"]))
+    grid = torch.randn(2, 3, 3, 3, 4)
+    assert head(grid).shape == (2, 2)
+    labels = torch.arange(18.0).expand(2, 18)
+    assert head.targets(labels)[0].tolist() == [CTRATE_LABELS.index("Lung nodule"), CTRATE_LABELS.index("Emphysema")]
+    with pytest.raises(ValueError, match="unknown"):
+        ClassifierConfig(labels=["Broken leg"])
+    with pytest.raises(ValueError, match="encoder grid"):
+        head(torch.randn(2, 4))
+
+
+def test_calibration_picks_the_threshold_with_the_best_micro_f1():
+    head = FindingClassifier(4)
+    labels = torch.zeros(4, 18)
+    labels[:2, 0] = 1  # two positives of label 0 at probability 0.45 and 0.4; negatives at 0.2 and 0.42
+    probs = torch.full((4, 18), 0.01)
+    probs[:, 0] = torch.tensor([0.45, 0.4, 0.2, 0.42])
+    logits = torch.logit(probs)
+    # 0.25 … 0.40 call both positives and one negative (F1 0.8, the best); of those, 0.4 is nearest 0.5
+    assert head.calibrate(logits, labels) == pytest.approx(0.4)
+    assert float(head.threshold) == pytest.approx(0.4)
+    assert head.micro_f1(logits, labels) == pytest.approx(0.8)
+    assert head.calls(logits)[0] == [CTRATE_LABELS[0]] and head.calls(logits)[2] == []
+    labels[3, 0] = math.nan  # an unknown label is neither a hit nor a false call
+    assert head.micro_f1(logits, labels) == pytest.approx(1.0)
+
+
+def test_the_prompt_line_and_config_errors(tmp_path):
+    prompt = PromptConfig(findings=PROMPT)
+    assert prompt.with_findings("<image>\nWrite.", ["Lung nodule", "Emphysema"]) == (
+        "<image>\nWrite.\nFindings the image classifier calls: lung nodule, emphysema.")
+    assert prompt.with_findings("<image>", []).endswith("calls: none.")
+    assert PromptConfig().with_findings("<image>", ["Lung nodule"]) == "<image>"
+    with pytest.raises(ConfigError, match="findings"):
+        PromptConfig(findings="no placeholder")
+    config = load_model_config("tiny_ctvit_v").to_dict()
+    config["prompt"]["findings"] = PROMPT
+    with pytest.raises(ConfigError, match=r"needs vision\.classifier"):
+        load_model_config(config)
+    config["vision"]["classifier"] = {"hidden": -1}
+    with pytest.raises(ConfigError, match="hidden"):
+        load_model_config(config)
+    config["vision"]["classifier"] = {"hiden": 2}
+    with pytest.raises(ConfigError, match="hiden"):
+        load_model_config(config)
+
+
+@pytest.fixture(scope="module")
+def model():
+    pytest.importorskip("transformers")
+    from rrg3d.models.vlm import ReportGenerator
+
+    return ReportGenerator.from_config(_config_with_classifier(hidden=8), seed=0).eval()
+
+
+def test_training_and_generation_prompts_carry_the_same_calls(model, monkeypatch):
+    volumes = torch.rand(2, 1, 32, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model.vision.encode(volumes)[1]
+    model.vision.classifier.threshold.fill_(float(torch.sigmoid(logits[0]).median()))
+    calls = model.vision.classifier.calls(logits)
+    assert calls[0] and len(calls[0]) < 18
+    batch = model.report_batch(volumes, ["Report one.", "Report two."], max_length=400)
+    text = model.tokenizer.decode(batch["input_ids"][0][batch["labels"][0] == -100])
+    expected = ", ".join(name[0].lower() + name[1:] for name in calls[0])
+    assert f"calls: {expected}." in text
+    seen = []
+    original = model.prompt_batch
+    monkeypatch.setattr(model, "prompt_batch", lambda n, b, instructions=None: seen.append(instructions)
+                        or original(n, b, instructions))
+    model.generate_ids(volumes, model.config.generation.replace(max_new_tokens=2))
+    assert seen[0] == model.finding_instructions(logits)
+    assert seen[0][0].endswith(f"calls: {expected}.")
+    model.vision.classifier.threshold.fill_(2.0)  # calls nothing
+    assert model.finding_instructions(logits)[1].endswith("calls: none.")
+    model.vision.classifier.threshold.fill_(0.5)
+
+
+def test_forward_returns_the_classifier_loss_and_checkpoints_keep_the_head(model, tmp_path):
+    from rrg3d.models.checkpoint import load_checkpoint, read_manifest, save_checkpoint
+
+    volumes = torch.rand(2, 1, 32, 64, 64, generator=torch.Generator().manual_seed(1))
+    model.set_trainable(encoder=False, lm="lora", classifier=True)
+    assert model.trainable_parameters()["classifier"] > 0
+    batch = model.report_batch(volumes, ["Report one.", "Report two."])
+    labels = torch.randint(0, 2, (2, 18)).float()
+    output = model(volumes, batch["input_ids"], batch["attention_mask"], batch["labels"], finding_labels=labels)
+    assert output.finding_logits.shape == (2, 18)
+    torch.testing.assert_close(output.classifier_loss, model.vision.classifier.loss(output.finding_logits, labels))
+    (output.loss + output.classifier_loss).backward()
+    assert model.vision.classifier.head[-1].weight.grad is not None
+    model.zero_grad(set_to_none=True)
+    model.set_trainable(encoder=False, lm="lora", classifier=False)
+    model.vision.classifier.threshold.fill_(0.35)
+    path = save_checkpoint(model, tmp_path / "ckpt")
+    assert read_manifest(path)["model"]["vision"]["classifier"]["hidden"] == 8
+    loaded = load_checkpoint(path)
+    assert float(loaded.vision.classifier.threshold) == pytest.approx(0.35)
+    for key, value in model.vision.classifier.state_dict().items():
+        assert torch.equal(loaded.vision.classifier.state_dict()[key], value), key
+    assert loaded.uses_findings_prompt
+    model.vision.classifier.threshold.fill_(0.5)
