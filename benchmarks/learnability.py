@@ -57,7 +57,7 @@ def generator_architecture(architecture: str, work: Path, args: argparse.Namespa
 
     config = load_model_config(architecture).to_dict()
     config["name"] = f"{config['name']}_findings"
-    config["vision"]["classifier"] = {"hidden": 0}
+    config["vision"]["classifier"] = {"hidden": 0, "histogram_bins": args.histogram_bins}
     config["prompt"]["findings"] = FINDINGS_PROMPT
     path = work / "configs" / f"{config['name']}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,9 +65,34 @@ def generator_architecture(architecture: str, work: Path, args: argparse.Namespa
     return str(path)
 
 
+def finished_or_train(name: str, overrides: list[str], metrics: dict[str, Any] | None = None) -> Path:
+    """The final checkpoint of this exact recipe: reused when an earlier run of it finished (same fingerprint; its
+    last validation metrics go into ``metrics``), trained otherwise. A rerun thus redoes only what changed."""
+    import csv
+
+    from rrg3d.train import train
+    from rrg3d.train.recipe import load_recipe, recipe_from_yaml
+
+    recipe = load_recipe(name, overrides)
+    folder = recipe.output_dir
+    config, log = folder / "config.yaml", folder / "eval_log.csv"
+    if (folder / "final" / "rrg3d.yaml").is_file() and config.is_file() and \
+            recipe_from_yaml(config.read_text(encoding="utf-8")).fingerprint() == recipe.fingerprint():
+        print(f"reusing the finished run {folder}", flush=True)
+        if metrics is not None and log.is_file():
+            with open(log, encoding="utf-8") as handle:
+                rows = list(csv.DictReader(handle))
+            metrics.update({k: float(v) for k, v in (rows[-1] if rows else {}).items()
+                            if v not in ("", None) and k not in ("step", "phase")})
+        return folder / "final"
+    result = train(recipe)
+    if metrics is not None:
+        metrics.update(result.metrics)
+    return Path(result.final)
+
+
 def train_arm(architecture: str, manifest: Path, run_dir: Path, args: argparse.Namespace, blank: bool,
               clip_metrics: dict[str, Any]) -> Path:
-    from rrg3d.train import run_recipe, train
 
     generator = generator_architecture(architecture, run_dir.parent.parent, args)
     common = [f"model.config={architecture}", f"data.manifest={manifest}", f"data.report_field={args.field}",
@@ -80,25 +105,25 @@ def train_arm(architecture: str, manifest: Path, run_dir: Path, args: argparse.N
     vision_init = []
     if args.clip_steps > 0 and not blank:  # CT-CLIP pretraining of the encoder on the training split's reports
         # (the zeros arm skips it: an encoder that only ever sees zeros gives the LM one constant input anyway)
-        clip = train("tiny_clip", [*common, f"run_dir={run_dir / 'clip'}", f"phases.0.steps={args.clip_steps}",
-                                   f"data.batch_size={args.clip_batch_size}", f"optim.lr={args.clip_lr}",
-                                   "optim.weight_decay=0.05", "model.clip.pooling=meanmax",
-                                   "model.clip.embed_dim=128", f"model.clip.train_text={str(args.clip_text).lower()}",
-                                   "data.max_val_samples=200", f"data.augment.enabled={str(args.augment).lower()}"])
-        clip_metrics.update(clip.metrics)
-        vision_init = [f"model.vision_init={clip.final}"]
+        clip = finished_or_train("tiny_clip", [
+            *common, f"run_dir={run_dir / 'clip'}", f"phases.0.steps={args.clip_steps}",
+            f"data.batch_size={args.clip_batch_size}", f"optim.lr={args.clip_lr}", "optim.weight_decay=0.05",
+            "model.clip.pooling=meanmax", "model.clip.embed_dim=128",
+            f"model.clip.train_text={str(args.clip_text).lower()}", "data.max_val_samples=200",
+            f"data.augment.enabled={str(args.augment).lower()}"], clip_metrics)
+        vision_init = [f"model.vision_init={clip}"]
     common[0] = f"model.config={generator}"  # CLIP trained the encoder alone; the generator may add a classifier
     # a finding classifier trains in align beside the projector, at a higher rate (a linear head on frozen features
     # would not converge in a few hundred steps of batch 4 at the projector's rate)
     classifier_rate = [f"optim.lr_multipliers={{vision.classifier: {args.classifier_lr_mult}}}"]
-    align = run_recipe("tiny_align", [*common, *vision_init, f"run_dir={run_dir / 'align'}",
-                                      *(classifier_rate if args.findings_prompt else []),
-                                      f"phases.0.steps={args.align_steps}", f"optim.lr={args.align_lr}"])
-    return run_recipe("tiny_sft", [*common, f"run_dir={run_dir / 'sft'}", f"model.init={align}",
-                                   f"model.train.encoder={str(args.sft_encoder_lr > 0).lower()}",
-                                   f"optim.lr_multipliers={{vision.encoder: {args.sft_encoder_lr}}}"
-                                   if args.sft_encoder_lr > 0 else "optim.lr_multipliers={}",
-                                   f"phases.0.steps={args.sft_steps}", f"optim.lr={args.sft_lr}"])
+    align = finished_or_train("tiny_align", [*common, *vision_init, f"run_dir={run_dir / 'align'}",
+                                             *(classifier_rate if args.findings_prompt else []),
+                                             f"phases.0.steps={args.align_steps}", f"optim.lr={args.align_lr}"])
+    return finished_or_train("tiny_sft", [*common, f"run_dir={run_dir / 'sft'}", f"model.init={align}",
+                                          f"model.train.encoder={str(args.sft_encoder_lr > 0).lower()}",
+                                          f"optim.lr_multipliers={{vision.encoder: {args.sft_encoder_lr}}}"
+                                          if args.sft_encoder_lr > 0 else "optim.lr_multipliers={}",
+                                          f"phases.0.steps={args.sft_steps}", f"optim.lr={args.sft_lr}"])
 
 
 def visual_token_stats(model: Any, dataset: Any, count: int = 32) -> dict[str, float]:
@@ -212,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--findings-prompt", action="store_true",
                         help="diagnosis prompting: a finding classifier on the encoder grid (trained in align beside "
                              "the projector, threshold chosen on val) whose calls every prompt lists")
+    parser.add_argument("--histogram-bins", type=int, default=32,
+                        help="with --findings-prompt: bins of the classifier's input-intensity histogram (0: none)")
     parser.add_argument("--classifier-lr-mult", type=float, default=10.0,
                         help="with --findings-prompt: the classifier's lr in align as a multiple of --align-lr")
     parser.add_argument("--max-length", type=int, default=None,

@@ -10,7 +10,7 @@ import torch
 
 from rrg3d.data.adapters.ctrate import CTRATE_LABELS
 from rrg3d.errors import ConfigError
-from rrg3d.models.classifier import ClassifierConfig, FindingClassifier
+from rrg3d.models.classifier import ClassifierConfig, FindingClassifier, soft_histogram
 from rrg3d.models.config import PromptConfig, load_model_config
 
 PROMPT = "Findings the image classifier calls: {findings}."
@@ -48,6 +48,22 @@ def test_a_head_on_some_labels_reads_their_columns():
         ClassifierConfig(labels=["Broken leg"])
     with pytest.raises(ValueError, match="encoder grid"):
         head(torch.randn(2, 4))
+
+
+def test_the_intensity_histogram_counts_voxels_per_bin_and_channel():
+    volumes = torch.full((2, 2, 4, 4, 4), 0.05)  # the centre of bin 0 of 10 over [0, 1]
+    volumes[0, 0, :2] = 0.95  # half the voxels of channel 0 of study 0 at the centre of bin 9
+    volumes[1] = 0.5
+    histogram = soft_histogram(volumes, 10, (0.0, 1.0)).reshape(2, 2, 10)
+    torch.testing.assert_close(histogram.sum(-1), torch.ones(2, 2))
+    assert histogram[0, 0, 0] > 0.4 and histogram[0, 0, 9] > 0.4 and histogram[0, 0, 1:9].sum() < 0.2
+    assert histogram[0, 1].argmax() == 0 and histogram[1, 0, 4] == histogram[1, 0, 5]  # 0.5 sits between two bins
+    head = FindingClassifier(4, ClassifierConfig(histogram_bins=10), in_channels=2)
+    assert head(torch.randn(2, 3, 3, 3, 4), volumes).shape == (2, 18)
+    with pytest.raises(ValueError, match="pass the volumes"):
+        head(torch.randn(2, 3, 3, 3, 4))
+    with pytest.raises(ValueError, match="histogram_range"):
+        ClassifierConfig(histogram_bins=4, histogram_range=(1.0, 0.0))
 
 
 def test_calibration_picks_the_threshold_with_the_best_micro_f1():
@@ -91,7 +107,7 @@ def model():
     pytest.importorskip("transformers")
     from rrg3d.models.vlm import ReportGenerator
 
-    return ReportGenerator.from_config(_config_with_classifier(hidden=8), seed=0).eval()
+    return ReportGenerator.from_config(_config_with_classifier(hidden=8, histogram_bins=16), seed=0).eval()
 
 
 def test_training_and_generation_prompts_carry_the_same_calls(model, monkeypatch):
@@ -141,3 +157,36 @@ def test_forward_returns_the_classifier_loss_and_checkpoints_keep_the_head(model
         assert torch.equal(loaded.vision.classifier.state_dict()[key], value), key
     assert loaded.uses_findings_prompt
     model.vision.classifier.threshold.fill_(0.5)
+
+
+def test_predictions_record_what_the_classifier_called(model, tmp_path):
+    import json
+
+    import nibabel as nib
+    import numpy as np
+
+    from rrg3d.models.inference import generate_reports
+
+    scan = tmp_path / "scan.nii.gz"
+    hu = np.random.default_rng(0).uniform(-1000, 400, (40, 48, 24)).astype(np.int16)
+    nib.save(nib.Nifti1Image(hu, np.diag([0.8, 0.8, 2.5, 1.0])), scan)
+    out = tmp_path / "pred.jsonl"
+    generate_reports(model, [scan], out, settings=model.config.generation.replace(max_new_tokens=2), progress=False)
+    record = json.loads(out.read_text())
+    found = record["meta"]["findings_classifier"]
+    assert set(found["probabilities"]) == set(CTRATE_LABELS) and found["threshold"] == 0.5
+    assert found["called"] == [n for n in CTRATE_LABELS if found["probabilities"][n] >= 0.5]
+
+
+def test_outputs_survive_accelerates_fp32_conversion():
+    """Under autocast accelerate rebuilds the forward's output mapping; the classifier's entries must stay."""
+    from accelerate.utils import convert_to_fp32
+
+    from rrg3d.models.vlm import GeneratorOutput
+
+    output = GeneratorOutput(loss=torch.tensor(1.0, dtype=torch.bfloat16), classifier_loss=torch.tensor(0.5))
+    converted = convert_to_fp32(output)
+    assert isinstance(converted, GeneratorOutput) and converted.loss.dtype == torch.float32
+    assert float(converted.classifier_loss) == 0.5 and converted.finding_logits is None
+    with pytest.raises(AttributeError, match="holds"):
+        converted.no_such_output  # noqa: B018

@@ -197,7 +197,7 @@ def test_align_trains_and_calibrates_a_finding_classifier_and_sft_keeps_it(tmp_p
     arch["prompt"]["findings"] = "Findings the image classifier calls: {findings}."
     (tmp_path / "arch.yaml").write_text(yaml.safe_dump(arch))
     quick = [*base_overrides, f"model.config={tmp_path / 'arch.yaml'}", "data.batch_size=2", "data.max_length=256",
-             "data.max_val_samples=1", "optim.lr_multipliers={vision.classifier: 10}"]
+             "data.max_val_samples=1", "train.mixed_precision=bf16", "optim.lr_multipliers={vision.classifier: 10}"]
     align = train("tiny_align", [*quick, "phases.0.steps=2", f"run_dir={tmp_path / 'a'}"])
     fresh = ReportGenerator.from_config(str(tmp_path / "arch.yaml"), seed=0).vision.classifier
     trained = align.model.vision.classifier

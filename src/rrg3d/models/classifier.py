@@ -4,11 +4,17 @@ Generated reports of a LLaVA-style model often follow the text prior more than t
 prompting (PromptMRG, Jin et al., AAAI 2024) closes part of that gap by classifying the image first and writing
 the positive findings into the prompt, so the language model conditions on an explicit, image-derived list.
 rrg3d's head reads the encoder grid ``[B, D, H, W, C]`` (mean- and max-pooled channels, then a linear layer or a
-one-hidden-layer MLP) and predicts the 18 CT-RATE abnormalities. It trains with a masked binary cross-entropy (labels
-unknown for a study, NaN, carry no loss) beside the report loss; its decision ``threshold`` is a buffer chosen on the
-validation split (:meth:`FindingClassifier.calibrate`), so a checkpoint calls findings exactly as it was validated.
+one-hidden-layer MLP) and predicts the 18 CT-RATE abnormalities. With ``histogram_bins`` it also reads a soft
+intensity histogram of the input volume (fixed Gaussian bins over the preset's output range, per channel: the
+first-order statistics of radiomics). Diffuse density changes (emphysema, mosaic attenuation, ground glass) shift
+that histogram while a small CNN trained for minutes pools them away; the two feature sets are complementary.
 
-Enable it in a model config with ``vision.classifier: {hidden: 0}`` and ``prompt.findings: "...{findings}..."``.
+The head trains with a masked binary cross-entropy (labels unknown for a study, NaN, carry no loss) beside the report
+loss; its decision ``threshold`` is a buffer chosen on the validation split (:meth:`FindingClassifier.calibrate`),
+so a checkpoint calls findings exactly as it was validated.
+
+Enable it in a model config with ``vision.classifier: {hidden: 0, histogram_bins: 32}`` and
+``prompt.findings: "...{findings}..."``.
 """
 
 from __future__ import annotations
@@ -28,9 +34,18 @@ class ClassifierConfig:
 
     hidden: int = 0
     dropout: float = 0.0
+    #: > 0: a soft histogram of the input intensities with this many bins joins the pooled encoder features
+    histogram_bins: int = 0
+    #: the intensity range the bins cover (the preset's output range)
+    histogram_range: tuple[float, float] = (0.0, 1.0)
     labels: list[str] = field(default_factory=lambda: list(LABEL_NAMES))
 
     def __post_init__(self) -> None:
+        self.histogram_range = (float(self.histogram_range[0]), float(self.histogram_range[1]))
+        if self.histogram_bins < 0:
+            raise ValueError(f"vision.classifier.histogram_bins must be >= 0, got {self.histogram_bins}")
+        if not self.histogram_range[0] < self.histogram_range[1]:
+            raise ValueError(f"vision.classifier.histogram_range must be (low, high), got {self.histogram_range}")
         if self.hidden < 0:
             raise ValueError(f"vision.classifier.hidden must be >= 0, got {self.hidden}")
         if not 0 <= self.dropout < 1:
@@ -40,14 +55,28 @@ class ClassifierConfig:
             raise ValueError(f"vision.classifier.labels must be CT-RATE abnormalities; unknown: {unknown}")
 
 
-class FindingClassifier(nn.Module):
-    """Encoder grid ``[B, ..., C]`` → one logit per finding ``[B, L]``."""
+def soft_histogram(volumes: Tensor, bins: int, value_range: tuple[float, float]) -> Tensor:
+    """Share of voxels near each of ``bins`` equally spaced centres (Gaussian kernels, σ half a bin), per channel:
+    ``[B, C, D, H, W]`` → ``[B, C × bins]``; each channel's row sums to about 1. No gradient flows (fixed bins)."""
+    low, high = value_range
+    step = (high - low) / bins
+    with torch.no_grad():
+        values = volumes.float().flatten(2)  # [B, C, V]
+        rows = [torch.exp(-2.0 * ((values - (low + (k + 0.5) * step)) / step) ** 2).mean(-1) for k in range(bins)]
+        histogram = torch.stack(rows, dim=-1)  # one bin at a time: memory stays one volume's size
+        histogram = histogram / histogram.sum(-1, keepdim=True).clamp_min(1e-12)
+    return histogram.flatten(1)
 
-    def __init__(self, in_dim: int, config: ClassifierConfig | None = None) -> None:
+
+class FindingClassifier(nn.Module):
+    """Encoder grid ``[B, ..., C]`` (and, with histogram bins, the input volumes) → one logit per finding
+    ``[B, L]``."""
+
+    def __init__(self, in_dim: int, config: ClassifierConfig | None = None, in_channels: int = 1) -> None:
         super().__init__()
         self.config = config or ClassifierConfig()
         self.labels = list(self.config.labels)
-        width = 2 * in_dim  # mean and max pooled
+        width = 2 * in_dim + in_channels * self.config.histogram_bins  # mean and max pooled (+ histogram)
         if self.config.hidden:
             self.head: nn.Module = nn.Sequential(nn.LayerNorm(width), nn.Dropout(self.config.dropout),
                                                  nn.Linear(width, self.config.hidden), nn.GELU(),
@@ -59,11 +88,16 @@ class FindingClassifier(nn.Module):
         #: dataset columns (in :data:`LABEL_NAMES` order) this head predicts, for picking its targets
         self.register_buffer("columns", torch.tensor([LABEL_NAMES.index(n) for n in self.labels]), persistent=False)
 
-    def forward(self, grid: Tensor) -> Tensor:
+    def forward(self, grid: Tensor, volumes: Tensor | None = None) -> Tensor:
         if grid.dim() < 3:
             raise ValueError(f"the classifier reads an encoder grid [B, ..., C], got shape {tuple(grid.shape)}")
         tokens = grid.flatten(1, -2).float()
-        return self.head(torch.cat([tokens.mean(1), tokens.amax(1)], dim=-1))
+        features = [tokens.mean(1), tokens.amax(1)]
+        if self.config.histogram_bins:
+            if volumes is None:
+                raise ValueError("this classifier reads an intensity histogram of the input: pass the volumes")
+            features.append(soft_histogram(volumes, self.config.histogram_bins, self.config.histogram_range))
+        return self.head(torch.cat(features, dim=-1))
 
     def targets(self, labels: Tensor) -> Tensor:
         """This head's columns of a dataset label matrix ``[B, 18]`` (NaN: unknown)."""

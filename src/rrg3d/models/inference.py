@@ -183,11 +183,15 @@ def generate_reports(model: Any, inputs: Sequence[str | os.PathLike[str]], out: 
         if not ready:
             continue
         tick = time.perf_counter()
-        reports = model.generate(torch.from_numpy(np.stack(arrays)), settings)
+        volumes = torch.from_numpy(np.stack(arrays))
+        reports = model.generate(volumes, settings)
         seconds = (time.perf_counter() - tick) / len(ready)
-        for study, report in zip(ready, reports, strict=True):
+        # with a finding classifier: its probabilities and the calls the diagnosis prompt listed
+        classified = model.classify(volumes) if getattr(model.vision, "classifier", None) is not None else None
+        for index, (study, report) in enumerate(zip(ready, reports, strict=True)):
+            extra = {"findings_classifier": classified[index]} if classified is not None else {}
             emit({"id": study.id, "report": report,
-                  "meta": {"source": study.source, **meta_common, "seconds": round(seconds, 3)}})
+                  "meta": {"source": study.source, **meta_common, "seconds": round(seconds, 3), **extra}})
             summary.written += 1
             bar.update(1)
     bar.close()

@@ -45,6 +45,22 @@ def register_components() -> None:
     import rrg3d.models.projector  # noqa: F401
 
 
+class GeneratorOutput(dict):
+    """What :meth:`ReportGenerator.forward` returns: the LM's outputs (``loss``, ``logits``, ...) and, with a finding
+    classifier, ``finding_logits`` and ``classifier_loss``; keys read as attributes, absent optional ones as None.
+    A plain mapping, so wrappers that rebuild outputs (accelerate's fp32 conversion under autocast) keep every key."""
+
+    OPTIONAL = ("loss", "logits", "past_key_values", "hidden_states", "attentions", "finding_logits",
+                "classifier_loss")
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self:
+            return self[name]
+        if name in self.OPTIONAL:
+            return None
+        raise AttributeError(f"{type(self).__name__} has no {name!r}; it holds {sorted(self)}")
+
+
 class VisionTower(nn.Module):
     """Volume [B, C, D, H, W] → visual embeddings [B, N, lm_dim] (and, with a finding classifier, one logit per
     finding from the same encoder pass: :meth:`encode`)."""
@@ -66,7 +82,8 @@ class VisionTower(nn.Module):
         classifier = None
         if getattr(vision, "classifier", None) is not None:
             settings = config_from_mapping(ClassifierConfig, vision.classifier, where="vision.classifier")
-            classifier = FindingClassifier(encoder.out_dim, settings)
+            channels = int(getattr(encoder, "in_channels", 1))
+            classifier = FindingClassifier(encoder.out_dim, settings, in_channels=channels)
         return cls(encoder, compressor, projector, classifier)
 
     def num_tokens(self, input_shape: Sequence[int]) -> int:
@@ -84,7 +101,7 @@ class VisionTower(nn.Module):
         """Visual embeddings [B, N, lm_dim] and finding logits [B, L] (None without a classifier), one encoder
         pass for both."""
         grid = self.encoder(volumes)
-        logits = self.classifier(grid) if self.classifier is not None else None
+        logits = self.classifier(grid, volumes) if self.classifier is not None else None
         return self.projector(self.compressor(grid)), logits
 
     def unfitted_parts(self) -> list[str]:
@@ -315,19 +332,19 @@ class ReportGenerator(nn.Module):
 
     def forward(self, volumes: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor | None = None, finding_labels: torch.Tensor | None = None) -> Any:
-        """HF causal-LM output (``.loss`` when labels are given); with a finding classifier also
-        ``.finding_logits`` [B, L], and ``.classifier_loss`` when ``finding_labels`` [B, 18] (NaN: unknown) are
-        given."""
+        """The LM's outputs as a :class:`GeneratorOutput` (``.loss`` when labels are given); with a finding classifier
+        also ``.finding_logits`` [B, L], and ``.classifier_loss`` when ``finding_labels`` [B, 18] (NaN: unknown)
+        are given."""
         device = self.device
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         visual, logits = self.vision.encode(volumes.to(device))
         inputs_embeds = self.embed(input_ids, visual=visual)
-        output = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                         labels=None if labels is None else labels.to(device))
+        output = GeneratorOutput(self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                         labels=None if labels is None else labels.to(device)))
         if logits is not None and self.vision.classifier is not None:
-            output.finding_logits = logits
+            output["finding_logits"] = logits
             if finding_labels is not None:
-                output.classifier_loss = self.vision.classifier.loss(logits, finding_labels)
+                output["classifier_loss"] = self.vision.classifier.loss(logits, finding_labels)
         return output
 
     # -- generation -------------------------------------------------------------------------------------------
@@ -345,6 +362,26 @@ class ReportGenerator(nn.Module):
         inputs_embeds = self.embed(input_ids, visual=visual)
         return decode(self.lm, inputs_embeds, batch["attention_mask"].to(self.device), settings,
                       eos_ids=self.eos_ids, pad_id=int(self.tokenizer.pad_token_id), suppress_ids=self.suppress_ids)
+
+    @torch.inference_mode()
+    def classify(self, volumes: torch.Tensor) -> list[dict[str, Any]] | None:
+        """The finding classifier's view of each volume — ``{"threshold", "probabilities": {label: p}, "called":
+        [labels]}``, what a diagnosis prompt lists — or None without a classifier."""
+        classifier = self.vision.classifier
+        if classifier is None:
+            return None
+        was_training = self.training
+        self.eval()
+        try:
+            logits = self.vision.encode(volumes.to(self.device))[1].float().cpu()
+        finally:
+            self.train(was_training)
+        threshold = float(classifier.threshold)
+        return [{"threshold": threshold,
+                 "probabilities": {n: round(float(p), 4) for n, p in zip(classifier.labels, row.sigmoid().tolist(),
+                                                                          strict=True)},
+                 "called": called}
+                for row, called in zip(logits, classifier.calls(logits), strict=True)]
 
     def decode_text(self, token_ids: torch.Tensor) -> list[str]:
         return [str(t).strip() for t in self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
