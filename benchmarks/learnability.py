@@ -98,7 +98,7 @@ def train_arm(architecture: str, manifest: Path, run_dir: Path, args: argparse.N
     common = [f"model.config={architecture}", f"data.manifest={manifest}", f"data.report_field={args.field}",
               f"data.blank_images={str(blank).lower()}", f"data.batch_size={args.batch_size}",
               f"data.cache_dir={run_dir.parent.parent / 'cache'}", f"data.max_length={args.max_length}",
-              f"seed={args.seed}",
+              f"seed={args.seed}", "data.max_val_samples=null",  # validate on the whole validation split
               "train.progress=false", "train.save_every=0", f"train.threads={os.cpu_count() or 1}",
               f"train.mixed_precision={args.mixed_precision}",
               "phases.0.preset=null"]  # every stage at the architecture's own preset (the tiny recipes name tiny)
@@ -113,9 +113,10 @@ def train_arm(architecture: str, manifest: Path, run_dir: Path, args: argparse.N
             f"data.augment.enabled={str(args.augment).lower()}"], clip_metrics)
         vision_init = [f"model.vision_init={clip}"]
     common[0] = f"model.config={generator}"  # CLIP trained the encoder alone; the generator may add a classifier
-    # a finding classifier trains in align beside the projector, at a higher rate (a linear head on frozen features
-    # would not converge in a few hundred steps of batch 4 at the projector's rate)
-    classifier_rate = [f"optim.lr_multipliers={{vision.classifier: {args.classifier_lr_mult}}}"]
+    # a finding classifier is fitted on every training study before align (its probe), then trains beside the
+    # projector; its threshold is chosen on the whole validation split
+    classifier_rate = [f"optim.lr_multipliers={{vision.classifier: {args.classifier_lr_mult}}}",
+                       f"data.fit_samples={args.phantoms}"]
     align = finished_or_train("tiny_align", [*common, *vision_init, f"run_dir={run_dir / 'align'}",
                                              *(classifier_rate if args.findings_prompt else []),
                                              f"phases.0.steps={args.align_steps}", f"optim.lr={args.align_lr}"])
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                              "the projector, threshold chosen on val) whose calls every prompt lists")
     parser.add_argument("--histogram-bins", type=int, default=32,
                         help="with --findings-prompt: bins of the classifier's input-intensity histogram (0: none)")
-    parser.add_argument("--classifier-lr-mult", type=float, default=10.0,
+    parser.add_argument("--classifier-lr-mult", type=float, default=1.0,
                         help="with --findings-prompt: the classifier's lr in align as a multiple of --align-lr")
     parser.add_argument("--max-length", type=int, default=None,
                         help="token budget of prompt + report (default 160; 256 with --findings-prompt)")

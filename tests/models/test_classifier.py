@@ -190,3 +190,26 @@ def test_outputs_survive_accelerates_fp32_conversion():
     assert float(converted.classifier_loss) == 0.5 and converted.finding_logits is None
     with pytest.raises(AttributeError, match="holds"):
         converted.no_such_output  # noqa: B018
+
+
+def test_fit_standardises_the_features_and_learns_the_labels():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 2, (200, 18), generator=generator).float()
+    signal = labels[:, :4] * 0.01  # tiny-scale features that carry labels 0-3 (like histogram shares)
+    features = torch.cat([signal + 0.002 * torch.randn(200, 4, generator=generator),
+                          5 + 3 * torch.randn(200, 6, generator=generator)], dim=1)  # large-scale noise
+    labels[:10, 5] = math.nan
+    head = FindingClassifier(3, ClassifierConfig(hidden=0, histogram_bins=4))  # 2 × 3 pooled + 4 = 10 features
+    head.head.requires_grad_(False)  # frozen parts are fitted all the same and stay frozen
+    assert not bool(head.fitted)
+    head.fit(features, labels)
+    assert bool(head.fitted) and not any(p.requires_grad for p in head.parameters())
+    torch.testing.assert_close(head.feature_mean, features.mean(0))
+    with torch.no_grad():
+        probs = torch.sigmoid(head.head(head.standardize(features)))
+    from rrg3d.train.metrics import zero_shot_auroc
+
+    auroc = zero_shot_auroc(probs, labels)["per_label"]
+    assert min(auroc[CTRATE_LABELS[k]] for k in range(4)) > 0.95  # read through the standardisation
+    with pytest.raises(ValueError, match="rows"):
+        head.fit(features[:1], labels[:1])

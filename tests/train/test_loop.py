@@ -201,7 +201,8 @@ def test_align_trains_and_calibrates_a_finding_classifier_and_sft_keeps_it(tmp_p
     align = train("tiny_align", [*quick, "phases.0.steps=2", f"run_dir={tmp_path / 'a'}"])
     fresh = ReportGenerator.from_config(str(tmp_path / "arch.yaml"), seed=0).vision.classifier
     trained = align.model.vision.classifier
-    assert not torch.equal(fresh.head[-1].weight, trained.head[-1].weight)  # trained beside the projector
+    assert bool(trained.fitted) and not bool(fresh.fitted)  # fitted on the training studies first
+    assert not torch.equal(fresh.head[-1].weight, trained.head[-1].weight)
     assert {"classifier_threshold", "classifier_micro_f1"} <= set(align.metrics)  # calibrated on val
     assert float(trained.threshold) == align.metrics["classifier_threshold"]
     sft = train("tiny_sft", [*quick[:-1], "phases.0.steps=1", f"model.init={align.final}",

@@ -10,8 +10,11 @@ first-order statistics of radiomics). Diffuse density changes (emphysema, mosaic
 that histogram while a small CNN trained for minutes pools them away; the two feature sets are complementary.
 
 The head trains with a masked binary cross-entropy (labels unknown for a study, NaN, carry no loss) beside the report
-loss; its decision ``threshold`` is a buffer chosen on the validation split (:meth:`FindingClassifier.calibrate`),
-so a checkpoint calls findings exactly as it was validated.
+loss. A few hundred small-batch steps leave a head far from its optimum, so before the first step a training stage
+fits it (:meth:`FindingClassifier.fit`: full-batch AdamW on the pooled features of the training studies, the logistic
+probe of the frozen encoder) and marks it ``fitted``; training then continues from there. Its decision ``threshold``
+is a buffer chosen on the validation split (:meth:`FindingClassifier.calibrate`), so a checkpoint calls findings
+exactly as it was validated.
 
 Enable it in a model config with ``vision.classifier: {hidden: 0, histogram_bins: 32}`` and
 ``prompt.findings: "...{findings}..."``.
@@ -78,17 +81,21 @@ class FindingClassifier(nn.Module):
         self.labels = list(self.config.labels)
         width = 2 * in_dim + in_channels * self.config.histogram_bins  # mean and max pooled (+ histogram)
         if self.config.hidden:
-            self.head: nn.Module = nn.Sequential(nn.LayerNorm(width), nn.Dropout(self.config.dropout),
-                                                 nn.Linear(width, self.config.hidden), nn.GELU(),
-                                                 nn.Linear(self.config.hidden, len(self.labels)))
+            self.head: nn.Module = nn.Sequential(nn.Dropout(self.config.dropout), nn.Linear(width, self.config.hidden),
+                                                 nn.GELU(), nn.Linear(self.config.hidden, len(self.labels)))
         else:
-            self.head = nn.Sequential(nn.LayerNorm(width), nn.Dropout(self.config.dropout),
-                                      nn.Linear(width, len(self.labels)))
+            self.head = nn.Sequential(nn.Dropout(self.config.dropout), nn.Linear(width, len(self.labels)))
+        # per-feature standardisation, fitted with the head (pooled channels and histogram shares differ in scale
+        # by orders of magnitude); identity until fit()
+        self.register_buffer("feature_mean", torch.zeros(width))
+        self.register_buffer("feature_std", torch.ones(width))
         self.register_buffer("threshold", torch.tensor(0.5))
+        self.register_buffer("fitted", torch.tensor(False))  # set by fit(): the head starts from its probe
         #: dataset columns (in :data:`LABEL_NAMES` order) this head predicts, for picking its targets
         self.register_buffer("columns", torch.tensor([LABEL_NAMES.index(n) for n in self.labels]), persistent=False)
 
-    def forward(self, grid: Tensor, volumes: Tensor | None = None) -> Tensor:
+    def features(self, grid: Tensor, volumes: Tensor | None = None) -> Tensor:
+        """What the head reads: the grid's mean- and max-pooled channels (+ the volumes' intensity histogram)."""
         if grid.dim() < 3:
             raise ValueError(f"the classifier reads an encoder grid [B, ..., C], got shape {tuple(grid.shape)}")
         tokens = grid.flatten(1, -2).float()
@@ -97,7 +104,47 @@ class FindingClassifier(nn.Module):
             if volumes is None:
                 raise ValueError("this classifier reads an intensity histogram of the input: pass the volumes")
             features.append(soft_histogram(volumes, self.config.histogram_bins, self.config.histogram_range))
-        return self.head(torch.cat(features, dim=-1))
+        return torch.cat(features, dim=-1)
+
+    def forward(self, grid: Tensor, volumes: Tensor | None = None) -> Tensor:
+        return self.head(self.standardize(self.features(grid, volumes)))
+
+    def standardize(self, features: Tensor) -> Tensor:
+        return (features.float() - self.feature_mean) / self.feature_std
+
+    def fit(self, features: Tensor, labels: Tensor, *, steps: int = 500, lr: float = 1e-2,
+            weight_decay: float = 1e-3) -> float:
+        """Fit the feature standardisation and the head on ``features`` (:meth:`features` of training studies) and
+        ``labels [N, 18]`` (NaN: unknown) with full-batch AdamW — deterministic, seconds on a CPU. Marks the head
+        ``fitted``; returns the final training loss."""
+        if len(features) != len(labels) or len(features) < 2:
+            raise ValueError(f"classifier fit: {len(features)} feature rows for {len(labels)} label rows (>= 2 needed)")
+        device = self.feature_mean.device
+        features, labels = features.float().to(device), labels.float().to(device)
+        std = features.std(0)
+        self.feature_mean.copy_(features.mean(0))
+        self.feature_std.copy_(std.clamp_min(max(float(std.mean()) * 1e-3, 1e-8)))  # constant features: shift only
+        features = self.standardize(features)
+        was_training, parameters = self.training, list(self.head.parameters())
+        trainable = [p.requires_grad for p in parameters]
+        self.train()
+        self.head.requires_grad_(True)
+        optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+        loss = torch.zeros(())
+        try:
+            with torch.enable_grad():
+                for _ in range(steps):
+                    optimizer.zero_grad()
+                    loss = self.loss(self.head(features), labels)
+                    loss.backward()
+                    optimizer.step()
+        finally:
+            for parameter, flag in zip(parameters, trainable, strict=True):
+                parameter.requires_grad_(flag)
+                parameter.grad = None
+            self.train(was_training)
+        self.fitted.fill_(True)
+        return float(loss.detach())
 
     def targets(self, labels: Tensor) -> Tensor:
         """This head's columns of a dataset label matrix ``[B, 18]`` (NaN: unknown)."""

@@ -108,11 +108,16 @@ def build_report_generator(recipe: Recipe, final_preset: Any) -> nn.Module:
 
 def fit_generator_statistics(model: nn.Module, dataset: Any, recipe: Recipe, device: torch.device) -> None:
     """Fit the vision tower's data-dependent parts that are not fitted yet (a PCA compressor, a standardising
-    projector) on the first ``data.fit_samples`` training studies, before the first step. A ``model.init`` checkpoint
-    brings its fitted statistics along, so sft after align keeps align's; a resumed run refits the same values (the
-    computation is deterministic) and then loads them from its checkpoint anyway."""
+    projector) on the first ``data.fit_samples`` training studies, before the first step; then start a finding
+    classifier that trains in this stage and was never fitted from its probe on those studies (see
+    :meth:`~rrg3d.models.classifier.FindingClassifier.fit`). A ``model.init`` checkpoint brings its fitted state
+    along, so sft after align keeps align's; a resumed run refits the same values (the computation is deterministic)
+    and then loads them from its checkpoint anyway."""
+    classifier = model.vision.classifier
+    fit_classifier = (classifier is not None and not bool(classifier.fitted)
+                      and any(p.requires_grad for p in classifier.parameters()))
     parts = model.vision.unfitted_parts()
-    if not parts:
+    if not parts and not fit_classifier:
         return
     count = min(recipe.data.fit_samples, len(dataset))
     subset = torch.utils.data.Subset(dataset, range(count))
@@ -123,8 +128,23 @@ def fit_generator_statistics(model: nn.Module, dataset: Any, recipe: Recipe, dev
         for batch in iterate_batches(subset, batch_size):
             yield batch["volumes"].to(device=device, dtype=torch.float32)
 
-    model.vision.fit_statistics(volume_batches)
-    log.info("fitted %s on %d training studies", " and ".join(parts), count)
+    if parts:
+        model.vision.fit_statistics(volume_batches)
+        log.info("fitted %s on %d training studies", " and ".join(parts), count)
+    if fit_classifier:
+        features, labels = [], []
+        was_training = model.vision.training
+        model.vision.eval()  # no dropout; BatchNorm uses its running statistics
+        try:
+            with torch.no_grad():
+                for batch in iterate_batches(subset, batch_size):
+                    volumes = batch["volumes"].to(device=device, dtype=torch.float32)
+                    features.append(classifier.features(model.vision.encoder(volumes), volumes).cpu())
+                    labels.append(batch["labels"])
+        finally:
+            model.vision.train(was_training)
+        loss = classifier.fit(torch.cat(features), torch.cat(labels))
+        log.info("fitted the finding classifier on %d training studies (loss %.4f)", count, loss)
 
 
 def set_generator_preset(model: nn.Module, preset: Any) -> None:
