@@ -14,11 +14,19 @@ frozen, pooled features (threshold chosen on the validation phantoms) — the CE
 those features perfectly through a linear map would reach; generated reports far below it mean the language model
 does not read the image, a ceiling below the target means the encoder must improve first.
 
+With ``--findings-prompt`` the report generator gets a finding classifier (diagnosis prompting, see
+``rrg3d.models.classifier``): a head on the encoder grid plus a soft histogram of the input intensities, fitted on the
+training phantoms before align and trained beside the projector, its threshold chosen on the validation phantoms; every
+prompt lists the findings it calls, in training and in generation. Those arms run in ``<encoder>/image_findings`` and
+``blank_findings`` and report the classifier's own test micro-F1 and AUROC beside the reports'. A rerun reuses every
+stage run that finished with the same recipe.
+
 Targets (issue 6): CE micro-F1 ≥ 0.60 and at least 0.20 above both controls, for both encoders; CLIP zero-shot
 AUROC ≥ 0.80. Arms measured by earlier runs on the same phantoms join the table with ``--merge``.
 
     python benchmarks/learnability.py [--encoders small_ctvit_v small_resnet3d] [--phantoms 1200]
         [--clip-steps 400] [--align-steps 300] [--sft-steps 450] [--arms image blank] [--merge earlier.json]
+        [--findings-prompt [--histogram-bins 32]]
         [--out benchmarks/results/learnability.json]
 """
 

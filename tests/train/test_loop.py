@@ -187,15 +187,21 @@ def test_align_fits_a_pca_compressor_first(tmp_path, base_overrides):
     assert vision.num_tokens((32, 64, 64)) == 8
 
 
-def test_align_trains_and_calibrates_a_finding_classifier_and_sft_keeps_it(tmp_path, base_overrides):
-    from rrg3d.models.checkpoint import load_checkpoint
+def _findings_architecture(path) -> None:
+    """``tiny_ctvit_v`` with a finding classifier and a diagnosis prompt, written to path."""
     from rrg3d.models.config import load_model_config
-    from rrg3d.models.vlm import ReportGenerator
 
     arch = load_model_config("tiny_ctvit_v").to_dict()
-    arch["vision"]["classifier"] = {"hidden": 0}
+    arch["vision"]["classifier"] = {"hidden": 0, "histogram_bins": 8}
     arch["prompt"]["findings"] = "Findings the image classifier calls: {findings}."
-    (tmp_path / "arch.yaml").write_text(yaml.safe_dump(arch))
+    path.write_text(yaml.safe_dump(arch))
+
+
+def test_align_trains_and_calibrates_a_finding_classifier_and_sft_keeps_it(tmp_path, base_overrides):
+    from rrg3d.models.checkpoint import load_checkpoint
+    from rrg3d.models.vlm import ReportGenerator
+
+    _findings_architecture(tmp_path / "arch.yaml")
     quick = [*base_overrides, f"model.config={tmp_path / 'arch.yaml'}", "data.batch_size=2", "data.max_length=256",
              "data.max_val_samples=1", "train.mixed_precision=bf16", "optim.lr_multipliers={vision.classifier: 10}"]
     align = train("tiny_align", [*quick, "phases.0.steps=2", f"run_dir={tmp_path / 'a'}"])
@@ -211,3 +217,17 @@ def test_align_trains_and_calibrates_a_finding_classifier_and_sft_keeps_it(tmp_p
     for key, value in trained.state_dict().items():
         assert torch.equal(sft.model.vision.classifier.state_dict()[key], value), key
     assert load_checkpoint(sft.final).uses_findings_prompt
+
+
+def test_a_frozen_classifier_that_was_never_fitted_is_refused(tmp_path, base_overrides):
+    _findings_architecture(tmp_path / "arch.yaml")
+    with pytest.raises(ConfigError, match="never fitted"):
+        train("tiny_sft", [*base_overrides, f"model.config={tmp_path / 'arch.yaml'}", f"run_dir={tmp_path / 's'}"])
+
+
+def test_one_process_runs_stages_with_different_precision(tmp_path, base_overrides):
+    """accelerate's process-wide state would refuse the second precision; each run starts its own."""
+    for precision in ("bf16", "no"):
+        result = train("tiny_clip", [*base_overrides, "phases.0.steps=1", "data.batch_size=2", "data.max_val_samples=2",
+                                     f"train.mixed_precision={precision}", f"run_dir={tmp_path / precision}"])
+        assert result.step == 1

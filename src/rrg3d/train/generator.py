@@ -97,6 +97,11 @@ def build_report_generator(recipe: Recipe, final_preset: Any) -> nn.Module:
         log.info("vision encoder initialised from the CT-CLIP checkpoint %s", source)
     model.set_trainable(encoder=bool(parts.encoder), compressor=bool(parts.compressor),
                         projector=bool(parts.projector), lm=str(parts.lm), classifier=bool(parts.classifier))
+    classifier = model.vision.classifier
+    if classifier is not None and not parts.classifier and not bool(classifier.fitted):
+        raise ConfigError("the model's finding classifier was never fitted and model.train.classifier is false: its "
+                          "calls would be noise in every prompt; start from an align checkpoint (model.init) or set "
+                          "model.train.classifier=true")
     if recipe.train.gradient_checkpointing:
         if hasattr(model.vision.encoder, "set_gradient_checkpointing"):
             model.vision.encoder.set_gradient_checkpointing(True)

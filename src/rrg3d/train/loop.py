@@ -306,8 +306,13 @@ def _prune(run_dir: Path, keep: int) -> None:
 
 # -- the loop ----------------------------------------------------------------------------------------------------------
 def _make_accelerator(recipe: Recipe) -> Any:
+    """A fresh accelerator for this run. accelerate keeps its settings in a process-wide singleton that refuses a
+    second precision, so the previous run's state is cleared first (the process group, ``PartialState``, stays):
+    one process may run several stages in turn (a benchmark, a notebook), each with its own mixed precision."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state(reset_partial_state=False)
     cpu = recipe.train.cpu or not torch.cuda.is_available()
     return Accelerator(mixed_precision=recipe.train.mixed_precision, cpu=cpu,
                        gradient_accumulation_steps=recipe.train.gradient_accumulation_steps)
