@@ -99,6 +99,12 @@ def finished_or_train(name: str, overrides: list[str], metrics: dict[str, Any] |
     return Path(result.final)
 
 
+def sft_dir(run_dir: Path, args: argparse.Namespace) -> Path:
+    """Where an arm's SFT run, predictions and scores go: a subfolder per share of teacher-forced prompts, so that
+    variants share the arm's CLIP and align runs."""
+    return run_dir / f"true{round(100 * args.true_findings_share)}" if args.true_findings_share else run_dir
+
+
 def train_arm(architecture: str, manifest: Path, run_dir: Path, args: argparse.Namespace, blank: bool,
               clip_metrics: dict[str, Any]) -> Path:
 
@@ -128,7 +134,9 @@ def train_arm(architecture: str, manifest: Path, run_dir: Path, args: argparse.N
     align = finished_or_train("tiny_align", [*common, *vision_init, f"run_dir={run_dir / 'align'}",
                                              *(classifier_rate if args.findings_prompt else []),
                                              f"phases.0.steps={args.align_steps}", f"optim.lr={args.align_lr}"])
-    return finished_or_train("tiny_sft", [*common, f"run_dir={run_dir / 'sft'}", f"model.init={align}",
+    teacher = [f"model.true_findings_share={args.true_findings_share}"] if args.true_findings_share else []
+    return finished_or_train("tiny_sft", [*common, *teacher, f"run_dir={sft_dir(run_dir, args) / 'sft'}",
+                                          f"model.init={align}",
                                           f"model.train.encoder={str(args.sft_encoder_lr > 0).lower()}",
                                           f"optim.lr_multipliers={{vision.encoder: {args.sft_encoder_lr}}}"
                                           if args.sft_encoder_lr > 0 else "optim.lr_multipliers={}",
@@ -250,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --findings-prompt: bins of the classifier's input-intensity histogram (0: none)")
     parser.add_argument("--classifier-lr-mult", type=float, default=1.0,
                         help="with --findings-prompt: the classifier's lr in align as a multiple of --align-lr")
+    parser.add_argument("--true-findings-share", type=float, default=0.0,
+                        help="with --findings-prompt: share of SFT prompts that list the true findings instead of "
+                             "the classifier's calls (teacher forcing; reports and validation use the classifier)")
     parser.add_argument("--max-length", type=int, default=None,
                         help="token budget of prompt + report (default 160; 256 with --findings-prompt)")
     parser.add_argument("--arms", nargs="+", default=["image", "blank"], choices=("image", "blank"))
@@ -309,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         variant = "_findings" if args.findings_prompt else ""
         run_dir = work / architecture / (("blank" if blank else "image") + variant)
         final = train_arm(architecture, manifest, run_dir, args, blank, clip_metrics)
-        predictions = run_dir / "predictions.jsonl"
+        predictions = sft_dir(run_dir, args) / "predictions.jsonl"
         model = load_checkpoint(final, merge_lora=True)
         if blank:  # the control sees zeros at test time too: one constant input, one greedy report for all
             shape = load_preset(model.config.preprocess).shape
@@ -318,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                                            for r in load_manifest(references)))
         else:
             generate_reports(model, [references], predictions, batch_size=8, progress=False, resume=False)
-        result = score(predictions, references, run_dir / "eval")
+        result = score(predictions, references, sft_dir(run_dir, args) / "eval")
         # teacher-forced report loss on the test split with each study's own image vs a neighbour's
         test_set = build_dataset(manifest, model.config.preprocess, split="test", cache_dir=work / "cache",
                                  report_field=args.field, blank_images=blank)  # the zeros arm: as it was trained

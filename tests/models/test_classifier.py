@@ -213,3 +213,21 @@ def test_fit_standardises_the_features_and_learns_the_labels():
     assert min(auroc[CTRATE_LABELS[k]] for k in range(4)) > 0.95  # read through the standardisation
     with pytest.raises(ValueError, match="rows"):
         head.fit(features[:1], labels[:1])
+
+
+def test_teacher_forced_prompts_list_the_true_findings(model):
+    volumes = torch.rand(2, 1, 32, 64, 64, generator=torch.Generator().manual_seed(2))
+    labels = torch.zeros(2, 18)
+    labels[0, CTRATE_LABELS.index("Emphysema")] = 1
+    labels[0, CTRATE_LABELS.index("Lung nodule")] = math.nan  # unknown: not listed
+    model.vision.classifier.threshold.fill_(2.0)  # the classifier calls nothing
+
+    def prompts(share: float) -> list[str]:
+        batch = model.report_batch(volumes, ["One.", "Two."], max_length=400, true_labels=labels, true_share=share)
+        return [model.tokenizer.decode(ids[lab == -100]) for ids, lab in zip(batch["input_ids"], batch["labels"],
+                                                                              strict=True)]
+
+    forced = prompts(1.0)
+    assert "calls: emphysema." in forced[0] and "calls: none." in forced[1]
+    assert all("calls: none." in text for text in prompts(0.0))
+    model.vision.classifier.threshold.fill_(0.5)

@@ -263,27 +263,42 @@ class ReportGenerator(nn.Module):
         return self.config.prompt.findings is not None and self.vision.classifier is not None
 
     def finding_instructions(self, logits: torch.Tensor | None,
-                             instructions: Sequence[str | None] | None = None) -> list[str | None] | None:
-        """Each sample's instruction with the diagnosis line for the findings its classifier logits call;
-        ``instructions`` unchanged without a diagnosis prompt."""
+                             instructions: Sequence[str | None] | None = None,
+                             calls: Sequence[Sequence[str] | None] | None = None) -> list[str | None] | None:
+        """Each sample's instruction with the diagnosis line for the findings its classifier logits call (or, where
+        ``calls`` gives a list for a sample, those findings); ``instructions`` unchanged without a diagnosis
+        prompt."""
         if not self.uses_findings_prompt or logits is None or self.vision.classifier is None:
             return list(instructions) if instructions is not None else None
-        calls = self.vision.classifier.calls(logits)
-        base = list(instructions) if instructions is not None else [None] * len(calls)
-        if len(base) != len(calls):
-            raise ValueError(f"{len(base)} instructions for a batch of {len(calls)}")
+        called = self.vision.classifier.calls(logits)
+        if calls is not None:
+            if len(calls) != len(called):
+                raise ValueError(f"{len(calls)} call lists for a batch of {len(called)}")
+            called = [list(given) if given is not None else found for given, found in zip(calls, called, strict=True)]
+        base = list(instructions) if instructions is not None else [None] * len(called)
+        if len(base) != len(called):
+            raise ValueError(f"{len(base)} instructions for a batch of {len(called)}")
         return [self.config.prompt.with_findings(text or self.config.prompt.instruction, found)
-                for text, found in zip(base, calls, strict=True)]
+                for text, found in zip(base, called, strict=True)]
 
     def report_batch(self, volumes: torch.Tensor, reports: Sequence[str], *, max_length: int | None = None,
-                     instructions: Sequence[str | None] | None = None,
-                     ids: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+                     instructions: Sequence[str | None] | None = None, ids: Sequence[str] | None = None,
+                     true_labels: torch.Tensor | None = None, true_share: float = 0.0) -> dict[str, torch.Tensor]:
         """:meth:`training_batch` for these volumes: with a diagnosis prompt, each instruction lists the findings
-        the classifier calls in that volume (a gradient-free pass, as in generation)."""
+        the classifier calls in that volume (a gradient-free pass, as in generation). With ``true_labels`` [B, 18]
+        and ``true_share`` > 0, that share of the samples (drawn from torch's RNG) lists its true findings instead
+        — teacher forcing of the prompt, which teaches the LM to write what the list says."""
         if self.uses_findings_prompt:
             with torch.no_grad():
                 _, logits = self.vision.encode(volumes.to(self.device))
-            instructions = self.finding_instructions(logits, instructions)
+            calls = None
+            if true_labels is not None and true_share > 0 and self.vision.classifier is not None:
+                classifier = self.vision.classifier
+                targets = classifier.targets(true_labels.cpu())
+                chosen = torch.rand(len(targets)) < true_share
+                calls = [[n for n, v in zip(classifier.labels, row.tolist(), strict=True) if v == 1] if pick else None
+                         for row, pick in zip(targets, chosen.tolist(), strict=True)]
+            instructions = self.finding_instructions(logits, instructions, calls)
         return self.training_batch(reports, self.num_image_tokens(volumes.shape[-3:]), max_length=max_length,
                                    instructions=instructions, ids=ids)
 

@@ -3,8 +3,9 @@
 * **build**: from ``model.init`` (a report-generator checkpoint, e.g. the align run's ``final/``) or from the
   architecture ``model.config`` (pretrained LM, LoRA when configured, fresh vision tower); ``model.vision_init``
   then loads a CT-CLIP run's encoder (its config must equal the model's ``vision.encoder``).
-* **loss**: the LM's next-token loss on report tokens only (``ReportGenerator.report_batch``), plus
-  ``model.classifier_weight`` × the finding classifier's cross-entropy on the manifest labels while it trains.
+* **loss**: the LM's next-token loss on report tokens only (``ReportGenerator.report_batch``; with a diagnosis prompt
+  ``model.true_findings_share`` of the training prompts list the true findings), plus ``model.classifier_weight`` ×
+  the finding classifier's cross-entropy on the manifest labels while it trains.
 * **validation**: mean loss over the validation split and the image gain; with a finding classifier its macro AUROC
   and micro-F1 — a classifier in training first gets its decision threshold chosen there (best micro-F1), so the
   final checkpoint calls findings at the threshold validated last; with ``train.eval_samples`` also a few greedy
@@ -159,7 +160,8 @@ def set_generator_preset(model: nn.Module, preset: Any) -> None:
 def generator_loss(model: nn.Module, raw: nn.Module, batch: dict[str, Any], recipe: Recipe) -> torch.Tensor:
     """Next-token loss on the report tokens of a batch (visual tokens for this batch's input size)."""
     volumes = batch["volumes"]
-    tokens = raw.report_batch(volumes, batch["reports"], max_length=recipe.data.max_length, ids=batch["ids"])
+    tokens = raw.report_batch(volumes, batch["reports"], max_length=recipe.data.max_length, ids=batch["ids"],
+                              true_labels=batch["labels"], true_share=recipe.model.true_findings_share)
     classifier = raw.vision.classifier
     train_classifier = classifier is not None and any(p.requires_grad for p in classifier.parameters())
     output = model(volumes, tokens["input_ids"], tokens["attention_mask"], tokens["labels"],
