@@ -73,6 +73,24 @@ def generator_architecture(architecture: str, work: Path, args: argparse.Namespa
     return str(path)
 
 
+#: stage runs this invocation reused instead of training (their minutes are not in the arm's wall time)
+REUSED: list[str] = []
+
+
+def stage_minutes(run_dir: Path) -> dict[str, float]:
+    """Training minutes of each finished stage of an arm (``elapsed_s`` of its last logged step; validation and
+    generation not included), read from the runs' ``train_log.csv``."""
+    import csv
+
+    found = {}
+    for log in sorted(run_dir.rglob("train_log.csv")):
+        with open(log, encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+        if rows and rows[-1].get("elapsed_s"):
+            found[str(log.parent.relative_to(run_dir))] = round(float(rows[-1]["elapsed_s"]) / 60, 1)
+    return found
+
+
 def finished_or_train(name: str, overrides: list[str], metrics: dict[str, Any] | None = None) -> Path:
     """The final checkpoint of this exact recipe: reused when an earlier run of it finished (same fingerprint; its
     last validation metrics go into ``metrics``), trained otherwise. A rerun thus redoes only what changed."""
@@ -87,6 +105,7 @@ def finished_or_train(name: str, overrides: list[str], metrics: dict[str, Any] |
     if (folder / "final" / "rrg3d.yaml").is_file() and config.is_file() and \
             recipe_from_yaml(config.read_text(encoding="utf-8")).fingerprint() == recipe.fingerprint():
         print(f"reusing the finished run {folder}", flush=True)
+        REUSED.append(str(folder))
         if metrics is not None and log.is_file():
             with open(log, encoding="utf-8") as handle:
                 rows = list(csv.DictReader(handle))
@@ -338,8 +357,10 @@ def main(argv: list[str] | None = None) -> int:
                        **visual_token_stats(model, test_set), **classifier_scores(model, test_set)})
         if not blank:  # the ceiling the encoder sets: a linear reader of its frozen features
             result.update(encoder_readout(model.vision.encoder, manifest, test_set.preset, work / "cache"))
+        reused = [r for r in REUSED if Path(r).is_relative_to(run_dir)]
         rows.append({"encoder": architecture, "arm": "zeros (text prior)" if blank else "image",
-                     "minutes": round((time.perf_counter() - tick) / 60, 1), **result, "clip": clip_metrics})
+                     "minutes": round((time.perf_counter() - tick) / 60, 1), "reused_runs": reused,
+                     "stage_training_minutes": stage_minutes(run_dir), **result, "clip": clip_metrics})
         print(json.dumps(rows[-1]), flush=True)
 
     print(f"\nlearnability on {args.phantoms} phantoms ({args.field}), test split, {time.perf_counter() - start:.0f} s")
