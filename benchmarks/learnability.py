@@ -189,7 +189,7 @@ def classifier_scores(model: Any, dataset: Any) -> dict[str, Any]:
     with torch.no_grad():
         for start in range(0, len(dataset), 16):
             volumes = torch.stack([dataset[i]["volume"] for i in range(start, min(len(dataset), start + 16))])
-            logits.append(model.vision.encode(volumes.to(model.device))[1].float().cpu())
+            logits.append(model.vision.finding_logits(volumes.to(model.device)).float().cpu())
     found, labels = torch.cat(logits), dataset.label_matrix()
     auroc = zero_shot_auroc(torch.sigmoid(found), classifier.targets(labels), names=classifier.labels)
     return {"classifier_test_micro_f1": classifier.micro_f1(found, labels), "classifier_test_auroc": auroc["macro"],

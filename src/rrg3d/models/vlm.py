@@ -97,6 +97,12 @@ class VisionTower(nn.Module):
     def forward(self, volumes: torch.Tensor) -> torch.Tensor:
         return self.projector(self.features(volumes))
 
+    def finding_logits(self, volumes: torch.Tensor) -> torch.Tensor:
+        """The finding classifier's logits [B, L] (encoder + classifier; the compressor and projector are skipped)."""
+        if self.classifier is None:
+            raise ValueError("this vision tower has no finding classifier (vision.classifier)")
+        return self.classifier(self.encoder(volumes), volumes)
+
     def encode(self, volumes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Visual embeddings [B, N, lm_dim] and finding logits [B, L] (None without a classifier), one encoder
         pass for both."""
@@ -290,7 +296,7 @@ class ReportGenerator(nn.Module):
         — teacher forcing of the prompt, which teaches the LM to write what the list says."""
         if self.uses_findings_prompt:
             with torch.no_grad():
-                _, logits = self.vision.encode(volumes.to(self.device))
+                logits = self.vision.finding_logits(volumes.to(self.device))
             calls = None
             if true_labels is not None and true_share > 0 and self.vision.classifier is not None:
                 classifier = self.vision.classifier
@@ -388,7 +394,7 @@ class ReportGenerator(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            logits = self.vision.encode(volumes.to(self.device))[1].float().cpu()
+            logits = self.vision.finding_logits(volumes.to(self.device)).float().cpu()
         finally:
             self.train(was_training)
         threshold = float(classifier.threshold)

@@ -222,7 +222,7 @@ def validate_classifier(model: nn.Module, dataset: Any, batch_size: int, context
     logits, labels = [], []
     for batch in iterate_batches(dataset, batch_size):
         with context.accelerator.autocast():
-            _, batch_logits = model.vision.encode(batch["volumes"].to(device))
+            batch_logits = model.vision.finding_logits(batch["volumes"].to(device))
         logits.append(batch_logits.float().cpu())
         labels.append(batch["labels"])
     all_logits, all_labels = torch.cat(logits), torch.cat(labels)
