@@ -46,6 +46,8 @@ def test_a_head_on_some_labels_reads_their_columns():
     assert head.targets(labels)[0].tolist() == [CTRATE_LABELS.index("Lung nodule"), CTRATE_LABELS.index("Emphysema")]
     with pytest.raises(ValueError, match="unknown"):
         ClassifierConfig(labels=["Broken leg"])
+    with pytest.raises(ValueError, match="repeated"):
+        ClassifierConfig(labels=["Emphysema", "Emphysema"])
     with pytest.raises(ValueError, match="encoder grid"):
         head(torch.randn(2, 4))
 

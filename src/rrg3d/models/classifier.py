@@ -56,6 +56,9 @@ class ClassifierConfig:
         unknown = sorted(set(self.labels) - set(LABEL_NAMES))
         if unknown or not self.labels:
             raise ValueError(f"vision.classifier.labels must be CT-RATE abnormalities; unknown: {unknown}")
+        repeated = sorted({name for name in self.labels if self.labels.count(name) > 1})
+        if repeated:
+            raise ValueError(f"vision.classifier.labels names each finding once; repeated: {repeated}")
 
 
 def soft_histogram(volumes: Tensor, bins: int, value_range: tuple[float, float]) -> Tensor:
