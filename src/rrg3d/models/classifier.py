@@ -165,8 +165,11 @@ class FindingClassifier(nn.Module):
 
     def calls(self, logits: Tensor) -> list[list[str]]:
         """The findings called present (probability ≥ ``threshold``) for each study, in label order."""
-        present = torch.sigmoid(logits.float()) >= self.threshold.to(logits.device)
-        return [[name for name, on in zip(self.labels, row.tolist(), strict=True) if on] for row in present]
+        return self.named(torch.sigmoid(logits.float()) >= self.threshold.to(logits.device))
+
+    def named(self, present: Tensor) -> list[list[str]]:
+        """The label names of each row of a ``[B, L]`` presence mask (this head's labels, in order)."""
+        return [[name for name, on in zip(self.labels, row.tolist(), strict=True) if on] for row in present.bool()]
 
     @torch.no_grad()
     def micro_f1(self, logits: Tensor, labels: Tensor, threshold: float | None = None) -> float:

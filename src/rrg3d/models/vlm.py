@@ -299,11 +299,9 @@ class ReportGenerator(nn.Module):
                 logits = self.vision.finding_logits(volumes.to(self.device))
             calls = None
             if true_labels is not None and true_share > 0 and self.vision.classifier is not None:
-                classifier = self.vision.classifier
-                targets = classifier.targets(true_labels.cpu())
-                chosen = torch.rand(len(targets)) < true_share
-                calls = [[n for n, v in zip(classifier.labels, row.tolist(), strict=True) if v == 1] if pick else None
-                         for row, pick in zip(targets, chosen.tolist(), strict=True)]
+                true_calls = self.vision.classifier.named(self.vision.classifier.targets(true_labels.cpu()) == 1)
+                chosen = (torch.rand(len(true_calls)) < true_share).tolist()
+                calls = [found if pick else None for found, pick in zip(true_calls, chosen, strict=True)]
             instructions = self.finding_instructions(logits, instructions, calls)
         return self.training_batch(reports, self.num_image_tokens(volumes.shape[-3:]), max_length=max_length,
                                    instructions=instructions, ids=ids)
