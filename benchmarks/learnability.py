@@ -18,21 +18,23 @@ With ``--findings-prompt`` the report generator gets a finding classifier (diagn
 ``rrg3d.models.classifier``): a head on the encoder grid plus a soft histogram of the input intensities, fitted on the
 training phantoms before align and trained beside the projector, its threshold chosen on the validation phantoms; every
 prompt lists the findings it calls, in training and in generation. Those arms run in ``<encoder>/image_findings`` and
-``blank_findings`` and report the classifier's own test micro-F1 and AUROC beside the reports'. A rerun reuses every
-stage run that finished with the same recipe.
+``blank_findings`` (``_b222`` appended with ``--histogram-blocks 2 2 2``: one histogram per octant of the volume) and
+report the classifier's own test micro-F1 and AUROC beside the reports'. A rerun reuses every stage run that finished
+with the same recipe and the same model config file contents.
 
 Targets (issue 6): CE micro-F1 ≥ 0.60 and at least 0.20 above both controls, for both encoders; CLIP zero-shot
 AUROC ≥ 0.80. Arms measured by earlier runs on the same phantoms join the table with ``--merge``.
 
     python benchmarks/learnability.py [--encoders small_ctvit_v small_resnet3d] [--phantoms 1200]
         [--clip-steps 400] [--align-steps 300] [--sft-steps 450] [--arms image blank] [--merge earlier.json]
-        [--findings-prompt [--histogram-bins 32]]
+        [--findings-prompt [--histogram-bins 32] [--histogram-blocks 2 2 2] [--true-findings-share 1.0]]
         [--out benchmarks/results/learnability.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -54,6 +56,16 @@ def score(predictions: Path, references: Path, out: Path) -> dict[str, Any]:
 FINDINGS_PROMPT = "Findings the image classifier calls: {findings}."
 
 
+def findings_variant(args: argparse.Namespace, teacher: bool = True) -> str:
+    """The suffix of a diagnosis-prompt arm's folder (and, without ``teacher``, its model config): ``_findings``,
+    + ``_b222`` with block histograms, + ``_true100`` with teacher-forced prompts."""
+    if not args.findings_prompt:
+        return ""
+    blocks = "".join(str(b) for b in args.histogram_blocks)
+    share = round(100 * args.true_findings_share) if teacher else 0
+    return "_findings" + ("" if blocks == "111" else f"_b{blocks}") + (f"_true{share}" if share else "")
+
+
 def generator_architecture(architecture: str, work: Path, args: argparse.Namespace) -> str:
     """The report generator's architecture: ``architecture`` itself, or with ``--findings-prompt`` a copy with a
     finding classifier on the encoder grid whose calls are written into every prompt (diagnosis prompting)."""
@@ -64,8 +76,10 @@ def generator_architecture(architecture: str, work: Path, args: argparse.Namespa
     from rrg3d.models.config import load_model_config
 
     config = load_model_config(architecture).to_dict()
-    config["name"] = f"{config['name']}_findings"
+    config["name"] = f"{config['name']}{findings_variant(args, teacher=False)}"
     config["vision"]["classifier"] = {"hidden": 0, "histogram_bins": args.histogram_bins}
+    if list(args.histogram_blocks) != [1, 1, 1]:
+        config["vision"]["classifier"]["histogram_blocks"] = list(args.histogram_blocks)
     config["prompt"]["findings"] = FINDINGS_PROMPT
     path = work / "configs" / f"{config['name']}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,17 +91,20 @@ def generator_architecture(architecture: str, work: Path, args: argparse.Namespa
 REUSED: list[str] = []
 
 
-def stage_minutes(run_dir: Path) -> dict[str, float]:
+def stage_minutes(stage_dirs: list[Path]) -> dict[str, float]:
     """Training minutes of each finished stage of an arm (``elapsed_s`` of its last logged step; validation and
     generation not included), read from the runs' ``train_log.csv``."""
     import csv
 
     found = {}
-    for log in sorted(run_dir.rglob("train_log.csv")):
+    for folder in stage_dirs:
+        log = folder / "train_log.csv"
+        if not log.is_file():
+            continue
         with open(log, encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
         if rows and rows[-1].get("elapsed_s"):
-            found[str(log.parent.relative_to(run_dir))] = round(float(rows[-1]["elapsed_s"]) / 60, 1)
+            found[folder.name] = round(float(rows[-1]["elapsed_s"]) / 60, 1)
     return found
 
 
@@ -101,8 +118,12 @@ def finished_or_train(name: str, overrides: list[str], metrics: dict[str, Any] |
 
     recipe = load_recipe(name, overrides)
     folder = recipe.output_dir
-    config, log = folder / "config.yaml", folder / "eval_log.csv"
-    if (folder / "final" / "rrg3d.yaml").is_file() and config.is_file() and \
+    config, log, stamp = folder / "config.yaml", folder / "eval_log.csv", folder / "model_config.sha256"
+    # the recipe names its model config by path: a run is reused only if that file still reads the same
+    model_file = Path(str(recipe.model.config))
+    model_hash = hashlib.sha256(model_file.read_bytes()).hexdigest() if model_file.is_file() else "-"
+    if (folder / "final" / "rrg3d.yaml").is_file() and config.is_file() and stamp.is_file() and \
+            stamp.read_text(encoding="utf-8").strip() == model_hash and \
             recipe_from_yaml(config.read_text(encoding="utf-8")).fingerprint() == recipe.fingerprint():
         print(f"reusing the finished run {folder}", flush=True)
         REUSED.append(str(folder))
@@ -113,15 +134,16 @@ def finished_or_train(name: str, overrides: list[str], metrics: dict[str, Any] |
                             if v not in ("", None) and k not in ("step", "phase")})
         return folder / "final"
     result = train(recipe)
+    stamp.write_text(model_hash + "\n", encoding="utf-8")
     if metrics is not None:
         metrics.update(result.metrics)
     return Path(result.final)
 
 
-def sft_dir(run_dir: Path, args: argparse.Namespace) -> Path:
-    """Where an arm's SFT run, predictions and scores go: a subfolder per share of teacher-forced prompts, so that
-    variants share the arm's CLIP and align runs."""
-    return run_dir / f"true{round(100 * args.true_findings_share)}" if args.true_findings_share else run_dir
+def clip_dir(run_dir: Path) -> Path:
+    """The encoder's CT-CLIP run: one per architecture (``<work>/<arch>/clip``), shared by its image arms — the
+    CLIP recipe does not depend on how the report generator is set up."""
+    return run_dir.parent / "clip"
 
 
 def train_arm(architecture: str, manifest: Path, run_dir: Path, args: argparse.Namespace, blank: bool,
@@ -139,7 +161,7 @@ def train_arm(architecture: str, manifest: Path, run_dir: Path, args: argparse.N
     if args.clip_steps > 0 and not blank:  # CT-CLIP pretraining of the encoder on the training split's reports
         # (the zeros arm skips it: an encoder that only ever sees zeros gives the LM one constant input anyway)
         clip = finished_or_train("tiny_clip", [
-            *common, f"run_dir={run_dir / 'clip'}", f"phases.0.steps={args.clip_steps}",
+            *common, f"run_dir={clip_dir(run_dir)}", f"phases.0.steps={args.clip_steps}",
             f"data.batch_size={args.clip_batch_size}", f"optim.lr={args.clip_lr}", "optim.weight_decay=0.05",
             "model.clip.pooling=meanmax", "model.clip.embed_dim=128",
             f"model.clip.train_text={str(args.clip_text).lower()}", "data.max_val_samples=200",
@@ -150,11 +172,12 @@ def train_arm(architecture: str, manifest: Path, run_dir: Path, args: argparse.N
     # projector; its threshold is chosen on the whole validation split
     classifier_rate = [f"optim.lr_multipliers={{vision.classifier: {args.classifier_lr_mult}}}",
                        f"data.fit_samples={args.phantoms}"]
-    align = finished_or_train("tiny_align", [*common, *vision_init, f"run_dir={run_dir / 'align'}",
+    # teacher-forced diagnosis prompts (a share of the training prompts list the true findings): align and sft
+    teacher = [f"model.true_findings_share={args.true_findings_share}"] if args.true_findings_share else []
+    align = finished_or_train("tiny_align", [*common, *vision_init, *teacher, f"run_dir={run_dir / 'align'}",
                                              *(classifier_rate if args.findings_prompt else []),
                                              f"phases.0.steps={args.align_steps}", f"optim.lr={args.align_lr}"])
-    teacher = [f"model.true_findings_share={args.true_findings_share}"] if args.true_findings_share else []
-    return finished_or_train("tiny_sft", [*common, *teacher, f"run_dir={sft_dir(run_dir, args) / 'sft'}",
+    return finished_or_train("tiny_sft", [*common, *teacher, f"run_dir={run_dir / 'sft'}",
                                           f"model.init={align}",
                                           f"model.train.encoder={str(args.sft_encoder_lr > 0).lower()}",
                                           f"optim.lr_multipliers={{vision.encoder: {args.sft_encoder_lr}}}"
@@ -275,11 +298,17 @@ def main(argv: list[str] | None = None) -> int:
                              "the projector, threshold chosen on val) whose calls every prompt lists")
     parser.add_argument("--histogram-bins", type=int, default=32,
                         help="with --findings-prompt: bins of the classifier's input-intensity histogram (0: none)")
+    parser.add_argument("--histogram-blocks", type=int, nargs=3, default=[1, 1, 1], metavar=("Z", "Y", "X"),
+                        help="with --findings-prompt: one intensity histogram per block of this grid (2 2 2: octants)")
     parser.add_argument("--classifier-lr-mult", type=float, default=1.0,
                         help="with --findings-prompt: the classifier's lr in align as a multiple of --align-lr")
     parser.add_argument("--true-findings-share", type=float, default=0.0,
-                        help="with --findings-prompt: share of SFT prompts that list the true findings instead of "
-                             "the classifier's calls (teacher forcing; reports and validation use the classifier)")
+                        help="with --findings-prompt: share of the align and SFT training prompts that list the true "
+                             "findings instead of the classifier's calls (teacher forcing; validation and the test "
+                             "reports use the classifier)")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="cap of each generated test report (default: the model config's, 96 for the small "
+                             "architectures; diagnosis prompts calling many findings give longer reports)")
     parser.add_argument("--max-length", type=int, default=None,
                         help="token budget of prompt + report (default 160; 256 with --findings-prompt)")
     parser.add_argument("--arms", nargs="+", default=["image", "blank"], choices=("image", "blank"))
@@ -295,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="only measure trained report generators on the test phantoms: image gain, visual-token "
                              "norm against the word embeddings, between-study share of the token variance")
     args = parser.parse_args(argv)
+    if (args.true_findings_share or list(args.histogram_blocks) != [1, 1, 1]) and not args.findings_prompt:
+        parser.error("--true-findings-share and --histogram-blocks need the finding classifier: add --findings-prompt")
+    if not 0.0 <= args.true_findings_share <= 1.0:
+        parser.error(f"--true-findings-share must be in [0, 1], got {args.true_findings_share}")
     if args.max_length is None:
         args.max_length = 256 if args.findings_prompt else 160
     if args.inspect:
@@ -336,11 +369,12 @@ def main(argv: list[str] | None = None) -> int:
     for architecture, blank in arms:
         tick = time.perf_counter()
         clip_metrics: dict[str, Any] = {}
-        variant = "_findings" if args.findings_prompt else ""
-        run_dir = work / architecture / (("blank" if blank else "image") + variant)
+        run_dir = work / architecture / (("blank" if blank else "image") + findings_variant(args))
         final = train_arm(architecture, manifest, run_dir, args, blank, clip_metrics)
-        predictions = sft_dir(run_dir, args) / "predictions.jsonl"
+        predictions = run_dir / "predictions.jsonl"
         model = load_checkpoint(final, merge_lora=True)
+        if args.max_new_tokens:
+            model.config.generation.max_new_tokens = args.max_new_tokens
         if blank:  # the control sees zeros at test time too: one constant input, one greedy report for all
             shape = load_preset(model.config.preprocess).shape
             report = model.generate(torch.zeros(1, 1, *shape))[0]
@@ -348,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                                            for r in load_manifest(references)))
         else:
             generate_reports(model, [references], predictions, batch_size=8, progress=False, resume=False)
-        result = score(predictions, references, sft_dir(run_dir, args) / "eval")
+        result = score(predictions, references, run_dir / "eval")
         # teacher-forced report loss on the test split with each study's own image vs a neighbour's
         test_set = build_dataset(manifest, model.config.preprocess, split="test", cache_dir=work / "cache",
                                  report_field=args.field, blank_images=blank)  # the zeros arm: as it was trained
@@ -357,10 +391,11 @@ def main(argv: list[str] | None = None) -> int:
                        **visual_token_stats(model, test_set), **classifier_scores(model, test_set)})
         if not blank:  # the ceiling the encoder sets: a linear reader of its frozen features
             result.update(encoder_readout(model.vision.encoder, manifest, test_set.preset, work / "cache"))
-        reused = [r for r in REUSED if Path(r).is_relative_to(run_dir)]
+        stages = ([] if blank else [clip_dir(run_dir)]) + [run_dir / "align", run_dir / "sft"]
+        reused = [r for r in REUSED if Path(r) in stages]
         rows.append({"encoder": architecture, "arm": "zeros (text prior)" if blank else "image",
                      "minutes": round((time.perf_counter() - tick) / 60, 1), "reused_runs": reused,
-                     "stage_training_minutes": stage_minutes(run_dir), **result, "clip": clip_metrics})
+                     "stage_training_minutes": stage_minutes(stages), **result, "clip": clip_metrics})
         print(json.dumps(rows[-1]), flush=True)
 
     print(f"\nlearnability on {args.phantoms} phantoms ({args.field}), test split, {time.perf_counter() - start:.0f} s")

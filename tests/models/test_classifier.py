@@ -68,6 +68,22 @@ def test_the_intensity_histogram_counts_voxels_per_bin_and_channel():
         ClassifierConfig(histogram_bins=4, histogram_range=(1.0, 0.0))
 
 
+def test_block_histograms_keep_where_the_intensities_are():
+    volumes = torch.full((1, 1, 4, 4, 6), 0.05)
+    volumes[0, 0, :2, :, 3:] = 0.95  # upper slices, the second half of x: block (0, 0, 1) of a 2 x 1 x 2 grid
+    blocks = soft_histogram(volumes, 10, (0.0, 1.0), (2, 1, 2)).reshape(2, 1, 2, 10)
+    torch.testing.assert_close(blocks.sum(-1), torch.ones(2, 1, 2))
+    assert blocks[0, 0, 1, 9] > 0.75 and blocks[0, 0, 0, 0] > 0.75 and blocks[1, :, :, 9].max() < 0.01
+    whole = soft_histogram(volumes, 10, (0.0, 1.0))
+    torch.testing.assert_close(blocks.mean((0, 1, 2)), whole[0])  # equal blocks average to the global histogram
+    head = FindingClassifier(4, ClassifierConfig(histogram_bins=10, histogram_blocks=(2, 1, 2)))
+    assert head.features(torch.randn(1, 2, 2, 2, 4), volumes).shape == (1, 2 * 4 + 4 * 10)
+    with pytest.raises(ValueError, match="exceed the volume"):
+        soft_histogram(volumes, 10, (0.0, 1.0), (8, 1, 1))
+    with pytest.raises(ValueError, match="histogram_blocks"):
+        ClassifierConfig(histogram_bins=4, histogram_blocks=(2, 2))
+
+
 def test_calibration_picks_the_threshold_with_the_best_micro_f1():
     head = FindingClassifier(4)
     labels = torch.zeros(4, 18)
@@ -229,7 +245,16 @@ def test_teacher_forced_prompts_list_the_true_findings(model):
         return [model.tokenizer.decode(ids[lab == -100]) for ids, lab in zip(batch["input_ids"], batch["labels"],
                                                                               strict=True)]
 
-    forced = prompts(1.0)
+    passes = []
+    original = model.vision.finding_logits
+    model.vision.finding_logits = lambda volumes: passes.append(len(volumes)) or original(volumes)
+    try:
+        forced = prompts(1.0)
+        assert not passes  # every sample teacher-forced: no classifier pass
+        prompts(0.0)
+        assert passes == [2]
+    finally:
+        del model.vision.finding_logits
     assert "calls: emphysema." in forced[0] and "calls: none." in forced[1]
     assert all("calls: none." in text for text in prompts(0.0))
     model.vision.classifier.threshold.fill_(0.5)

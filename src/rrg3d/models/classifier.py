@@ -16,6 +16,9 @@ probe of the frozen encoder) and marks it ``fitted``; training then continues fr
 is a buffer chosen on the validation split (:meth:`FindingClassifier.calibrate`), so a checkpoint calls findings
 exactly as it was validated.
 
+With ``histogram_blocks: [2, 2, 2]`` there is one histogram per octant of the volume, so a density change keeps a
+coarse location (the block histograms of Reg2RG-style texture features without a segmentation).
+
 Enable it in a model config with ``vision.classifier: {hidden: 0, histogram_bins: 32}`` and
 ``prompt.findings: "...{findings}..."``.
 """
@@ -41,10 +44,18 @@ class ClassifierConfig:
     histogram_bins: int = 0
     #: the intensity range the bins cover (the preset's output range)
     histogram_range: tuple[float, float] = (0.0, 1.0)
+    #: one histogram per block of this ``(z, y, x)`` grid over the volume: (1, 1, 1) the whole volume; (2, 2, 2)
+    #: eight octants (upper/lower, anterior/posterior, right/left), so a density change keeps a coarse location
+    histogram_blocks: tuple[int, int, int] = (1, 1, 1)
     labels: list[str] = field(default_factory=lambda: list(LABEL_NAMES))
 
     def __post_init__(self) -> None:
         self.histogram_range = (float(self.histogram_range[0]), float(self.histogram_range[1]))
+        blocks = tuple(int(b) for b in self.histogram_blocks)
+        if len(blocks) != 3 or min(blocks) < 1:
+            raise ValueError(f"vision.classifier.histogram_blocks must be three counts >= 1 (z, y, x), got "
+                             f"{self.histogram_blocks}")
+        self.histogram_blocks = blocks  # type: ignore[assignment]
         if self.histogram_bins < 0:
             raise ValueError(f"vision.classifier.histogram_bins must be >= 0, got {self.histogram_bins}")
         if not self.histogram_range[0] < self.histogram_range[1]:
@@ -61,15 +72,22 @@ class ClassifierConfig:
             raise ValueError(f"vision.classifier.labels names each finding once; repeated: {repeated}")
 
 
-def soft_histogram(volumes: Tensor, bins: int, value_range: tuple[float, float]) -> Tensor:
-    """Share of voxels near each of ``bins`` equally spaced centres (Gaussian kernels, σ half a bin), per channel:
-    ``[B, C, D, H, W]`` → ``[B, C × bins]``; each channel's row sums to about 1. No gradient flows (fixed bins)."""
+def soft_histogram(volumes: Tensor, bins: int, value_range: tuple[float, float],
+                   blocks: Sequence[int] = (1, 1, 1)) -> Tensor:
+    """Share of voxels near each of ``bins`` equally spaced centres (Gaussian kernels, σ half a bin), per channel
+    and per block of a ``blocks`` grid over the volume: ``[B, C, D, H, W]`` → ``[B, C × blocks × bins]`` (channel,
+    then block in z-y-x order, then bin); each block's row sums to about 1. No gradient flows (fixed bins)."""
+    if volumes.dim() != 5:
+        raise ValueError(f"soft_histogram reads volumes [B, C, D, H, W], got shape {tuple(volumes.shape)}")
+    if any(int(b) > int(n) for b, n in zip(blocks, volumes.shape[2:], strict=True)):
+        raise ValueError(f"histogram blocks {tuple(blocks)} exceed the volume shape {tuple(volumes.shape[2:])}")
     low, high = value_range
     step = (high - low) / bins
     with torch.no_grad():
-        values = volumes.float().flatten(2)  # [B, C, V]
-        rows = [torch.exp(-2.0 * ((values - (low + (k + 0.5) * step)) / step) ** 2).mean(-1) for k in range(bins)]
-        histogram = torch.stack(rows, dim=-1)  # one bin at a time: memory stays one volume's size
+        values = volumes.float()
+        rows = [nn.functional.adaptive_avg_pool3d(torch.exp(-2.0 * ((values - (low + (k + 0.5) * step)) / step) ** 2),
+                                                  tuple(int(b) for b in blocks)) for k in range(bins)]
+        histogram = torch.stack(rows, dim=-1)  # [B, C, bz, by, bx, bins]; one bin at a time: memory stays small
         histogram = histogram / histogram.sum(-1, keepdim=True).clamp_min(1e-12)
     return histogram.flatten(1)
 
@@ -82,7 +100,9 @@ class FindingClassifier(nn.Module):
         super().__init__()
         self.config = config or ClassifierConfig()
         self.labels = list(self.config.labels)
-        width = 2 * in_dim + in_channels * self.config.histogram_bins  # mean and max pooled (+ histogram)
+        blocks = self.config.histogram_blocks
+        # mean and max pooled channels (+ one histogram per channel and block)
+        width = 2 * in_dim + in_channels * blocks[0] * blocks[1] * blocks[2] * self.config.histogram_bins
         if self.config.hidden:
             self.head: nn.Module = nn.Sequential(nn.Dropout(self.config.dropout), nn.Linear(width, self.config.hidden),
                                                  nn.GELU(), nn.Linear(self.config.hidden, len(self.labels)))
@@ -106,7 +126,8 @@ class FindingClassifier(nn.Module):
         if self.config.histogram_bins:
             if volumes is None:
                 raise ValueError("this classifier reads an intensity histogram of the input: pass the volumes")
-            features.append(soft_histogram(volumes, self.config.histogram_bins, self.config.histogram_range))
+            features.append(soft_histogram(volumes, self.config.histogram_bins, self.config.histogram_range,
+                                           self.config.histogram_blocks))
         return torch.cat(features, dim=-1)
 
     def forward(self, grid: Tensor, volumes: Tensor | None = None) -> Tensor:

@@ -294,14 +294,21 @@ class ReportGenerator(nn.Module):
         the classifier calls in that volume (a gradient-free pass, as in generation). With ``true_labels`` [B, 18]
         and ``true_share`` > 0, that share of the samples (drawn from torch's RNG) lists its true findings instead
         — teacher forcing of the prompt, which teaches the LM to write what the list says."""
-        if self.uses_findings_prompt:
-            with torch.no_grad():
-                logits = self.vision.finding_logits(volumes.to(self.device))
-            calls = None
-            if true_labels is not None and true_share > 0 and self.vision.classifier is not None:
-                true_calls = self.vision.classifier.named(self.vision.classifier.targets(true_labels.cpu()) == 1)
+        classifier = self.vision.classifier
+        if self.uses_findings_prompt and classifier is not None:
+            calls: list[list[str] | None] = [None] * len(volumes)
+            if true_labels is not None and true_share > 0:
+                true_calls = classifier.named(classifier.targets(true_labels.cpu()) == 1)
                 chosen = (torch.rand(len(true_calls)) < true_share).tolist()
                 calls = [found if pick else None for found, pick in zip(true_calls, chosen, strict=True)]
+            # the classifier pass runs only for the samples that are not teacher-forced
+            rest = [i for i, given in enumerate(calls) if given is None]
+            logits = torch.zeros(len(volumes), len(classifier.labels))
+            if rest:
+                with torch.no_grad():
+                    index = torch.tensor(rest, device=volumes.device)
+                    found = self.vision.finding_logits(volumes.index_select(0, index).to(self.device))
+                logits[rest] = found.float().cpu()
             instructions = self.finding_instructions(logits, instructions, calls)
         return self.training_batch(reports, self.num_image_tokens(volumes.shape[-3:]), max_length=max_length,
                                    instructions=instructions, ids=ids)
