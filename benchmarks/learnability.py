@@ -309,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="cap of each generated test report (default: the model config's, 96 for the small "
                              "architectures; diagnosis prompts calling many findings give longer reports)")
+    parser.add_argument("--repetition-penalty", type=float, default=None,
+                        help="of the greedy test reports (default: the model config's, 1.1; a report listing many "
+                             "findings repeats words such as 'lobe' and 'calcification' legitimately)")
     parser.add_argument("--max-length", type=int, default=None,
                         help="token budget of prompt + report (default 160; 256 with --findings-prompt)")
     parser.add_argument("--arms", nargs="+", default=["image", "blank"], choices=("image", "blank"))
@@ -375,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         model = load_checkpoint(final, merge_lora=True)
         if args.max_new_tokens:
             model.config.generation.max_new_tokens = args.max_new_tokens
+        if args.repetition_penalty:
+            model.config.generation.repetition_penalty = args.repetition_penalty
         if blank:  # the control sees zeros at test time too: one constant input, one greedy report for all
             shape = load_preset(model.config.preprocess).shape
             report = model.generate(torch.zeros(1, 1, *shape))[0]
