@@ -26,8 +26,10 @@ Targets (issue 6): CE micro-F1 ≥ 0.60 and at least 0.20 above both controls, f
 AUROC ≥ 0.80. Arms measured by earlier runs on the same phantoms join the table with ``--merge``.
 
     python benchmarks/learnability.py [--encoders small_ctvit_v small_resnet3d] [--phantoms 1200]
-        [--clip-steps 400] [--align-steps 300] [--sft-steps 450] [--arms image blank] [--merge earlier.json]
-        [--findings-prompt [--histogram-bins 32] [--histogram-blocks 2 2 2] [--true-findings-share 1.0]]
+        [--clip-steps 400] [--clip-label-weight 1.0] [--align-steps 300] [--sft-steps 450] [--arms image blank]
+        [--merge earlier.json]
+        [--findings-prompt [--histogram-bins 32] [--histogram-blocks 2 2 2] [--true-findings-share 1.0]
+                           [--findings-order reports]]
         [--out benchmarks/results/learnability.json]
 """
 
@@ -58,17 +60,20 @@ FINDINGS_PROMPT = "Findings the image classifier calls: {findings}."
 
 def findings_variant(args: argparse.Namespace, teacher: bool = True) -> str:
     """The suffix of a diagnosis-prompt arm's folder (and, without ``teacher``, its model config): ``_findings``,
-    + ``_b222`` with block histograms, + ``_true100`` with teacher-forced prompts."""
+    + ``_b222`` with block histograms, + ``_ord`` with calls in report order, + ``_true100`` with teacher-forced
+    prompts."""
     if not args.findings_prompt:
         return ""
     blocks = "".join(str(b) for b in args.histogram_blocks)
     share = round(100 * args.true_findings_share) if teacher else 0
-    return "_findings" + ("" if blocks == "111" else f"_b{blocks}") + (f"_true{share}" if share else "")
+    order = "_ord" if args.findings_order == "reports" else ""
+    return "_findings" + ("" if blocks == "111" else f"_b{blocks}") + order + (f"_true{share}" if share else "")
 
 
 def generator_architecture(architecture: str, work: Path, args: argparse.Namespace) -> str:
     """The report generator's architecture: ``architecture`` itself, or with ``--findings-prompt`` a copy with a
-    finding classifier on the encoder grid whose calls are written into every prompt (diagnosis prompting)."""
+    finding classifier on the encoder grid whose calls are written into every prompt (diagnosis prompting), listed
+    in label order or (``--findings-order reports``) in the order the training reports name them."""
     if not args.findings_prompt:
         return architecture
     import yaml
@@ -81,6 +86,14 @@ def generator_architecture(architecture: str, work: Path, args: argparse.Namespa
     if list(args.histogram_blocks) != [1, 1, 1]:
         config["vision"]["classifier"]["histogram_blocks"] = list(args.histogram_blocks)
     config["prompt"]["findings"] = FINDINGS_PROMPT
+    if args.findings_order == "reports":
+        from rrg3d.data.manifest import load_manifest
+        from rrg3d.text.labeler import mention_order
+        from rrg3d.train.data import record_text
+
+        texts = [record_text(r, args.field) for r in load_manifest(work / "phantoms" / "manifest.jsonl")
+                 if r.get("split") == "train"]
+        config["prompt"]["findings_order"] = mention_order(texts)
     path = work / "configs" / f"{config['name']}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -140,10 +153,15 @@ def finished_or_train(name: str, overrides: list[str], metrics: dict[str, Any] |
     return Path(result.final)
 
 
-def clip_dir(run_dir: Path) -> Path:
-    """The encoder's CT-CLIP run: one per architecture (``<work>/<arch>/clip``), shared by its image arms — the
-    CLIP recipe does not depend on how the report generator is set up."""
-    return run_dir.parent / "clip"
+def clip_variant(args: argparse.Namespace) -> str:
+    """The suffix of a CLIP run's folder and of its image arms': ``_labels<w>`` with label supervision."""
+    return f"_labels{args.clip_label_weight:g}" if args.clip_label_weight > 0 else ""
+
+
+def clip_dir(run_dir: Path, args: argparse.Namespace) -> Path:
+    """The encoder's CT-CLIP run: one per architecture and CLIP setting (``<work>/<arch>/clip[_labels1]``), shared by
+    its image arms — the CLIP recipe does not depend on how the report generator is set up."""
+    return run_dir.parent / f"clip{clip_variant(args)}"
 
 
 def train_arm(architecture: str, manifest: Path, run_dir: Path, args: argparse.Namespace, blank: bool,
@@ -161,9 +179,10 @@ def train_arm(architecture: str, manifest: Path, run_dir: Path, args: argparse.N
     if args.clip_steps > 0 and not blank:  # CT-CLIP pretraining of the encoder on the training split's reports
         # (the zeros arm skips it: an encoder that only ever sees zeros gives the LM one constant input anyway)
         clip = finished_or_train("tiny_clip", [
-            *common, f"run_dir={clip_dir(run_dir)}", f"phases.0.steps={args.clip_steps}",
+            *common, f"run_dir={clip_dir(run_dir, args)}", f"phases.0.steps={args.clip_steps}",
             f"data.batch_size={args.clip_batch_size}", f"optim.lr={args.clip_lr}", "optim.weight_decay=0.05",
             "model.clip.pooling=meanmax", "model.clip.embed_dim=128",
+            f"model.clip.label_weight={args.clip_label_weight}",
             f"model.clip.train_text={str(args.clip_text).lower()}", "data.max_val_samples=200",
             f"data.augment.enabled={str(args.augment).lower()}"], clip_metrics)
         vision_init = [f"model.vision_init={clip}"]
@@ -286,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip-steps", type=int, default=400, help="CT-CLIP pretraining steps first (0: none)")
     parser.add_argument("--clip-batch-size", type=int, default=32)
     parser.add_argument("--clip-lr", type=float, default=1e-3)
+    parser.add_argument("--clip-label-weight", type=float, default=0.0,
+                        help="label supervision in CLIP pretraining: weight of a label head's cross-entropy on the "
+                             "18 manifest labels beside the InfoNCE (0: contrastive only)")
     parser.add_argument("--clip-text", action="store_true", help="train the CLIP text tower too (default: frozen)")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
                         help="augment the volumes in CLIP pretraining (at 400 steps it underfits: off by default)")
@@ -298,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
                              "the projector, threshold chosen on val) whose calls every prompt lists")
     parser.add_argument("--histogram-bins", type=int, default=32,
                         help="with --findings-prompt: bins of the classifier's input-intensity histogram (0: none)")
+    parser.add_argument("--findings-order", default="labels", choices=("labels", "reports"),
+                        help="with --findings-prompt: list the calls in label order or in the order the training "
+                             "reports name them (prompt.findings_order from rrg3d.text.labeler.mention_order)")
     parser.add_argument("--histogram-blocks", type=int, nargs=3, default=[1, 1, 1], metavar=("Z", "Y", "X"),
                         help="with --findings-prompt: one intensity histogram per block of this grid (2 2 2: octants)")
     parser.add_argument("--classifier-lr-mult", type=float, default=1.0,
@@ -327,8 +352,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="only measure trained report generators on the test phantoms: image gain, visual-token "
                              "norm against the word embeddings, between-study share of the token variance")
     args = parser.parse_args(argv)
-    if (args.true_findings_share or list(args.histogram_blocks) != [1, 1, 1]) and not args.findings_prompt:
-        parser.error("--true-findings-share and --histogram-blocks need the finding classifier: add --findings-prompt")
+    if (args.true_findings_share or list(args.histogram_blocks) != [1, 1, 1] or args.findings_order != "labels") \
+            and not args.findings_prompt:
+        parser.error("--true-findings-share, --histogram-blocks and --findings-order need the finding classifier: "
+                     "add --findings-prompt")
     if not 0.0 <= args.true_findings_share <= 1.0:
         parser.error(f"--true-findings-share must be in [0, 1], got {args.true_findings_share}")
     if args.max_length is None:
@@ -372,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     for architecture, blank in arms:
         tick = time.perf_counter()
         clip_metrics: dict[str, Any] = {}
-        run_dir = work / architecture / (("blank" if blank else "image") + findings_variant(args))
+        arm = "blank" if blank else f"image{clip_variant(args)}"
+        run_dir = work / architecture / (arm + findings_variant(args))
         final = train_arm(architecture, manifest, run_dir, args, blank, clip_metrics)
         predictions = run_dir / "predictions.jsonl"
         model = load_checkpoint(final, merge_lora=True)
@@ -396,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
                        **visual_token_stats(model, test_set), **classifier_scores(model, test_set)})
         if not blank:  # the ceiling the encoder sets: a linear reader of its frozen features
             result.update(encoder_readout(model.vision.encoder, manifest, test_set.preset, work / "cache"))
-        stages = ([] if blank else [clip_dir(run_dir)]) + [run_dir / "align", run_dir / "sft"]
+        stages = ([] if blank else [clip_dir(run_dir, args)]) + [run_dir / "align", run_dir / "sft"]
         reused = [r for r in REUSED if Path(r) in stages]
         rows.append({"encoder": architecture, "arm": "zeros (text prior)" if blank else "image",
                      "minutes": round((time.perf_counter() - tick) / 60, 1), "reused_runs": reused,

@@ -108,7 +108,16 @@ def test_the_prompt_line_and_config_errors(tmp_path):
     assert PromptConfig().with_findings("<image>", ["Lung nodule"]) == "<image>"
     with pytest.raises(ConfigError, match="findings"):
         PromptConfig(findings="no placeholder")
+    ordered = PromptConfig(findings=PROMPT, findings_order=["Pleural effusion", "Lung nodule"])
+    assert ordered.with_findings("<image>", ["Emphysema", "Lung nodule", "Pleural effusion", "Cardiomegaly"]) == (
+        "<image>\nFindings the image classifier calls: pleural effusion, lung nodule, emphysema, cardiomegaly.")
+    with pytest.raises(ConfigError, match="unknown Lung nodules"):
+        PromptConfig(findings=PROMPT, findings_order=["Lung nodules"])
+    with pytest.raises(ConfigError, match="twice"):
+        PromptConfig(findings=PROMPT, findings_order=["Emphysema", "Emphysema"])
     config = load_model_config("tiny_ctvit_v").to_dict()
+    config["prompt"]["findings_order"] = ["Emphysema"]  # written as YAML lists are: through the config loader
+    assert load_model_config(config).prompt.findings_order == ["Emphysema"]
     config["prompt"]["findings"] = PROMPT
     with pytest.raises(ConfigError, match=r"needs vision\.classifier"):
         load_model_config(config)

@@ -182,6 +182,77 @@ def test_meanmax_pooling_concatenates_mean_and_max(tiny_encoder) -> None:
     torch.testing.assert_close(clip.encode_image(volumes, normalize=False), expected)
 
 
+def test_label_head_predicts_the_ctrate_labels_from_the_pooled_features(tiny_encoder) -> None:
+    torch.manual_seed(0)
+    clip = CTCLIP.from_mapping({"vision": tiny_encoder, "text_pretrained": False, "embed_dim": 8,
+                                "pooling": "meanmax", "label_weight": 0.5})
+    assert clip.label_head is not None and clip.label_head.out_features == len(CTRATE_LABELS)
+    assert CTCLIP.from_mapping(clip.describe()).label_head is not None  # the checkpoint rebuilds it
+    volumes = torch.randn(3, 1, 8, 8, 8)
+    ids = clip.tokenize(REPORTS[:3])
+    out = clip(volumes, ids["input_ids"], ids["attention_mask"])
+    torch.testing.assert_close(out["label_logits"], clip.label_head(clip.pool_image(volumes)))
+    torch.testing.assert_close(out["image_embeds"], clip.encode_image(volumes))
+    assert "label_logits" not in CTCLIP.from_mapping({"vision": tiny_encoder, "text_pretrained": False,
+                                                      "embed_dim": 8}).image_outputs(volumes)
+
+
+def test_clip_stage_adds_the_weighted_label_loss_over_known_labels(tiny_encoder) -> None:
+    from types import SimpleNamespace
+
+    from rrg3d.train.clip import clip_loss as stage_loss
+
+    torch.manual_seed(0)
+    clip = CTCLIP.from_mapping({"vision": tiny_encoder, "text_pretrained": False, "embed_dim": 8,
+                                "label_weight": 2.0}).eval()  # no dropout: two passes must agree
+    labels = torch.randint(0, 2, (3, len(CTRATE_LABELS))).float()
+    labels[0, :5] = float("nan")  # unknown: no loss
+    batch = {"volumes": torch.randn(3, 1, 8, 8, 8), "reports": REPORTS[:3], "labels": labels}
+    recipe = SimpleNamespace(model=SimpleNamespace(clip=SimpleNamespace(gather_negatives=False, label_weight=2.0)))
+    ids = clip.tokenize(batch["reports"])
+    out = clip(batch["volumes"], ids["input_ids"], ids["attention_mask"])
+    known = ~torch.isnan(labels)
+    expected = out["loss"] + 2.0 * nn.functional.binary_cross_entropy_with_logits(out["label_logits"][known],
+                                                                                  labels[known])
+    torch.testing.assert_close(stage_loss(clip, clip, batch, recipe), expected)
+    with pytest.raises(ConfigError, match="label_weight"):
+        CTCLIP.from_mapping({"vision": tiny_encoder, "label_weight": -1.0})
+
+
+def test_a_frozen_text_tower_encodes_each_text_once(tiny_encoder) -> None:
+    torch.manual_seed(0)
+    clip = CTCLIP.from_mapping({"vision": tiny_encoder, "text_pretrained": False, "embed_dim": 8})
+    clip.text.requires_grad_(False).eval()
+    assert clip.text_frozen
+    ids = clip.tokenize(REPORTS)
+    with torch.no_grad():
+        batched = clip.pool_text(ids["input_ids"], ids["attention_mask"])
+    calls = []
+    pool = clip.pool_text
+    clip.pool_text = lambda *a: calls.append(1) or pool(*a)  # type: ignore[method-assign]
+    kept = clip.text_features(REPORTS)
+    torch.testing.assert_close(kept, batched, atol=1e-5, rtol=1e-5)  # alone, unpadded: the same features
+    assert len(calls) == len(REPORTS)
+    clip.text_features(REPORTS[::-1] + REPORTS[:1])
+    assert len(calls) == len(REPORTS)  # kept: no text encoded twice
+    volumes = torch.randn(4, 1, 8, 8, 8)
+    with torch.no_grad():
+        by_features = clip(volumes, text_features=kept)["loss"]
+        by_tokens = clip(volumes, ids["input_ids"], ids["attention_mask"])["loss"]
+    torch.testing.assert_close(by_features, by_tokens, atol=1e-5, rtol=1e-5)
+    before = len(calls)
+    clip.load_state_dict(clip.state_dict())  # new weights: the kept features are dropped
+    clip.text_features(REPORTS[:1])
+    assert len(calls) == before + 1
+    clip.text.train()  # a tower that drops out (or trains) is never cached
+    assert not clip.text_frozen
+    clip.text_features(REPORTS[:1])
+    clip.text_features(REPORTS[:1])
+    assert len(calls) == before + 3
+    with pytest.raises(ValueError, match="text_features"):
+        clip(volumes)
+
+
 def test_text_pooling_ignores_padding(model: CTCLIP) -> None:
     model.eval()
     short = model.tokenize(["Pleural effusion."])

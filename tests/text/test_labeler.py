@@ -10,7 +10,7 @@ import pytest
 
 from rrg3d.cli import main
 from rrg3d.data.adapters.ctrate import CTRATE_LABELS
-from rrg3d.text.labeler import LabelerError, LearnedLabeler, RuleLabeler, load_labeler
+from rrg3d.text.labeler import LabelerError, LearnedLabeler, RuleLabeler, load_labeler, mention_order
 from rrg3d.text.reports import split_sections, split_sentences
 
 
@@ -81,6 +81,22 @@ def tiny_learned():
         if label:
             labels[i, CTRATE_LABELS.index(label)] = 1
     return LearnedLabeler(progress=False).fit(texts, labels), texts, labels
+
+
+def test_mention_order_recovers_the_order_reports_name_findings_in():
+    reports = [
+        "Right pleural effusion. Two lung nodules. Cardiac pacemaker in situ.",
+        "Lung nodule in the left upper lobe. Mild emphysema.",
+        "Left pleural effusion. Mild emphysema. No lung nodule.",  # a negated mention casts no vote
+        "Moderate emphysema. Median sternotomy wires.",
+        "The lungs are clear.",
+        None,
+    ]
+    order = mention_order(reports)
+    named = ["Pleural effusion", "Lung nodule", "Emphysema", "Medical material"]
+    assert order[:4] == named
+    assert order[4:] == [label for label in CTRATE_LABELS if label not in named]  # never named: label order
+    assert sorted(order) == sorted(CTRATE_LABELS)
 
 
 def test_learned_labeler_learns_and_round_trips(tmp_path, tiny_learned):

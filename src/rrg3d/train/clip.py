@@ -5,7 +5,9 @@ The encoder is the one of the architecture ``model.config`` (its ``vision.encode
 can take it over unchanged: ``model.vision_init: runs/clip`` (checked: the configs must be equal). The text tower
 is ``model.clip.text`` (default: the packaged all-MiniLM-L6-v2). Validation embeds the validation split and reports
 retrieval recall R@1/5/10 both ways, the validation InfoNCE over all its pairs, and zero-shot abnormality AUROC
-over the 18 CT-RATE labels ("<label> is present." vs "... is not present."). ``RUN/final`` is a ``ct_clip``
+over the 18 CT-RATE labels ("<label> is present." vs "... is not present."). ``model.clip.label_weight`` > 0 adds
+label supervision: a linear head on the pooled image features, its binary cross-entropy on the manifest labels
+added to the InfoNCE with that weight, its macro AUROC validated as ``label_head_auroc``. ``RUN/final`` is a ``ct_clip``
 checkpoint.
 
 Under several processes the embeddings are all-gathered with gradients, so every pair is contrasted with the
@@ -45,14 +47,23 @@ def build_clip(recipe: Recipe, final_preset: Any) -> nn.Module:
 
 
 def clip_loss(model: nn.Module, raw: nn.Module, batch: dict[str, Any], recipe: Recipe) -> torch.Tensor:
-    text = raw.tokenize(batch["reports"])
     from rrg3d.models.clip import gathered_clip_loss
 
     device = batch["volumes"].device
-    out = model(batch["volumes"], text["input_ids"].to(device), text["attention_mask"].to(device))
+    if raw.text_frozen:  # each report's frozen-tower features are computed once and kept
+        out = model(batch["volumes"], text_features=raw.text_features(batch["reports"]).to(device))
+    else:
+        text = raw.tokenize(batch["reports"])
+        out = model(batch["volumes"], text["input_ids"].to(device), text["attention_mask"].to(device))
     if recipe.model.clip.gather_negatives:
-        return gathered_clip_loss(out["image_embeds"], out["text_embeds"], out["scale"])
-    return out["loss"]
+        loss = gathered_clip_loss(out["image_embeds"], out["text_embeds"], out["scale"])
+    else:
+        loss = out["loss"]
+    if "label_logits" in out:
+        from rrg3d.models.classifier import masked_bce
+
+        loss = loss + recipe.model.clip.label_weight * masked_bce(out["label_logits"], batch["labels"])
+    return loss
 
 
 def clip_frozen_modules(model: nn.Module) -> list[nn.Module]:
@@ -66,13 +77,15 @@ def validate_clip(model: nn.Module, dataset: Any, recipe: Recipe, context: RunCo
 
     batch_size = recipe.data.val_batch_size or recipe.data.batch_size
     device = context.accelerator.device
-    images, texts, probs, labels = [], [], [], []
+    images, texts, probs, head_logits, labels = [], [], [], [], []
     for batch in iterate_batches(dataset, batch_size):
         volumes = batch["volumes"].to(device)
-        tokens = {k: v.to(device) for k, v in model.tokenize(batch["reports"]).items()}
         with context.accelerator.autocast():
-            images.append(model.encode_image(volumes).float().cpu())
-            texts.append(model.encode_text(tokens["input_ids"], tokens["attention_mask"]).float().cpu())
+            image = model.image_outputs(volumes)
+            images.append(image["image_embeds"].float().cpu())
+            if "label_logits" in image:
+                head_logits.append(image["label_logits"].float().cpu())
+            texts.append(model.project_text(model.text_features(batch["reports"])).float().cpu())
             probs.append(model.zero_shot(volumes).float().cpu())
         labels.append(batch["labels"])
     image_embeds, text_embeds = torch.cat(images), torch.cat(texts)
@@ -86,6 +99,10 @@ def validate_clip(model: nn.Module, dataset: Any, recipe: Recipe, context: RunCo
     auroc = zero_shot_auroc(torch.cat(probs), torch.cat(labels))
     if auroc["macro"] is not None:
         metrics["zero_shot_auroc"] = float(auroc["macro"])
+    if head_logits:
+        head = zero_shot_auroc(torch.cat(head_logits).sigmoid(), torch.cat(labels))
+        if head["macro"] is not None:
+            metrics["label_head_auroc"] = float(head["macro"])
     return metrics
 
 

@@ -79,6 +79,9 @@ class ClipSettings:
     embed_dim: int = 512
     train_text: bool = True  # False freezes the text tower (only its projection learns)
     gather_negatives: bool = True  # several processes: contrast with the whole global batch (all-gather)
+    #: > 0: a label head on the pooled image features adds this weight × its binary cross-entropy on the manifest's
+    #: 18 CT-RATE labels (unknown labels skipped) to the InfoNCE
+    label_weight: float = 0.0
 
 
 @dataclass
