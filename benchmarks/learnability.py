@@ -1,36 +1,38 @@
 """Does the image drive the text? Train on phantoms, report on held-out phantoms, compare with two controls.
 
 Per encoder architecture (default the learnability-size ``small_ctvit_v`` and ``small_resnet3d``, CPU-trainable in
-minutes): CT-CLIP pretraining of the encoder on the training split (frozen MiniLM text tower, mean+max pooling,
-optionally augmented volumes), then align (projector) and LoRA SFT on the impressions with the encoder frozen;
-then greedy reports for the held-out test phantoms. Control a, the text prior: the same align + SFT with every volume
-replaced by zeros (run once, with ``--blank-encoder``: an encoder that only ever sees zeros hands the LM one
-constant input whatever its kind, and CLIP pretraining on zeros is skipped for the same reason). Control b: the
-majority-class report (the training report whose 18-label vector is the most frequent), for every test case.
-Every arm is scored with the evaluation suite: clinical efficacy (CE) micro/macro-F1 of the generated reports
-against the phantoms' true labels, BLEU-4, METEOR, ROUGE-L; the CLIP stage's zero-shot AUROC on the validation
-phantoms is reported beside its arm, and so is the *readout ceiling* of the trained encoder: a logistic probe on its
-frozen, pooled features (threshold chosen on the validation phantoms) — the CE micro-F1 a report writer that read
-those features perfectly through a linear map would reach; generated reports far below it mean the language model
-does not read the image, a ceiling below the target means the encoder must improve first.
+minutes): CT-CLIP pretraining of the encoder on the training split (frozen MiniLM text tower, each impression encoded
+once; mean+max pooling; label supervision, ``--clip-label-weight``), then align (projector and finding classifier)
+and LoRA SFT on the impressions with the encoder frozen; then greedy reports for the held-out test phantoms.
+Control a, the text prior: the same align + SFT with every volume replaced by zeros (run once, with
+``--blank-encoder``: an encoder that only ever sees zeros hands the LM one constant input whatever its kind, and
+CLIP pretraining on zeros is skipped for the same reason). Control b: the majority-class report (the training report
+whose 18-label vector is the most frequent), for every test case. Every arm is scored with the evaluation suite:
+clinical efficacy (CE) micro/macro-F1 of the generated reports against the phantoms' true labels, BLEU-4, METEOR,
+ROUGE-L; the CLIP stage's zero-shot AUROC on the validation phantoms is reported beside its arm, and so is the
+*readout ceiling* of the trained encoder: a logistic probe on its frozen, pooled features (threshold chosen on the
+validation phantoms) — the CE micro-F1 a report writer that read those features perfectly through a linear map
+would reach.
 
-With ``--findings-prompt`` the report generator gets a finding classifier (diagnosis prompting, see
-``rrg3d.models.classifier``): a head on the encoder grid plus a soft histogram of the input intensities, fitted on the
-training phantoms before align and trained beside the projector, its threshold chosen on the validation phantoms; every
-prompt lists the findings it calls, in training and in generation. Those arms run in ``<encoder>/image_findings`` and
-``blank_findings`` (``_b222`` appended with ``--histogram-blocks 2 2 2``: one histogram per octant of the volume) and
-report the classifier's own test micro-F1 and AUROC beside the reports'. A rerun reuses every stage run that finished
-with the same recipe and the same model config file contents.
+Diagnosis prompting is on by default (``--no-findings-prompt``: off, and the classifier options are ignored; see
+``rrg3d.models.classifier``): a finding classifier reads the encoder grid plus soft intensity histograms of the input
+(16 bins per octant, ``--histogram-bins``, ``--histogram-blocks``), is fitted on the training phantoms before align,
+trains beside the projector and has its threshold chosen on the validation phantoms; every prompt lists the
+findings it calls, in the order the training impressions name findings (``--findings-order reports``), in
+generation and validation. Training prompts list the true findings instead (teacher forcing,
+``--true-findings-share 1.0``): the LM learns to write what the list says. Arm folders name the setup
+(``<encoder>/image_labels1_findings_b222_ord_true100``, ``blank_findings_b222_ord_true100``, CLIP in
+``<encoder>/clip_labels1``) and the arms report the classifier's own test micro-F1 and AUROC beside the reports'. A
+rerun reuses every stage run that finished with the same recipe and the same model config file contents; earlier
+setups are in the ``args`` of their result files.
 
 Targets (issue 6): CE micro-F1 ≥ 0.60 and at least 0.20 above both controls, for both encoders; CLIP zero-shot
 AUROC ≥ 0.80. Arms measured by earlier runs on the same phantoms join the table with ``--merge``.
 
     python benchmarks/learnability.py [--encoders small_ctvit_v small_resnet3d] [--phantoms 1200]
-        [--clip-steps 400] [--clip-label-weight 1.0] [--align-steps 300] [--sft-steps 450] [--arms image blank]
-        [--merge earlier.json]
-        [--findings-prompt [--histogram-bins 32] [--histogram-blocks 2 2 2] [--true-findings-share 1.0]
-                           [--findings-order reports]]
-        [--out benchmarks/results/learnability.json]
+        [--clip-steps 1200] [--clip-label-weight 1.0] [--align-steps 300] [--sft-steps 450] [--arms image blank]
+        [--no-findings-prompt] [--findings-order {reports,labels}] [--true-findings-share 1.0]
+        [--merge earlier.json] [--out benchmarks/results/learnability.json]
 """
 
 from __future__ import annotations
@@ -192,7 +194,8 @@ def train_arm(architecture: str, manifest: Path, run_dir: Path, args: argparse.N
     classifier_rate = [f"optim.lr_multipliers={{vision.classifier: {args.classifier_lr_mult}}}",
                        f"data.fit_samples={args.phantoms}"]
     # teacher-forced diagnosis prompts (a share of the training prompts list the true findings): align and sft
-    teacher = [f"model.true_findings_share={args.true_findings_share}"] if args.true_findings_share else []
+    teacher = ([f"model.true_findings_share={args.true_findings_share}"]
+               if args.findings_prompt and args.true_findings_share else [])
     align = finished_or_train("tiny_align", [*common, *vision_init, *teacher, f"run_dir={run_dir / 'align'}",
                                              *(classifier_rate if args.findings_prompt else []),
                                              f"phases.0.steps={args.align_steps}", f"optim.lr={args.align_lr}"])
@@ -302,10 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sft-steps", type=int, default=450)
     parser.add_argument("--sft-lr", type=float, default=5e-4)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--clip-steps", type=int, default=400, help="CT-CLIP pretraining steps first (0: none)")
+    parser.add_argument("--clip-steps", type=int, default=1200, help="CT-CLIP pretraining steps first (0: none)")
     parser.add_argument("--clip-batch-size", type=int, default=32)
     parser.add_argument("--clip-lr", type=float, default=1e-3)
-    parser.add_argument("--clip-label-weight", type=float, default=0.0,
+    parser.add_argument("--clip-label-weight", type=float, default=1.0,
                         help="label supervision in CLIP pretraining: weight of a label head's cross-entropy on the "
                              "18 manifest labels beside the InfoNCE (0: contrastive only)")
     parser.add_argument("--clip-text", action="store_true", help="train the CLIP text tower too (default: frozen)")
@@ -315,24 +318,25 @@ def main(argv: list[str] | None = None) -> int:
                         help="autocast of every stage (bf16 runs faster on CPUs with AVX512-BF16 or AMX)")
     parser.add_argument("--sft-encoder-lr", type=float, default=0.0,
                         help="train the encoder in SFT at this multiple of the SFT lr (0: frozen)")
-    parser.add_argument("--findings-prompt", action="store_true",
+    parser.add_argument("--findings-prompt", action=argparse.BooleanOptionalAction, default=True,
                         help="diagnosis prompting: a finding classifier on the encoder grid (trained in align beside "
-                             "the projector, threshold chosen on val) whose calls every prompt lists")
-    parser.add_argument("--histogram-bins", type=int, default=32,
+                             "the projector, threshold chosen on val) whose calls every prompt lists; without it "
+                             "the classifier options below are ignored")
+    parser.add_argument("--histogram-bins", type=int, default=16,
                         help="with --findings-prompt: bins of the classifier's input-intensity histogram (0: none)")
-    parser.add_argument("--findings-order", default="labels", choices=("labels", "reports"),
+    parser.add_argument("--findings-order", default="reports", choices=("labels", "reports"),
                         help="with --findings-prompt: list the calls in label order or in the order the training "
                              "reports name them (prompt.findings_order from rrg3d.text.labeler.mention_order)")
-    parser.add_argument("--histogram-blocks", type=int, nargs=3, default=[1, 1, 1], metavar=("Z", "Y", "X"),
+    parser.add_argument("--histogram-blocks", type=int, nargs=3, default=[2, 2, 2], metavar=("Z", "Y", "X"),
                         help="with --findings-prompt: one intensity histogram per block of this grid (2 2 2: octants)")
     parser.add_argument("--classifier-lr-mult", type=float, default=1.0,
                         help="with --findings-prompt: the classifier's lr in align as a multiple of --align-lr")
-    parser.add_argument("--true-findings-share", type=float, default=0.0,
+    parser.add_argument("--true-findings-share", type=float, default=1.0,
                         help="with --findings-prompt: share of the align and SFT training prompts that list the true "
                              "findings instead of the classifier's calls (teacher forcing; validation and the test "
                              "reports use the classifier)")
-    parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help="cap of each generated test report (default: the model config's, 96 for the small "
+    parser.add_argument("--max-new-tokens", type=int, default=128,
+                        help="cap of each generated test report (0: the model config's, 96 for the small "
                              "architectures; diagnosis prompts calling many findings give longer reports)")
     parser.add_argument("--repetition-penalty", type=float, default=None,
                         help="of the greedy test reports (default: the model config's, 1.1; a report listing many "
@@ -352,10 +356,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="only measure trained report generators on the test phantoms: image gain, visual-token "
                              "norm against the word embeddings, between-study share of the token variance")
     args = parser.parse_args(argv)
-    if (args.true_findings_share or list(args.histogram_blocks) != [1, 1, 1] or args.findings_order != "labels") \
-            and not args.findings_prompt:
-        parser.error("--true-findings-share, --histogram-blocks and --findings-order need the finding classifier: "
-                     "add --findings-prompt")
     if not 0.0 <= args.true_findings_share <= 1.0:
         parser.error(f"--true-findings-share must be in [0, 1], got {args.true_findings_share}")
     if args.max_length is None:
