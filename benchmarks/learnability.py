@@ -9,8 +9,8 @@ Control a, the text prior: the same align + SFT with every volume replaced by ze
 CLIP pretraining on zeros is skipped for the same reason). Control b: the majority-class report (the training report
 whose 18-label vector is the most frequent), for every test case. Every arm is scored with the evaluation suite:
 clinical efficacy (CE) micro/macro-F1 of the generated reports against the phantoms' true labels, BLEU-4, METEOR,
-ROUGE-L; the CLIP stage's zero-shot AUROC on the validation phantoms is reported beside its arm, and so is the
-*readout ceiling* of the trained encoder: a logistic probe on its frozen, pooled features (threshold chosen on the
+ROUGE-L; the CLIP stage's zero-shot AUROC on the test phantoms (with retrieval R@k, the label head's AUROC and
+each label's, under ``clip.test``) is reported beside its arm, and so is the *readout ceiling* of the trained encoder: a logistic probe on its frozen, pooled features (threshold chosen on the
 validation phantoms) — the CE micro-F1 a report writer that read those features perfectly through a linear map
 would reach.
 
@@ -27,7 +27,9 @@ rerun reuses every stage run that finished with the same recipe and the same mod
 setups are in the ``args`` of their result files.
 
 Targets (issue 6): CE micro-F1 ≥ 0.60 and at least 0.20 above both controls, for both encoders; CLIP zero-shot
-AUROC ≥ 0.80. Arms measured by earlier runs on the same phantoms join the table with ``--merge``.
+AUROC ≥ 0.80. Arms measured by earlier runs on the same phantoms join the table with ``--merge``. ``--clip-only``
+trains (or reuses) just the CLIP runs and scores them; ``--clip-field``, ``--clip-text-pooling`` and
+``--clip-histogram-bins`` vary what CLIP reads (see ``rrg3d.models.clip``).
 
     python benchmarks/learnability.py [--encoders small_ctvit_v small_resnet3d] [--phantoms 1200]
         [--clip-steps 1200] [--clip-label-weight 1.0] [--align-steps 300] [--sft-steps 450] [--arms image blank]
@@ -125,7 +127,8 @@ def stage_minutes(stage_dirs: list[Path]) -> dict[str, float]:
 
 def finished_or_train(name: str, overrides: list[str], metrics: dict[str, Any] | None = None) -> Path:
     """The final checkpoint of this exact recipe: reused when an earlier run of it finished (same fingerprint; its
-    last validation metrics go into ``metrics``), trained otherwise. A rerun thus redoes only what changed."""
+    last validation metrics go into ``metrics``), resumed from its last checkpoint when a run of it was interrupted,
+    trained otherwise. A rerun thus redoes only what changed."""
     import csv
 
     from rrg3d.train import train
@@ -148,16 +151,28 @@ def finished_or_train(name: str, overrides: list[str], metrics: dict[str, Any] |
             metrics.update({k: float(v) for k, v in (rows[-1] if rows else {}).items()
                             if v not in ("", None) and k not in ("step", "phase")})
         return folder / "final"
-    result = train(recipe)
+    # an interrupted run of this same recipe (same fingerprint, same model config) resumes from its last checkpoint
+    resume = config.is_file() and not (folder / "final").exists() and \
+        recipe_from_yaml(config.read_text(encoding="utf-8")).fingerprint() == recipe.fingerprint() and \
+        (not stamp.is_file() or stamp.read_text(encoding="utf-8").strip() == model_hash)
+    if resume:
+        print(f"resuming the interrupted run {folder}", flush=True)
+    folder.mkdir(parents=True, exist_ok=True)
     stamp.write_text(model_hash + "\n", encoding="utf-8")
+    result = train(recipe, resume=resume)
     if metrics is not None:
         metrics.update(result.metrics)
     return Path(result.final)
 
 
 def clip_variant(args: argparse.Namespace) -> str:
-    """The suffix of a CLIP run's folder and of its image arms': ``_labels<w>`` with label supervision."""
-    return f"_labels{args.clip_label_weight:g}" if args.clip_label_weight > 0 else ""
+    """The suffix of a CLIP run's folder and of its image arms': ``_labels<w>`` with label supervision, ``_hist<n>``
+    with intensity histograms beside the pooled features, ``_sent`` with sentence-pooled text, ``_<field>`` when
+    CLIP reads another report field than the generator writes."""
+    suffix = f"_labels{args.clip_label_weight:g}" if args.clip_label_weight > 0 else ""
+    suffix += f"_hist{args.clip_histogram_bins}" if args.clip_histogram_bins else ""
+    suffix += "_sent" if args.clip_text_pooling == "sentences" else ""
+    return suffix + (f"_{args.clip_field}" if args.clip_field not in (None, args.field) else "")
 
 
 def clip_dir(run_dir: Path, args: argparse.Namespace) -> Path:
@@ -166,27 +181,59 @@ def clip_dir(run_dir: Path, args: argparse.Namespace) -> Path:
     return run_dir.parent / f"clip{clip_variant(args)}"
 
 
+def common_overrides(architecture: str, manifest: Path, work: Path, args: argparse.Namespace, blank: bool) -> list[str]:
+    """The recipe overrides every stage of an arm shares (a stage's own come after them and win)."""
+    return [f"model.config={architecture}", f"data.manifest={manifest}", f"data.report_field={args.field}",
+            f"data.blank_images={str(blank).lower()}", f"data.batch_size={args.batch_size}",
+            f"data.cache_dir={work / 'cache'}", f"data.max_length={args.max_length}",
+            f"seed={args.seed}", "data.max_val_samples=null",  # validate on the whole validation split
+            "train.progress=false", "train.save_every=0", f"train.threads={os.cpu_count() or 1}",
+            f"train.mixed_precision={args.mixed_precision}",
+            "phases.0.preset=null"]  # every stage at the architecture's own preset (the tiny recipes name tiny)
+
+
+def train_clip(architecture: str, manifest: Path, run_dir: Path, args: argparse.Namespace, common: list[str],
+               clip_metrics: dict[str, Any]) -> Path:
+    """The encoder's CT-CLIP run (trained, resumed or reused), its last validation metrics in ``clip_metrics`` and
+    its scores on the held-out test phantoms under ``clip_metrics["test"]`` (the target's measurement)."""
+    blocks = ",".join(str(b) for b in args.histogram_blocks)
+    clip = finished_or_train("tiny_clip", [
+        *common, f"run_dir={clip_dir(run_dir, args)}", f"phases.0.steps={args.clip_steps}",
+        f"data.batch_size={args.clip_batch_size}", f"optim.lr={args.clip_lr}", "optim.weight_decay=0.05",
+        f"data.report_field={args.clip_field or args.field}",
+        "model.clip.pooling=meanmax", "model.clip.embed_dim=128", f"model.clip.label_weight={args.clip_label_weight}",
+        f"model.clip.text_pooling={args.clip_text_pooling}", f"model.clip.histogram_bins={args.clip_histogram_bins}",
+        f"model.clip.histogram_blocks=[{blocks}]",
+        f"model.clip.train_text={str(args.clip_text).lower()}", "data.max_val_samples=200",
+        f"data.augment.enabled={str(args.augment).lower()}"], clip_metrics)
+    clip_metrics["test"] = clip_test_scores(clip, manifest, run_dir.parent.parent / "cache", args)
+    return clip
+
+
+def clip_test_scores(checkpoint: Path, manifest: Path, cache_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """A CT-CLIP checkpoint on the test phantoms: retrieval, macro zero-shot and label-head AUROC, and per label."""
+    from rrg3d.models.checkpoint import load_clip_checkpoint, read_manifest
+    from rrg3d.preprocess.presets import load_preset
+    from rrg3d.train.clip import clip_scores
+    from rrg3d.train.data import build_dataset
+
+    model = load_clip_checkpoint(checkpoint)
+    preset = load_preset(read_manifest(checkpoint)["preprocess"])
+    test_set = build_dataset(manifest, preset, split="test", cache_dir=cache_dir,
+                             report_field=args.clip_field or args.field, progress=False)
+    scores = clip_scores(model, test_set, batch_size=16)
+    return {**{k: round(v, 4) for k, v in scores["metrics"].items()}, "per_label": scores["per_label"]}
+
+
 def train_arm(architecture: str, manifest: Path, run_dir: Path, args: argparse.Namespace, blank: bool,
               clip_metrics: dict[str, Any]) -> Path:
 
     generator = generator_architecture(architecture, run_dir.parent.parent, args)
-    common = [f"model.config={architecture}", f"data.manifest={manifest}", f"data.report_field={args.field}",
-              f"data.blank_images={str(blank).lower()}", f"data.batch_size={args.batch_size}",
-              f"data.cache_dir={run_dir.parent.parent / 'cache'}", f"data.max_length={args.max_length}",
-              f"seed={args.seed}", "data.max_val_samples=null",  # validate on the whole validation split
-              "train.progress=false", "train.save_every=0", f"train.threads={os.cpu_count() or 1}",
-              f"train.mixed_precision={args.mixed_precision}",
-              "phases.0.preset=null"]  # every stage at the architecture's own preset (the tiny recipes name tiny)
+    common = common_overrides(architecture, manifest, run_dir.parent.parent, args, blank)
     vision_init = []
     if args.clip_steps > 0 and not blank:  # CT-CLIP pretraining of the encoder on the training split's reports
         # (the zeros arm skips it: an encoder that only ever sees zeros gives the LM one constant input anyway)
-        clip = finished_or_train("tiny_clip", [
-            *common, f"run_dir={clip_dir(run_dir, args)}", f"phases.0.steps={args.clip_steps}",
-            f"data.batch_size={args.clip_batch_size}", f"optim.lr={args.clip_lr}", "optim.weight_decay=0.05",
-            "model.clip.pooling=meanmax", "model.clip.embed_dim=128",
-            f"model.clip.label_weight={args.clip_label_weight}",
-            f"model.clip.train_text={str(args.clip_text).lower()}", "data.max_val_samples=200",
-            f"data.augment.enabled={str(args.augment).lower()}"], clip_metrics)
+        clip = train_clip(architecture, manifest, run_dir, args, common, clip_metrics)
         vision_init = [f"model.vision_init={clip}"]
     common[0] = f"model.config={generator}"  # CLIP trained the encoder alone; the generator may add a classifier
     # a finding classifier is fitted on every training study before align (its probe), then trains beside the
@@ -294,6 +341,47 @@ def inspect(checkpoint: str, args: argparse.Namespace) -> dict[str, Any]:
             **encoder_readout(model.vision.encoder, manifest, test_set.preset, work / "cache")}
 
 
+def clip_auroc(row: dict[str, Any]) -> float | None:
+    """An arm's CLIP zero-shot AUROC: on the test phantoms when measured (results before 2026-12: validation)."""
+    clip = row.get("clip", {})
+    return clip.get("test", {}).get("zero_shot_auroc", clip.get("zero_shot_auroc"))
+
+
+def clip_only(args: argparse.Namespace) -> int:
+    """``--clip-only``: each encoder's CLIP run, scored on the test phantoms; a table and a JSON result."""
+    start = time.perf_counter()
+    work = Path(args.work).resolve()
+    manifest = phantom_manifest(work, args)
+    rows = []
+    for architecture in args.encoders:
+        tick, metrics = time.perf_counter(), {}
+        run_dir = work / architecture / f"image{clip_variant(args)}"  # its CLIP run sits beside: <arch>/clip...
+        train_clip(architecture, manifest, run_dir, args, common_overrides(architecture, manifest, work, args, False),
+                   metrics)
+        rows.append({"encoder": architecture, "run": str(clip_dir(run_dir, args)),
+                     "minutes": round((time.perf_counter() - tick) / 60, 1),
+                     "stage_training_minutes": stage_minutes([clip_dir(run_dir, args)]), "clip": metrics})
+    print(f"\nCT-CLIP on {args.phantoms} phantoms, test split, {time.perf_counter() - start:.0f} s")
+    print(f"{'encoder':<15} {'zero-shot AUROC':>15} {'label head':>10} {'i2t R@1':>8} {'t2i R@1':>8} "
+          f"{'val zero-shot':>13} {'minutes':>7}")
+    verdicts = {}
+    for r in rows:
+        test, val = r["clip"]["test"], r["clip"]
+        head = test.get("label_head_auroc")
+        print(f"{r['encoder']:<15} {test['zero_shot_auroc']:>15.3f} {'-' if head is None else f'{head:.3f}':>10} "
+              f"{test['i2t_R@1']:>8.3f} {test['t2i_R@1']:>8.3f} {val.get('zero_shot_auroc', float('nan')):>13.3f} "
+              f"{r['minutes']:>7}")
+        verdicts[r["encoder"]] = {"clip_zero_shot_auroc": test["zero_shot_auroc"],
+                                  "clip_meets_target": test["zero_shot_auroc"] >= 0.80}
+    print(json.dumps(verdicts, indent=2))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "learnability_clip", "args": vars(args), "rows": rows,
+                               "verdicts": verdicts, "seconds": round(time.perf_counter() - start)}, indent=2) + "\n")
+    print(f"-> {out}")
+    return 0 if all(v["clip_meets_target"] for v in verdicts.values()) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--encoders", nargs="+", default=["small_ctvit_v", "small_resnet3d"], metavar="ARCH")
@@ -312,6 +400,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="label supervision in CLIP pretraining: weight of a label head's cross-entropy on the "
                              "18 manifest labels beside the InfoNCE (0: contrastive only)")
     parser.add_argument("--clip-text", action="store_true", help="train the CLIP text tower too (default: frozen)")
+    parser.add_argument("--clip-field", default=None, choices=("report", "findings", "impression"),
+                        help="the report field CLIP pretraining reads (default: --field)")
+    parser.add_argument("--clip-text-pooling", default="tokens", choices=("tokens", "sentences"),
+                        help="CLIP text features: the whole text, or the mean of its sentences encoded alone")
+    parser.add_argument("--clip-histogram-bins", type=int, default=0,
+                        help="CLIP: bins of the input-intensity histograms (per --histogram-blocks block) that join "
+                             "the pooled image features (0: none)")
+    parser.add_argument("--clip-only", action="store_true",
+                        help="train (or reuse) each encoder's CLIP run and score it on the test phantoms; no report "
+                             "generators")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
                         help="augment the volumes in CLIP pretraining (at 400 steps it underfits: off by default)")
     parser.add_argument("--mixed-precision", default="bf16", choices=("no", "bf16"),
@@ -368,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
                                               "rows": found}, indent=2) + "\n")
         print(f"-> {args.out}")
         return 0
+
+    if args.clip_only:
+        return clip_only(args)
 
     import torch
 
@@ -436,8 +537,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{'CLIP AUROC':>10} {'readout F1':>10} {'image gain':>10} {'minutes':>7}")
     for r in rows:
         meteor = "n/a" if r["meteor"] is None else f"{r['meteor']:.3f}"
-        auroc, gain, readout = (r.get("clip", {}).get("zero_shot_auroc"), r.get("test_image_gain"),
-                                r.get("readout_test_micro_f1"))
+        auroc, gain, readout = (clip_auroc(r), r.get("test_image_gain"), r.get("readout_test_micro_f1"))
         print(f"{r['encoder']:<15} {r['arm']:<20} {r['ce_micro_f1']:>11.3f} {r['ce_macro_f1']:>9.3f} "
               f"{r['bleu_4']:>7.3f} {meteor:>7} {r['rouge_l']:>8.3f} {'-' if auroc is None else f'{auroc:.3f}':>10} "
               f"{'-' if readout is None else f'{readout:.3f}':>10} {'-' if gain is None else f'{gain:.3f}':>10} "
@@ -449,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         if r["arm"] == "image":
             margin = r["ce_micro_f1"] - best_control
-            auroc = r.get("clip", {}).get("zero_shot_auroc")
+            auroc = clip_auroc(r)
             verdicts[r["encoder"]] = {
                 "micro_f1": r["ce_micro_f1"], "margin_over_controls": round(margin, 3),
                 "meets_target": has_text_prior and r["ce_micro_f1"] >= 0.60 and margin >= 0.20,
