@@ -42,6 +42,7 @@ class TinyEncoder(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.patch = config.patch
+        self.in_channels = config.in_channels
         self.out_dim = config.dim
         self.proj = nn.Conv3d(config.in_channels, config.dim, config.patch, stride=config.patch)
         self.checkpointing = False
@@ -251,6 +252,83 @@ def test_a_frozen_text_tower_encodes_each_text_once(tiny_encoder) -> None:
     assert len(calls) == before + 3
     with pytest.raises(ValueError, match="text_features"):
         clip(volumes)
+
+
+def test_sentence_pooling_averages_the_sentences_of_a_text(tiny_encoder) -> None:
+    torch.manual_seed(0)
+    clip = CTCLIP.from_mapping({"vision": tiny_encoder, "text_pretrained": False, "embed_dim": 8,
+                                "text_pooling": "sentences"})
+    clip.text.requires_grad_(False).eval()
+    report = "Findings: Bilateral pleural effusion. The heart is enlarged. Impression: Effusion and cardiomegaly."
+    sentences = clip.text_units(report)
+    assert sentences == ["Bilateral pleural effusion.", "The heart is enlarged.", "Effusion and cardiomegaly."]
+    assert clip.text_units("...") == ["..."]  # no sentence found: the text itself
+    texts = [report, "A small nodule."]
+    kept = clip.text_features(texts)  # frozen tower: each sentence encoded alone and kept
+    alone = clip.text_features(sentences)
+    torch.testing.assert_close(kept[0], alone.mean(0))
+    torch.testing.assert_close(kept[1], clip.text_features(["A small nodule."])[0])
+    clip.text.requires_grad_(True)  # a training tower: the batch's sentences encoded together, same features
+    assert not clip.text_frozen
+    training = clip.text_features(texts)
+    assert training.requires_grad
+    torch.testing.assert_close(training.detach(), kept, atol=1e-5, rtol=1e-5)
+    volumes = torch.randn(2, 1, 8, 8, 8)
+    torch.testing.assert_close(clip(volumes, texts=texts)["text_embeds"], clip.project_text(training))
+    with pytest.raises(ConfigError, match="text_pooling"):
+        CTCLIP.from_mapping({"vision": tiny_encoder, "text_pooling": "words"})
+
+
+def test_histograms_join_the_pooled_image_features(tiny_encoder) -> None:
+    from rrg3d.models.classifier import soft_histogram
+
+    torch.manual_seed(0)
+    clip = CTCLIP.from_mapping({"vision": tiny_encoder, "text_pretrained": False, "embed_dim": 8, "pooling": "meanmax",
+                                "histogram_bins": 4, "histogram_blocks": [2, 2, 2], "label_weight": 1.0})
+    width = 2 * 16 + 8 * 4
+    assert clip.vision_proj.in_features == width and clip.label_head.in_features == width
+    rebuilt = CTCLIP.from_mapping(clip.describe())  # a checkpoint rebuilds the same shapes
+    assert rebuilt.config.histogram_blocks == (2, 2, 2) and rebuilt.vision_proj.in_features == width
+    volumes = torch.rand(6, 1, 8, 8, 8)
+    histogram = soft_histogram(volumes, 4, (0.0, 1.0), (2, 2, 2))
+    pooled = clip.pool_image(volumes)  # training: standardised with the batch's statistics
+    grid = clip.vision(volumes).flatten(1, 3)
+    torch.testing.assert_close(pooled[:, :32], torch.cat([grid.mean(1), grid.amax(1)], -1))
+    torch.testing.assert_close(pooled[:, 32:], (histogram - histogram.mean(0)) / (histogram.var(0, unbiased=False)
+                                                                                   + 1e-5).sqrt())
+    clip.eval()  # evaluation: the running statistics, so a study's embedding does not depend on its batch
+    torch.testing.assert_close(clip.pool_image(volumes[:1]), clip.pool_image(volumes)[:1])
+    for bad in ({"histogram_blocks": [0, 1, 1]}, {"histogram_bins": -1}, {"histogram_range": [1.0, 0.0]}):
+        with pytest.raises(ConfigError, match="clip.histogram"):
+            CTCLIP.from_mapping({"vision": tiny_encoder, "text_pretrained": False, **bad})
+
+
+def test_zero_shot_from_image_embeddings(model: CTCLIP, pairs) -> None:
+    volumes, _ = pairs
+    model.eval()
+    torch.testing.assert_close(model.zero_shot(image_embeds=model.encode_image(volumes)), model.zero_shot(volumes))
+    with pytest.raises(ValueError, match="one of them"):
+        model.zero_shot()
+    model.train()
+
+
+def test_clip_scores_reports_retrieval_and_per_label_auroc(tiny_encoder) -> None:
+    from rrg3d.train.clip import clip_scores
+
+    torch.manual_seed(0)
+    clip = CTCLIP.from_mapping({"vision": tiny_encoder, "text_pretrained": False, "embed_dim": 8,
+                                "label_weight": 1.0}).eval()
+    labels = torch.tensor([[1.0] * 9 + [0.0] * 9, [0.0] * 18, [1.0] * 18, [0.0] * 9 + [1.0] * 9])
+    labels[:, 0] = float("nan")  # unknown everywhere: no AUROC for the first label
+    dataset = [{"id": f"s{i}", "volume": torch.randn(1, 8, 8, 8), "report": REPORTS[i], "labels": labels[i]}
+               for i in range(4)]
+    scores = clip_scores(clip, dataset, batch_size=3)
+    metrics, per_label = scores["metrics"], scores["per_label"]
+    assert {"val_loss", "i2t_R@1", "t2i_R@1", "zero_shot_auroc", "label_head_auroc"} <= set(metrics)
+    assert set(per_label) == set(CTRATE_LABELS)
+    assert per_label[CTRATE_LABELS[0]] == {"zero_shot_auroc": None, "label_head_auroc": None}
+    defined = [v["zero_shot_auroc"] for v in per_label.values() if v["zero_shot_auroc"] is not None]
+    assert len(defined) == 17 and metrics["zero_shot_auroc"] == pytest.approx(sum(defined) / 17)
 
 
 def test_text_pooling_ignores_padding(model: CTCLIP) -> None:

@@ -50,16 +50,8 @@ class ClassifierConfig:
     labels: list[str] = field(default_factory=lambda: list(LABEL_NAMES))
 
     def __post_init__(self) -> None:
-        self.histogram_range = (float(self.histogram_range[0]), float(self.histogram_range[1]))
-        blocks = tuple(int(b) for b in self.histogram_blocks)
-        if len(blocks) != 3 or min(blocks) < 1:
-            raise ValueError(f"vision.classifier.histogram_blocks must be three counts >= 1 (z, y, x), got "
-                             f"{self.histogram_blocks}")
-        self.histogram_blocks = blocks  # type: ignore[assignment]
-        if self.histogram_bins < 0:
-            raise ValueError(f"vision.classifier.histogram_bins must be >= 0, got {self.histogram_bins}")
-        if not self.histogram_range[0] < self.histogram_range[1]:
-            raise ValueError(f"vision.classifier.histogram_range must be (low, high), got {self.histogram_range}")
+        self.histogram_blocks, self.histogram_range = check_histogram(  # type: ignore[assignment]
+            self.histogram_bins, self.histogram_blocks, self.histogram_range, "vision.classifier")
         if self.hidden < 0:
             raise ValueError(f"vision.classifier.hidden must be >= 0, got {self.hidden}")
         if not 0 <= self.dropout < 1:
@@ -70,6 +62,20 @@ class ClassifierConfig:
         repeated = sorted({name for name in self.labels if self.labels.count(name) > 1})
         if repeated:
             raise ValueError(f"vision.classifier.labels names each finding once; repeated: {repeated}")
+
+
+def check_histogram(bins: int, blocks: Sequence[int], value_range: Sequence[float],
+                    where: str) -> tuple[tuple[int, int, int], tuple[float, float]]:
+    """Validate soft-histogram settings (``where`` names their config section in errors); the blocks and range as
+    tuples of ints and floats. Raises ``ValueError``."""
+    as_blocks = tuple(int(b) for b in blocks)
+    if len(as_blocks) != 3 or min(as_blocks) < 1:
+        raise ValueError(f"{where}.histogram_blocks must be three counts >= 1 (z, y, x), got {blocks}")
+    if bins < 0:
+        raise ValueError(f"{where}.histogram_bins must be >= 0, got {bins}")
+    if len(value_range) != 2 or not float(value_range[0]) < float(value_range[1]):
+        raise ValueError(f"{where}.histogram_range must be (low, high), got {value_range}")
+    return as_blocks, (float(value_range[0]), float(value_range[1]))  # type: ignore[return-value]
 
 
 def masked_bce(logits: Tensor, targets: Tensor) -> Tensor:

@@ -113,6 +113,17 @@ class CTCLIP(nn.Module):
         #: > 0 adds a linear head on the pooled image features that predicts the 18 CT-RATE labels; the ``clip``
         #: stage adds this weight × its binary cross-entropy on the manifest labels (known ones only) to the InfoNCE
         label_weight: float = 0.0
+        #: how a text becomes features: "tokens" (the tower's hidden states averaged over the whole text, truncated
+        #: at ``max_text_length``) or "sentences" (each sentence encoded alone, the text the mean of its sentences:
+        #: a long report is not truncated, and one-sentence zero-shot prompts read like the texts it trained on)
+        text_pooling: str = "tokens"
+        #: > 0: soft intensity histograms of the input volume (``histogram_blocks`` grid, ``histogram_range`` the
+        #: preset's output range; see :func:`~rrg3d.models.classifier.soft_histogram`), standardised by a
+        #: BatchNorm without affine, join the pooled image features (the radiomics first-order statistics that a
+        #: small encoder trained for minutes pools away)
+        histogram_bins: int = 0
+        histogram_blocks: tuple[int, int, int] = (1, 1, 1)
+        histogram_range: tuple[float, float] = (0.0, 1.0)
 
     def __init__(self, config: Config | None = None) -> None:
         super().__init__()
@@ -121,6 +132,15 @@ class CTCLIP(nn.Module):
             raise ConfigError(f"clip: pooling must be 'mean', 'meanmax' or 'attention', got {config.pooling!r}")
         if not (config.label_weight >= 0 and math.isfinite(config.label_weight)):
             raise ConfigError(f"clip: label_weight must be a finite number ≥ 0, got {config.label_weight!r}")
+        if config.text_pooling not in ("tokens", "sentences"):
+            raise ConfigError(f"clip: text_pooling must be 'tokens' or 'sentences', got {config.text_pooling!r}")
+        from rrg3d.models.classifier import check_histogram
+
+        try:
+            config.histogram_blocks, config.histogram_range = check_histogram(
+                config.histogram_bins, config.histogram_blocks, config.histogram_range, "clip")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
         self.config = config
         import rrg3d.models.encoders  # noqa: F401  (registers the encoders; imported here to avoid import cycles)
 
@@ -128,6 +148,12 @@ class CTCLIP(nn.Module):
         vision_dim = int(self.vision.out_dim)
         self.vision_pool = AttentionPool(vision_dim, config.pool_heads) if config.pooling == "attention" else None
         pooled_dim = 2 * vision_dim if config.pooling == "meanmax" else vision_dim
+        self.histogram_norm: nn.BatchNorm1d | None = None
+        if config.histogram_bins:
+            blocks = config.histogram_blocks
+            width = int(self.vision.in_channels) * blocks[0] * blocks[1] * blocks[2] * config.histogram_bins
+            self.histogram_norm = nn.BatchNorm1d(width, affine=False)
+            pooled_dim += width
         self.vision_proj = nn.Linear(pooled_dim, config.embed_dim, bias=False)
         self.label_head = nn.Linear(pooled_dim, len(CTRATE_LABELS)) if config.label_weight > 0 else None
 
@@ -201,14 +227,25 @@ class CTCLIP(nn.Module):
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
     def pool_image(self, volumes: Tensor) -> Tensor:
-        """Volumes ``[B, C, D, H, W]`` → the encoder grid pooled over its tokens ``[B, pooled_dim]``."""
+        """Volumes ``[B, C, D, H, W]`` → the encoder grid pooled over its tokens ``[B, pooled_dim]`` (followed by the
+        standardised intensity histograms with ``histogram_bins``)."""
         grid = self.vision(volumes)  # [B, d, h, w, C]
         tokens = grid.reshape(grid.shape[0], -1, grid.shape[-1])
         if self.vision_pool is not None:
-            return self.vision_pool(tokens)
-        if self.config.pooling == "meanmax":
-            return torch.cat([tokens.mean(1), tokens.amax(1)], dim=-1)
-        return tokens.mean(1)
+            pooled = self.vision_pool(tokens)
+        elif self.config.pooling == "meanmax":
+            pooled = torch.cat([tokens.mean(1), tokens.amax(1)], dim=-1)
+        else:
+            pooled = tokens.mean(1)
+        if self.histogram_norm is None:
+            return pooled
+        from rrg3d.models.classifier import soft_histogram
+
+        config = self.config
+        histogram = soft_histogram(volumes, config.histogram_bins, config.histogram_range, config.histogram_blocks)
+        with torch.autocast(histogram.device.type, enabled=False):  # batch statistics in float32
+            standardised = self.histogram_norm(histogram.float())
+        return torch.cat([pooled, standardised.to(pooled.dtype)], dim=-1)
 
     def encode_image(self, volumes: Tensor, normalize: bool = True) -> Tensor:
         """Volumes ``[B, C, D, H, W]`` → embeddings ``[B, embed_dim]`` (unit norm unless ``normalize=False``)."""
@@ -248,43 +285,64 @@ class CTCLIP(nn.Module):
         """True when the text tower neither trains nor drops out: its output for a text never changes."""
         return not self.text.training and not any(p.requires_grad for p in self.text.parameters())
 
+    def text_units(self, text: str) -> list[str]:
+        """What the text tower encodes of ``text``: the text itself, or with ``text_pooling: sentences`` its
+        sentences (:func:`~rrg3d.text.reports.split_sentences`; the whole text when none is found)."""
+        if self.config.text_pooling == "tokens":
+            return [text]
+        from rrg3d.text.reports import split_sentences
+
+        return split_sentences(text) or [text]
+
     def text_features(self, texts: Sequence[str], max_length: int | None = None) -> Tensor:
-        """Pooled text-tower features ``[B, hidden]`` (float32, on the tower's device). A frozen tower
-        (:attr:`text_frozen`) encodes each distinct text once, alone (no padding, so the result does not depend on
-        the batch), and keeps it: with a frozen text tower, CLIP training then costs the vision tower only after the
-        first epoch. A training tower encodes the batch, with gradients."""
+        """Pooled text-tower features ``[B, hidden]`` (float32, on the tower's device): each text's units
+        (:meth:`text_units`) encoded and averaged. A frozen tower (:attr:`text_frozen`) encodes each distinct unit
+        once, alone (no padding, so the result does not depend on the batch), and keeps it: with a frozen text
+        tower, CLIP training then costs the vision tower only after the first epoch. A training tower encodes the
+        batch's units together, with gradients."""
         if isinstance(texts, str):
             raise TypeError("text_features() takes a sequence of texts, not one string")
         length = max_length or self.config.max_text_length
         device = self.text_proj.weight.device
+        units = [self.text_units(text) for text in texts]
+        flat = [unit for text_units in units for unit in text_units]
         if not self.text_frozen:
-            batch = {k: v.to(device) for k, v in self.tokenize(texts, max_length=length).items()}
-            return self.pool_text(batch["input_ids"], batch["attention_mask"]).float()
-        with torch.no_grad():
-            for text in dict.fromkeys(texts):
-                if (text, length) not in self._text_cache:
-                    one = {k: v.to(device) for k, v in self.tokenize([text], max_length=length).items()}
-                    pooled = self.pool_text(one["input_ids"], one["attention_mask"])
-                    self._text_cache[(text, length)] = pooled[0].float()
-        return torch.stack([self._text_cache[(text, length)] for text in texts]).to(device)
+            batch = {k: v.to(device) for k, v in self.tokenize(flat, max_length=length).items()}
+            pooled = self.pool_text(batch["input_ids"], batch["attention_mask"]).float()
+        else:
+            with torch.no_grad():
+                for unit in dict.fromkeys(flat):
+                    if (unit, length) not in self._text_cache:
+                        one = {k: v.to(device) for k, v in self.tokenize([unit], max_length=length).items()}
+                        features = self.pool_text(one["input_ids"], one["attention_mask"])[0]
+                        self._text_cache[(unit, length)] = features.float()
+            pooled = torch.stack([self._text_cache[(unit, length)] for unit in flat]).to(device)
+        if len(flat) == len(texts):  # one unit per text
+            return pooled
+        owner = torch.tensor([i for i, text_units in enumerate(units) for _ in text_units], device=device)
+        sums = torch.zeros(len(texts), pooled.shape[-1], device=device, dtype=pooled.dtype).index_add(0, owner, pooled)
+        return sums / torch.tensor([len(u) for u in units], device=device, dtype=pooled.dtype).unsqueeze(-1)
 
     def temperature_scale(self) -> Tensor:
         """``exp(logit_scale)``, with the scale clamped at ``logit_scale_max`` (no gradient past it)."""
         return self.logit_scale.clamp(max=self.config.logit_scale_max).exp()
 
     def forward(self, volumes: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, *,
-                text_features: Tensor | None = None) -> dict[str, Tensor]:
+                text_features: Tensor | None = None, texts: Sequence[str] | None = None) -> dict[str, Tensor]:
         """Embeddings, ``[B, B]`` similarity logits both ways, the temperature scale and the symmetric InfoNCE loss
         of the local batch (pair i ↔ i); with a label head also its ``label_logits`` (the stage adds their loss).
-        The texts come as token ids and mask, or as pooled ``text_features`` (:meth:`text_features`)."""
+        The texts come as strings (``texts``: :meth:`text_features`, the way training reads them), as token ids
+        and mask (whole texts), or as pooled ``text_features``."""
         image = self.image_outputs(volumes)
         image_embeds = image["image_embeds"]
-        if text_features is not None:
+        if texts is not None:
+            text_embeds = self.project_text(self.text_features(texts))
+        elif text_features is not None:
             text_embeds = self.project_text(text_features)
         elif input_ids is not None and attention_mask is not None:
             text_embeds = self.encode_text(input_ids, attention_mask)
         else:
-            raise ValueError("CTCLIP.forward needs input_ids and attention_mask, or text_features")
+            raise ValueError("CTCLIP.forward needs texts, input_ids and attention_mask, or text_features")
         scale = self.temperature_scale()
         logits_per_image = scale * image_embeds @ text_embeds.T
         return {
@@ -299,12 +357,17 @@ class CTCLIP(nn.Module):
     # ------------------------------------------------------------------------------------------------ zero-shot
 
     @torch.no_grad()
-    def zero_shot(self, volumes: Tensor, labels: Sequence[str] | None = None) -> Tensor:
+    def zero_shot(self, volumes: Tensor | None = None, labels: Sequence[str] | None = None, *,
+                  image_embeds: Tensor | None = None) -> Tensor:
         """``[B, L]`` probability that each abnormality is present (default: the 18 CT-RATE labels, in order).
 
         For every label the image is compared with "<label> is present." and "<label> is not present."; the
         probability is the softmax over those two scaled similarities. Runs in eval mode (restored afterwards).
+        ``image_embeds`` (unit-norm :meth:`encode_image` output, eval mode) stand in for ``volumes`` when the
+        caller has them already.
         """
+        if (volumes is None) == (image_embeds is None):
+            raise ValueError("zero_shot takes volumes or image_embeds (one of them)")
         labels = CTRATE_LABELS if labels is None else tuple(labels)
         prompts = [p for label in labels for p in (f"{label} is present.", f"{label} is not present.")]
         was_training = self.training
@@ -312,7 +375,7 @@ class CTCLIP(nn.Module):
         try:
             device = self.logit_scale.device
             text = self.project_text(self.text_features(prompts, max_length=64)).view(len(labels), 2, -1)
-            image = self.encode_image(volumes.to(device))
+            image = self.encode_image(volumes.to(device)) if volumes is not None else image_embeds.to(device)
             logits = self.temperature_scale() * torch.einsum("be,lte->blt", image, text)
             return logits.softmax(dim=-1)[..., 0]
         finally:

@@ -19,7 +19,9 @@ whole global batch (``model.clip.gather_negatives``, on by default; off: each pr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +51,8 @@ def build_clip(recipe: Recipe, final_preset: Any) -> nn.Module:
 def clip_loss(model: nn.Module, raw: nn.Module, batch: dict[str, Any], recipe: Recipe) -> torch.Tensor:
     from rrg3d.models.clip import gathered_clip_loss
 
-    device = batch["volumes"].device
-    if raw.text_frozen:  # each report's frozen-tower features are computed once and kept
-        out = model(batch["volumes"], text_features=raw.text_features(batch["reports"]).to(device))
-    else:
-        text = raw.tokenize(batch["reports"])
-        out = model(batch["volumes"], text["input_ids"].to(device), text["attention_mask"].to(device))
+    # a frozen text tower's features are computed once per text (or sentence) and kept (CTCLIP.text_features)
+    out = model(batch["volumes"], texts=batch["reports"])
     if recipe.model.clip.gather_negatives:
         loss = gathered_clip_loss(out["image_embeds"], out["text_embeds"], out["scale"])
     else:
@@ -72,23 +70,33 @@ def clip_frozen_modules(model: nn.Module) -> list[nn.Module]:
 
 @torch.no_grad()
 def validate_clip(model: nn.Module, dataset: Any, recipe: Recipe, context: RunContext) -> dict[str, float]:
+    batch_size = recipe.data.val_batch_size or recipe.data.batch_size
+    return clip_scores(model, dataset, batch_size, device=context.accelerator.device,
+                       autocast=context.accelerator.autocast)["metrics"]
+
+
+@torch.no_grad()
+def clip_scores(model: nn.Module, dataset: Any, batch_size: int = 16, *, device: Any = None,
+                autocast: Callable[[], Any] = contextlib.nullcontext) -> dict[str, Any]:
+    """A CT-CLIP (eval mode) on a dataset of studies: ``metrics`` (InfoNCE over all its pairs as ``val_loss``,
+    retrieval R@1/5/10 both ways, macro ``zero_shot_auroc`` and, with a label head, ``label_head_auroc``) and
+    ``per_label`` (each abnormality's zero-shot and label-head AUROC; None where a split has one class only)."""
     from rrg3d.models.clip import clip_loss as info_nce
     from rrg3d.train.metrics import retrieval_recall, zero_shot_auroc
 
-    batch_size = recipe.data.val_batch_size or recipe.data.batch_size
-    device = context.accelerator.device
+    device = device if device is not None else next(model.parameters()).device
     images, texts, probs, head_logits, labels = [], [], [], [], []
     for batch in iterate_batches(dataset, batch_size):
         volumes = batch["volumes"].to(device)
-        with context.accelerator.autocast():
+        with autocast():
             image = model.image_outputs(volumes)
             images.append(image["image_embeds"].float().cpu())
             if "label_logits" in image:
                 head_logits.append(image["label_logits"].float().cpu())
             texts.append(model.project_text(model.text_features(batch["reports"])).float().cpu())
-            probs.append(model.zero_shot(volumes).float().cpu())
+            probs.append(model.zero_shot(image_embeds=image["image_embeds"]).float().cpu())
         labels.append(batch["labels"])
-    image_embeds, text_embeds = torch.cat(images), torch.cat(texts)
+    image_embeds, text_embeds, targets = torch.cat(images), torch.cat(texts), torch.cat(labels)
     metrics: dict[str, float] = {}
     logits = model.temperature_scale().float().cpu() * image_embeds @ text_embeds.T
     metrics["val_loss"] = float(info_nce(logits))
@@ -96,14 +104,17 @@ def validate_clip(model: nn.Module, dataset: Any, recipe: Recipe, context: RunCo
         short = "i2t" if direction == "image_to_text" else "t2i"
         for k, value in values.items():
             metrics[f"{short}_{k}"] = value
-    auroc = zero_shot_auroc(torch.cat(probs), torch.cat(labels))
+    auroc = zero_shot_auroc(torch.cat(probs), targets)
+    per_label = {name: {"zero_shot_auroc": value} for name, value in auroc["per_label"].items()}
     if auroc["macro"] is not None:
         metrics["zero_shot_auroc"] = float(auroc["macro"])
     if head_logits:
-        head = zero_shot_auroc(torch.cat(head_logits).sigmoid(), torch.cat(labels))
+        head = zero_shot_auroc(torch.cat(head_logits).sigmoid(), targets)
+        for name, value in head["per_label"].items():
+            per_label[name]["label_head_auroc"] = value
         if head["macro"] is not None:
             metrics["label_head_auroc"] = float(head["macro"])
-    return metrics
+    return {"metrics": metrics, "per_label": per_label}
 
 
 def save_clip(model: nn.Module, path: Path, preset: Any, extra: dict[str, Any], train_state: Path | None) -> Path:

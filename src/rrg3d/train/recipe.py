@@ -82,6 +82,12 @@ class ClipSettings:
     #: > 0: a label head on the pooled image features adds this weight × its binary cross-entropy on the manifest's
     #: 18 CT-RATE labels (unknown labels skipped) to the InfoNCE
     label_weight: float = 0.0
+    #: "tokens": a text is encoded whole (truncated at max_text_length); "sentences": sentence by sentence, averaged
+    text_pooling: Literal["tokens", "sentences"] = "tokens"
+    #: > 0: standardised block intensity histograms of the input join the pooled image features
+    histogram_bins: int = 0
+    histogram_blocks: tuple[int, int, int] = (1, 1, 1)
+    histogram_range: tuple[float, float] = (0.0, 1.0)
 
 
 @dataclass
