@@ -10,9 +10,9 @@ CLIP pretraining on zeros is skipped for the same reason). Control b: the majori
 whose 18-label vector is the most frequent), for every test case. Every arm is scored with the evaluation suite:
 clinical efficacy (CE) micro/macro-F1 of the generated reports against the phantoms' true labels, BLEU-4, METEOR,
 ROUGE-L; the CLIP stage's zero-shot AUROC on the test phantoms (with retrieval R@k, the label head's AUROC and
-each label's, under ``clip.test``) is reported beside its arm, and so is the *readout ceiling* of the trained encoder: a logistic probe on its frozen, pooled features (threshold chosen on the
-validation phantoms) — the CE micro-F1 a report writer that read those features perfectly through a linear map
-would reach.
+each label's, under ``clip.test``) is reported beside its arm, and so is the *readout ceiling* of the trained
+encoder: a logistic probe on its frozen, pooled features (threshold chosen on the validation phantoms) — the CE
+micro-F1 a report writer that read those features perfectly through a linear map would reach.
 
 Diagnosis prompting is on by default (``--no-findings-prompt``: off, and the classifier options are ignored; see
 ``rrg3d.models.classifier``): a finding classifier reads the encoder grid plus soft intensity histograms of the input

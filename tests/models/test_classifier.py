@@ -84,6 +84,24 @@ def test_block_histograms_keep_where_the_intensities_are():
         ClassifierConfig(histogram_bins=4, histogram_blocks=(2, 2))
 
 
+def test_the_histogram_equals_the_full_gaussian_kernel_sum():
+    """The five-nearest-bins count agrees with every bin's kernel averaged over each block (values in and out of
+    range), and uneven blocks split an axis into contiguous near-equal parts."""
+    generator = torch.Generator().manual_seed(0)
+    volumes = torch.rand(3, 2, 4, 6, 8, generator=generator) * 1.4 - 0.2
+    volumes[0, 0] = -3.0  # far below the range: (almost) all of it in the first bin
+    bins, blocks = 12, (2, 3, 2)
+    centres = (torch.arange(bins) + 0.5) / bins
+    clamped = volumes.clamp(-0.5 / bins, 1 + 0.5 / bins)  # out of range: half a bin beyond the edge
+    kernel = torch.exp(-2.0 * ((clamped.unsqueeze(-1) - centres) * bins) ** 2)  # [B, C, D, H, W, bins]
+    pooled = kernel.view(3, 2, 2, 2, 3, 2, 2, 4, bins).mean((3, 5, 7))  # [B, C, bz, by, bx, bins]
+    expected = (pooled / pooled.sum(-1, keepdim=True)).flatten(1)
+    torch.testing.assert_close(soft_histogram(volumes, bins, (0.0, 1.0), blocks), expected, atol=1e-5, rtol=0)
+    assert soft_histogram(volumes, bins, (0.0, 1.0), blocks).view(3, 2, 12, bins)[0, 0, :, 0].min() > 0.99
+    uneven = soft_histogram(torch.arange(5.0).view(1, 1, 5, 1, 1) / 5 + 0.1, 5, (0.0, 1.0), (2, 1, 1)).view(2, 5)
+    assert uneven[0, :3].min() > 0.3 and uneven[1, 3:].min() > 0.45  # voxels 0-2 | 3-4 (i * 2 // 5)
+
+
 def test_calibration_picks_the_threshold_with_the_best_micro_f1():
     head = FindingClassifier(4)
     labels = torch.zeros(4, 18)

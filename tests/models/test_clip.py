@@ -299,7 +299,7 @@ def test_histograms_join_the_pooled_image_features(tiny_encoder) -> None:
     clip.eval()  # evaluation: the running statistics, so a study's embedding does not depend on its batch
     torch.testing.assert_close(clip.pool_image(volumes[:1]), clip.pool_image(volumes)[:1])
     for bad in ({"histogram_blocks": [0, 1, 1]}, {"histogram_bins": -1}, {"histogram_range": [1.0, 0.0]}):
-        with pytest.raises(ConfigError, match="clip.histogram"):
+        with pytest.raises(ConfigError, match=r"clip\.histogram"):
             CTCLIP.from_mapping({"vision": tiny_encoder, "text_pretrained": False, **bad})
 
 

@@ -92,20 +92,41 @@ def soft_histogram(volumes: Tensor, bins: int, value_range: tuple[float, float],
                    blocks: Sequence[int] = (1, 1, 1)) -> Tensor:
     """Share of voxels near each of ``bins`` equally spaced centres (Gaussian kernels, σ half a bin), per channel
     and per block of a ``blocks`` grid over the volume: ``[B, C, D, H, W]`` → ``[B, C × blocks × bins]`` (channel,
-    then block in z-y-x order, then bin); each block's row sums to about 1. No gradient flows (fixed bins)."""
+    then block in z-y-x order, then bin); each block's row sums to 1. Blocks split each axis into contiguous,
+    near-equal parts (voxel ``i`` of ``n`` in part ``i × blocks // n``). No gradient flows (fixed bins).
+
+    A voxel adds its kernel weight to the five bins nearest its value (the rest weigh below 4e-6 of the nearest
+    and are left out), counted with one ``bincount`` per offset: a few passes over the volume whatever ``bins``.
+    Values outside ``value_range`` count as if half a bin beyond its edge."""
     if volumes.dim() != 5:
         raise ValueError(f"soft_histogram reads volumes [B, C, D, H, W], got shape {tuple(volumes.shape)}")
     if any(int(b) > int(n) for b, n in zip(blocks, volumes.shape[2:], strict=True)):
         raise ValueError(f"histogram blocks {tuple(blocks)} exceed the volume shape {tuple(volumes.shape[2:])}")
     low, high = value_range
     step = (high - low) / bins
+    rows, (d, h, w) = volumes.shape[0] * volumes.shape[1], volumes.shape[2:]
+    bz, by, bx = (int(b) for b in blocks)
+    device = volumes.device
     with torch.no_grad():
-        values = volumes.float()
-        rows = [nn.functional.adaptive_avg_pool3d(torch.exp(-2.0 * ((values - (low + (k + 0.5) * step)) / step) ** 2),
-                                                  tuple(int(b) for b in blocks)) for k in range(bins)]
-        histogram = torch.stack(rows, dim=-1)  # [B, C, bz, by, bx, bins]; one bin at a time: memory stays small
+        part = [(torch.arange(n, device=device) * k) // n for n, k in ((d, bz), (h, by), (w, bx))]
+        block = ((part[0][:, None, None] * by + part[1][None, :, None]) * bx + part[2][None, None, :]).reshape(-1)
+        size = bz * by * bx * bins
+        counts = torch.zeros(rows, size, dtype=torch.float64, device=device)
+        chunk = max(1, (1 << 24) // block.numel())  # rows per pass: ~16 M voxels
+        for start in range(0, rows, chunk):
+            u = (volumes.reshape(rows, -1)[start:start + chunk].float() - low) / step - 0.5  # bin centre k at u = k
+            u = u.clamp(-1.0, float(bins))  # out of range: counted as half a bin beyond the edge
+            base = (torch.arange(u.shape[0], device=device)[:, None] * (size // bins) + block) * bins
+            nearest = u.round().clamp(0, bins - 1)
+            for offset in (-2, -1, 0, 1, 2):
+                k = nearest + offset
+                weight = torch.exp(-2.0 * (u - k) ** 2) * ((k >= 0) & (k < bins))
+                index = (base + k.clamp(0, bins - 1).long()).reshape(-1)
+                found = torch.bincount(index, weights=weight.reshape(-1), minlength=u.shape[0] * size)
+                counts[start:start + u.shape[0]] += found.view(-1, size)
+        histogram = counts.view(volumes.shape[0], volumes.shape[1], bz, by, bx, bins)
         histogram = histogram / histogram.sum(-1, keepdim=True).clamp_min(1e-12)
-    return histogram.flatten(1)
+    return histogram.flatten(1).float()
 
 
 class FindingClassifier(nn.Module):
