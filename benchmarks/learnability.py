@@ -167,11 +167,13 @@ def finished_or_train(name: str, overrides: list[str], metrics: dict[str, Any] |
 
 def clip_variant(args: argparse.Namespace) -> str:
     """The suffix of a CLIP run's folder and of its image arms': ``_labels<w>`` with label supervision, ``_hist<n>``
-    with intensity histograms beside the pooled features, ``_sent`` with sentence-pooled text, ``_<field>`` when
+    with intensity histograms beside the pooled features, ``_sent`` with sentence-pooled text, ``_text`` with a
+    trained text tower, ``_<field>`` when
     CLIP reads another report field than the generator writes."""
     suffix = f"_labels{args.clip_label_weight:g}" if args.clip_label_weight > 0 else ""
     suffix += f"_hist{args.clip_histogram_bins}" if args.clip_histogram_bins else ""
     suffix += "_sent" if args.clip_text_pooling == "sentences" else ""
+    suffix += "_text" if args.clip_text else ""
     return suffix + (f"_{args.clip_field}" if args.clip_field not in (None, args.field) else "")
 
 
@@ -205,7 +207,8 @@ def train_clip(architecture: str, manifest: Path, run_dir: Path, args: argparse.
         f"model.clip.text_pooling={args.clip_text_pooling}", f"model.clip.histogram_bins={args.clip_histogram_bins}",
         f"model.clip.histogram_blocks=[{blocks}]",
         f"model.clip.train_text={str(args.clip_text).lower()}", "data.max_val_samples=200",
-        f"data.augment.enabled={str(args.augment).lower()}"], clip_metrics)
+        f"data.augment.enabled={str(args.augment).lower()}",
+        *([f"optim.lr_multipliers={{text: {args.clip_text_lr_mult}}}"] if args.clip_text else [])], clip_metrics)
     clip_metrics["test"] = clip_test_scores(clip, manifest, run_dir.parent.parent / "cache", args)
     return clip
 
@@ -400,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="label supervision in CLIP pretraining: weight of a label head's cross-entropy on the "
                              "18 manifest labels beside the InfoNCE (0: contrastive only)")
     parser.add_argument("--clip-text", action="store_true", help="train the CLIP text tower too (default: frozen)")
+    parser.add_argument("--clip-text-lr-mult", type=float, default=0.01,
+                        help="with --clip-text: the text tower's lr as a multiple of --clip-lr (a pretrained "
+                             "transformer fine-tunes at ~1e-5)")
     parser.add_argument("--clip-field", default=None, choices=("report", "findings", "impression"),
                         help="the report field CLIP pretraining reads (default: --field)")
     parser.add_argument("--clip-text-pooling", default="tokens", choices=("tokens", "sentences"),

@@ -273,6 +273,13 @@ def test_sentence_pooling_averages_the_sentences_of_a_text(tiny_encoder) -> None
     training = clip.text_features(texts)
     assert training.requires_grad
     torch.testing.assert_close(training.detach(), kept, atol=1e-5, rtol=1e-5)
+    encoded = []
+    pool = clip.pool_text
+    clip.pool_text = lambda ids, mask: encoded.append(len(ids)) or pool(ids, mask)  # type: ignore[method-assign]
+    repeated = clip.text_features([report, report, "The heart is enlarged."])  # each distinct sentence encoded once
+    clip.pool_text = pool  # type: ignore[method-assign]
+    assert encoded == [3]
+    torch.testing.assert_close(repeated.detach(), torch.stack([kept[0], kept[0], alone[1]]), atol=1e-5, rtol=1e-5)
     volumes = torch.randn(2, 1, 8, 8, 8)
     torch.testing.assert_close(clip(volumes, texts=texts)["text_embeds"], clip.project_text(training))
     with pytest.raises(ConfigError, match="text_pooling"):

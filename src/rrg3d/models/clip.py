@@ -299,16 +299,20 @@ class CTCLIP(nn.Module):
         (:meth:`text_units`) encoded and averaged. A frozen tower (:attr:`text_frozen`) encodes each distinct unit
         once, alone (no padding, so the result does not depend on the batch), and keeps it: with a frozen text
         tower, CLIP training then costs the vision tower only after the first epoch. A training tower encodes the
-        batch's units together, with gradients."""
+        batch's distinct units together, with gradients."""
         if isinstance(texts, str):
             raise TypeError("text_features() takes a sequence of texts, not one string")
         length = max_length or self.config.max_text_length
         device = self.text_proj.weight.device
         units = [self.text_units(text) for text in texts]
         flat = [unit for text_units in units for unit in text_units]
-        if not self.text_frozen:
-            batch = {k: v.to(device) for k, v in self.tokenize(flat, max_length=length).items()}
+        if not self.text_frozen:  # each distinct unit of the batch encoded once (templated sentences repeat)
+            distinct = list(dict.fromkeys(flat))
+            batch = {k: v.to(device) for k, v in self.tokenize(distinct, max_length=length).items()}
             pooled = self.pool_text(batch["input_ids"], batch["attention_mask"]).float()
+            if len(distinct) < len(flat):
+                where = {unit: i for i, unit in enumerate(distinct)}
+                pooled = pooled[torch.tensor([where[unit] for unit in flat], device=device)]
         else:
             with torch.no_grad():
                 for unit in dict.fromkeys(flat):
