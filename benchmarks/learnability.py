@@ -205,7 +205,7 @@ def train_clip(architecture: str, manifest: Path, run_dir: Path, args: argparse.
         f"data.report_field={args.clip_field or args.field}",
         "model.clip.pooling=meanmax", "model.clip.embed_dim=128", f"model.clip.label_weight={args.clip_label_weight}",
         f"model.clip.text_pooling={args.clip_text_pooling}", f"model.clip.histogram_bins={args.clip_histogram_bins}",
-        f"model.clip.histogram_blocks=[{blocks}]",
+        *([f"model.clip.histogram_blocks=[{blocks}]"] if args.clip_histogram_bins else []),
         f"model.clip.train_text={str(args.clip_text).lower()}", "data.max_val_samples=200",
         f"data.augment.enabled={str(args.augment).lower()}",
         *([f"optim.lr_multipliers={{text: {args.clip_text_lr_mult}}}"] if args.clip_text else [])], clip_metrics)
