@@ -140,9 +140,10 @@ def finished_or_train(name: str, overrides: list[str], metrics: dict[str, Any] |
     # the recipe names its model config by path: a run is reused only if that file still reads the same
     model_file = Path(str(recipe.model.config))
     model_hash = hashlib.sha256(model_file.read_bytes()).hexdigest() if model_file.is_file() else "-"
-    if (folder / "final" / "rrg3d.yaml").is_file() and config.is_file() and stamp.is_file() and \
-            stamp.read_text(encoding="utf-8").strip() == model_hash and \
-            recipe_from_yaml(config.read_text(encoding="utf-8")).fingerprint() == recipe.fingerprint():
+    same_recipe = config.is_file() and \
+        recipe_from_yaml(config.read_text(encoding="utf-8")).fingerprint() == recipe.fingerprint()
+    recorded_hash = stamp.read_text(encoding="utf-8").strip() if stamp.is_file() else None
+    if (folder / "final" / "rrg3d.yaml").is_file() and same_recipe and recorded_hash == model_hash:
         print(f"reusing the finished run {folder}", flush=True)
         REUSED.append(str(folder))
         if metrics is not None and log.is_file():
@@ -152,9 +153,7 @@ def finished_or_train(name: str, overrides: list[str], metrics: dict[str, Any] |
                             if v not in ("", None) and k not in ("step", "phase")})
         return folder / "final"
     # an interrupted run of this same recipe (same fingerprint, same model config) resumes from its last checkpoint
-    resume = config.is_file() and not (folder / "final").exists() and \
-        recipe_from_yaml(config.read_text(encoding="utf-8")).fingerprint() == recipe.fingerprint() and \
-        (not stamp.is_file() or stamp.read_text(encoding="utf-8").strip() == model_hash)
+    resume = same_recipe and not (folder / "final").exists() and recorded_hash in (None, model_hash)
     if resume:
         print(f"resuming the interrupted run {folder}", flush=True)
     folder.mkdir(parents=True, exist_ok=True)
@@ -168,8 +167,7 @@ def finished_or_train(name: str, overrides: list[str], metrics: dict[str, Any] |
 def clip_variant(args: argparse.Namespace) -> str:
     """The suffix of a CLIP run's folder and of its image arms': ``_labels<w>`` with label supervision, ``_hist<n>``
     with intensity histograms beside the pooled features, ``_sent`` with sentence-pooled text, ``_text`` with a
-    trained text tower, ``_<field>`` when
-    CLIP reads another report field than the generator writes."""
+    trained text tower, ``_<field>`` when CLIP reads another report field than the generator writes."""
     suffix = f"_labels{args.clip_label_weight:g}" if args.clip_label_weight > 0 else ""
     suffix += f"_hist{args.clip_histogram_bins}" if args.clip_histogram_bins else ""
     suffix += "_sent" if args.clip_text_pooling == "sentences" else ""

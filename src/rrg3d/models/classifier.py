@@ -113,8 +113,9 @@ def soft_histogram(volumes: Tensor, bins: int, value_range: tuple[float, float],
         size = bz * by * bx * bins
         counts = torch.zeros(rows, size, dtype=torch.float64, device=device)
         chunk = max(1, (1 << 24) // block.numel())  # rows per pass: ~16 M voxels
+        flat = volumes.reshape(rows, -1)
         for start in range(0, rows, chunk):
-            u = (volumes.reshape(rows, -1)[start:start + chunk].float() - low) / step - 0.5  # bin centre k at u = k
+            u = (flat[start:start + chunk].float() - low) / step - 0.5  # bin centre k at u = k
             u = u.clamp(-1.0, float(bins))  # out of range: counted as half a bin beyond the edge
             base = (torch.arange(u.shape[0], device=device)[:, None] * (size // bins) + block) * bins
             nearest = u.round().clamp(0, bins - 1)

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from rrg3d.data.adapters.ctrate import CTRATE_LABELS
 from rrg3d.errors import ConfigError
+from rrg3d.models.classifier import check_histogram, soft_histogram
 from rrg3d.models.registry import ENCODERS, config_from_mapping, config_to_dict
 
 __all__ = ["CTCLIP", "AttentionPool", "clip_loss", "gathered_clip_loss"]
@@ -134,8 +135,6 @@ class CTCLIP(nn.Module):
             raise ConfigError(f"clip: label_weight must be a finite number ≥ 0, got {config.label_weight!r}")
         if config.text_pooling not in ("tokens", "sentences"):
             raise ConfigError(f"clip: text_pooling must be 'tokens' or 'sentences', got {config.text_pooling!r}")
-        from rrg3d.models.classifier import check_histogram
-
         try:
             config.histogram_blocks, config.histogram_range = check_histogram(
                 config.histogram_bins, config.histogram_blocks, config.histogram_range, "clip")
@@ -239,8 +238,6 @@ class CTCLIP(nn.Module):
             pooled = tokens.mean(1)
         if self.histogram_norm is None:
             return pooled
-        from rrg3d.models.classifier import soft_histogram
-
         config = self.config
         histogram = soft_histogram(volumes, config.histogram_bins, config.histogram_range, config.histogram_blocks)
         with torch.autocast(histogram.device.type, enabled=False):  # batch statistics in float32
