@@ -416,8 +416,9 @@ def main(argv: list[str] | None = None) -> int:
                              "generators")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
                         help="augment the volumes in CLIP pretraining (at 400 steps it underfits: off by default)")
-    parser.add_argument("--mixed-precision", default="bf16", choices=("no", "bf16"),
-                        help="autocast of every stage (bf16 runs faster on CPUs with AVX512-BF16 or AMX)")
+    parser.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "bf16"),
+                        help="autocast of every stage; auto: bf16 on CPUs with AVX512-BF16 or AMX (and GPUs), else no "
+                             "(emulated bf16 is several times slower than float32)")
     parser.add_argument("--sft-encoder-lr", type=float, default=0.0,
                         help="train the encoder in SFT at this multiple of the SFT lr (0: frozen)")
     parser.add_argument("--findings-prompt", action=argparse.BooleanOptionalAction, default=True,

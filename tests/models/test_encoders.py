@@ -41,6 +41,10 @@ TINY: dict[str, dict] = {
         "slice_depth": 1, "heads": 2, "dim_head": 16, "max_distance": 6, "patch_stem": "conv",
     },
     "resnet3d": {"input_shape": REFERENCE, "layers": (1, 1, 1), "widths": (8, 12, 16)},
+    "multiwindow": {  # the stem halves the input: the wrapped encoder's reference is half of REFERENCE
+        "pool": (2, 2, 2), "encoder": {"name": "resnet3d", "input_shape": (16, 32, 32), "layers": (1, 1),
+                                       "widths": (8, 8), "stem_kernel": (3, 3, 3)},
+    },
     "resnet3d_group": {
         "name": "resnet3d", "input_shape": REFERENCE, "layers": (1, 2), "widths": (8, 16), "norm": "group",
         "norm_groups": 4, "stem_stride": (2, 2, 2), "stem_pool": False,
@@ -63,7 +67,7 @@ def volume(shape=REFERENCE, batch: int = 2, seed: int = 0) -> torch.Tensor:
 
 def test_every_registered_encoder_has_a_tiny_config():
     covered = {TINY[k].get("name", k) for k in TINY}
-    assert covered == set(ENCODERS.names()) == {"vit3d", "ctvit", "ctvit_v", "resnet3d"}
+    assert covered == set(ENCODERS.names()) == {"vit3d", "ctvit", "ctvit_v", "resnet3d", "multiwindow"}
 
 
 @pytest.mark.parametrize("key", sorted(TINY))
@@ -330,3 +334,66 @@ def test_resnet3d_monai_backend_missing_is_a_config_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "monai.networks.nets.resnet", None)  # import now raises ImportError
     with pytest.raises(ConfigError, match="MONAI"):
         ENCODERS.build({"name": "resnet3d", "backend": "monai"})
+
+
+# -- multi-window stem -----------------------------------------------------------------------------------------------
+def _preset_output(hu: torch.Tensor) -> torch.Tensor:
+    """What a [-1000, 1000] → [0, 1] window preset writes for ``hu``."""
+    return ((hu + 1000.0) / 2000.0).clamp(0, 1)
+
+
+def test_multiwindow_channels_are_windows_reduced_by_their_statistic():
+    model = build("multiwindow")
+    assert model.config.input_shape == REFERENCE and model.encoder.in_channels == len(model.config.channels)
+    hu = torch.empty(1, 1, 4, 4, 4).uniform_(-1000, 1000, generator=torch.Generator().manual_seed(0))
+    out = model.windows(_preset_output(hu))
+    assert out.shape == (1, len(model.config.channels), 2, 2, 2)
+    for k, (low, high, reduction) in enumerate(model.config.channels):
+        windowed = ((hu - low) / (high - low)).clamp(0, 1)
+        expected = {"mean": F.avg_pool3d(windowed, 2), "max": F.max_pool3d(windowed, 2),
+                    "min": -F.max_pool3d(-windowed, 2)}[reduction]
+        torch.testing.assert_close(out[:, k: k + 1], expected, atol=1e-5, rtol=0)
+
+
+def test_multiwindow_keeps_a_one_voxel_nodule_that_averaging_dilutes():
+    model = build("multiwindow")
+    hu = torch.full((1, 1, 2, 2, 2), -900.0)
+    hu[0, 0, 1, 0, 1] = 0.0  # a solid voxel in aerated lung
+    out = model.windows(_preset_output(hu))[0, :, 0, 0, 0]
+    solid_max = next(k for k, (low, _, r) in enumerate(model.config.channels) if r == "max" and low == -500.0)
+    assert out[solid_max] == pytest.approx(500 / 600, abs=1e-5)  # the nodule at full contrast
+    averaged = ((_preset_output(hu).mean() * 2000 - 1000 + 500) / 600).clamp(0, 1)
+    assert averaged < 0.1  # a resize to half would have left almost nothing of it in that window
+
+
+def test_multiwindow_config_errors_name_the_problem():
+    inner = dict(TINY["multiwindow"]["encoder"])
+    cases = [
+        ({"channels": [[1000, 2000, "max"]]}, "outside the input window"),
+        ({"channels": [[-1000, -300, "median"]]}, "reduction"),
+        ({"channels": [[-300, -1000, "mean"]]}, "low < high"),
+        ({"channels": []}, "at least one channel"),
+        ({"encoder": {**inner, "in_channels": 1}}, "in_channels"),
+        ({"encoder": {"name": "multiwindow"}}, "cannot wrap"),
+        ({"input_shape": (32, 64, 32)}, "derived"),
+        ({"in_channels": 2}, "one windowed channel"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            build("multiwindow", **overrides)
+    again = ENCODERS.build(ENCODERS.describe(build("multiwindow")))  # the derived input_shape round-trips
+    assert again.config == build("multiwindow").config
+
+
+def test_multiwindow_stem_must_match_the_preprocessing_window():
+    from rrg3d.models.config import ModelConfig
+    from rrg3d.models.encoders.multiwindow import check_preset_window
+
+    encoder = {"name": "multiwindow", **TINY["multiwindow"]}
+    check_preset_window(encoder, "tiny", where="ok")  # [-1000, 1000] → [0, 1]
+    with pytest.raises(ConfigError, match=r"expects HU \[-1000.0, 1000.0\].*maps window \[-1000.0, 200.0\]"):
+        check_preset_window(encoder, "ctrate", where="model")
+    vision = {"encoder": encoder, "compressor": {"name": "pool"}, "projector": {"name": "mlp2x_gelu"}}
+    with pytest.raises(ConfigError, match=r"m\.yaml: the multi-window stem"):
+        ModelConfig.from_dict({"name": "m", "vision": vision, "preprocess": "ctrate"}, source="m.yaml")
+    assert ModelConfig.from_dict({"name": "m", "vision": vision, "preprocess": "tiny"}).preprocess == "tiny"

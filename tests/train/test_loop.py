@@ -13,6 +13,7 @@ from rrg3d.cli import main
 from rrg3d.errors import ConfigError
 from rrg3d.train import run_recipe, train
 from rrg3d.train.loop import TrainingInterrupted, trainable_state
+from rrg3d.train.recipe import load_recipe
 
 pytest.importorskip("transformers")
 
@@ -234,3 +235,17 @@ def test_one_process_runs_stages_with_different_precision(tmp_path, base_overrid
         result = train("tiny_clip", [*base_overrides, "phases.0.steps=1", "data.batch_size=2", "data.max_val_samples=2",
                                      f"train.mixed_precision={precision}", f"run_dir={tmp_path / precision}"])
         assert result.step == 1
+
+
+def test_auto_mixed_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch):
+    from rrg3d.train.loop import resolve_mixed_precision
+
+    assert resolve_mixed_precision("fp16", cpu=True) == "fp16" and resolve_mixed_precision("no", cpu=False) == "no"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert resolve_mixed_precision("auto", cpu=True) == "no"  # emulated bf16 is slower than float32
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert resolve_mixed_precision("auto", cpu=True) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_mixed_precision("auto", cpu=False) == "bf16"
+    assert load_recipe("tiny_sft", ["train.mixed_precision=auto"]).train.mixed_precision == "auto"

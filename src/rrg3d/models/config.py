@@ -150,6 +150,10 @@ class ModelConfig:
         preprocess = data.get("preprocess", "ctrate")
         if not isinstance(preprocess, (str, Mapping)):
             raise ConfigError(f"{source}: preprocess must be a preset name or a preset mapping")
+        if vision.encoder.get("name") == "multiwindow":  # the stem must read the window the preset writes
+            from rrg3d.models.encoders.multiwindow import check_preset_window
+
+            check_preset_window(dict(vision.encoder), preprocess, where=source)
         prompt = config_from_mapping(PromptConfig, data.get("prompt") or {}, where=f"{source}: prompt")
         if prompt.findings is not None and vision.classifier is None:
             raise ConfigError(f"{source}: prompt.findings (a diagnosis prompt) needs vision.classifier")

@@ -182,7 +182,8 @@ class Phase:
 @dataclass
 class TrainSection:
     gradient_accumulation_steps: int = 1
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    #: "auto": bf16 where the hardware computes it natively, else "no" (see rrg3d.train.loop.resolve_mixed_precision)
+    mixed_precision: Literal["no", "fp16", "bf16", "auto"] = "no"
     gradient_checkpointing: bool = False
     save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end (and when interrupted)
     keep_last: int = 2  # step checkpoints kept (the newest)

@@ -12,9 +12,10 @@ Common interface (the rest of the model relies on it):
 Build by name: ``ENCODERS.build({"name": "ctvit_v", "dim": 256})``.
 """
 
-from rrg3d.models.encoders import ctvit, ctvit_v, resnet3d, vit3d
+from rrg3d.models.encoders import ctvit, ctvit_v, multiwindow, resnet3d, vit3d
 from rrg3d.models.encoders.ctvit import CTViT, FactorisedEncoder
 from rrg3d.models.encoders.ctvit_v import CTViTV, RelativePositionBias
+from rrg3d.models.encoders.multiwindow import MultiWindowEncoder
 from rrg3d.models.encoders.resnet3d import ResNet3D
 from rrg3d.models.encoders.vit3d import ViT3D
 from rrg3d.models.registry import ENCODERS
@@ -24,11 +25,13 @@ __all__ = [
     "CTViT",
     "CTViTV",
     "FactorisedEncoder",
+    "MultiWindowEncoder",
     "RelativePositionBias",
     "ResNet3D",
     "ViT3D",
     "ctvit",
     "ctvit_v",
+    "multiwindow",
     "resnet3d",
     "vit3d",
 ]
