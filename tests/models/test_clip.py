@@ -6,10 +6,12 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rrg3d.data.adapters.ctrate import CTRATE_LABELS
@@ -421,3 +423,37 @@ def test_gathered_loss_over_two_processes_equals_the_global_batch_loss(tmp_path)
     torch.testing.assert_close(torch.cat([r["text_grad"] for r in ranks]), 2 * texts.grad)
     single = gathered_clip_loss(images.detach(), texts.detach(), torch.tensor(5.0))  # no process group: local
     torch.testing.assert_close(single, expected.detach())
+
+
+def test_zero_shot_prompt_ensemble_averages_each_side(model: CTCLIP, pairs) -> None:
+    volumes, _ = pairs
+    pairs_ = (("{label} is present.", "{label} is not present."), ("There is {label_lower}.", "No {label_lower}."))
+    default = model.config.zero_shot_prompts
+    assert default == (("{label} is present.", "{label} is not present."),)
+    model.config.zero_shot_prompts = pairs_
+    try:
+        probs = model.zero_shot(volumes, labels=["Emphysema"])
+    finally:
+        model.config.zero_shot_prompts = default
+    model.eval()
+    with torch.no_grad():
+        def side(texts):
+            return F.normalize(model.project_text(model.text_features(texts, max_length=64)).mean(0), dim=-1)
+
+        present = side(["Emphysema is present.", "There is emphysema."])
+        absent = side(["Emphysema is not present.", "No emphysema."])
+        image = model.encode_image(volumes)
+        logits = model.temperature_scale() * torch.stack([image @ present, image @ absent], dim=-1)
+    torch.testing.assert_close(probs[:, 0], logits.softmax(-1)[:, 0])
+
+
+@pytest.mark.parametrize(("prompts", "message"), [
+    ([], "at least one"),
+    ([["{label} is present."]], "two strings"),
+    ([["{label} is present.", "Nothing is present."]], "names no label"),
+    ([["{name} is present.", "No {label}."]], "only {label}"),
+])
+def test_zero_shot_prompt_errors(tiny_encoder, prompts, message) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        CTCLIP.from_mapping({"vision": tiny_encoder, "text_pretrained": False, "embed_dim": 8,
+                             "zero_shot_prompts": prompts})

@@ -125,6 +125,10 @@ class CTCLIP(nn.Module):
         histogram_bins: int = 0
         histogram_blocks: tuple[int, int, int] = (1, 1, 1)
         histogram_range: tuple[float, float] = (0.0, 1.0)
+        #: zero-shot prompt pairs (present, absent); ``{label}`` is the abnormality's name, ``{label_lower}`` the
+        #: same in lower case. Several pairs form a prompt ensemble (each side's embeddings averaged, as in CLIP).
+        #: Default: CT-CLIP's "<label> is present." / "<label> is not present."
+        zero_shot_prompts: tuple[tuple[str, str], ...] = (("{label} is present.", "{label} is not present."),)
 
     def __init__(self, config: Config | None = None) -> None:
         super().__init__()
@@ -140,6 +144,7 @@ class CTCLIP(nn.Module):
                 config.histogram_bins, config.histogram_blocks, config.histogram_range, "clip")
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
+        config.zero_shot_prompts = self._check_prompts(config.zero_shot_prompts)
         self.config = config
         import rrg3d.models.encoders  # noqa: F401  (registers the encoders; imported here to avoid import cycles)
 
@@ -173,6 +178,26 @@ class CTCLIP(nn.Module):
     def describe(self) -> dict[str, Any]:
         """The mapping that rebuilds this model with :meth:`from_mapping`."""
         return config_to_dict(self.config)
+
+    @staticmethod
+    def _check_prompts(pairs: Any) -> tuple[tuple[str, str], ...]:
+        checked = []
+        for pair in pairs or ():
+            if isinstance(pair, str) or len(pair) != 2 or not all(isinstance(p, str) for p in pair):
+                raise ConfigError(f"clip: a zero_shot_prompts entry is [present, absent] (two strings), got {pair!r}")
+            for template in pair:
+                try:
+                    filled = template.format(label="L", label_lower="l")
+                except (KeyError, IndexError, ValueError) as exc:
+                    raise ConfigError(f"clip: zero-shot prompt {template!r} may use only {{label}} and "
+                                      f"{{label_lower}}: {exc!r}") from exc
+                if filled == template:
+                    raise ConfigError(f"clip: zero-shot prompt {template!r} names no label ({{label}} or "
+                                      "{label_lower})")
+            checked.append((pair[0], pair[1]))
+        if not checked:
+            raise ConfigError("clip: zero_shot_prompts needs at least one [present, absent] pair")
+        return tuple(checked)
 
     @staticmethod
     def _text_path(text: str | None) -> str:
@@ -362,20 +387,25 @@ class CTCLIP(nn.Module):
                   image_embeds: Tensor | None = None) -> Tensor:
         """``[B, L]`` probability that each abnormality is present (default: the 18 CT-RATE labels, in order).
 
-        For every label the image is compared with "<label> is present." and "<label> is not present."; the
-        probability is the softmax over those two scaled similarities. Runs in eval mode (restored afterwards).
+        For every label the image is compared with a "present" and an "absent" text embedding (``zero_shot_prompts``:
+        by default "<label> is present." and "<label> is not present."; with several pairs each side is the
+        renormalised mean of its prompts' embeddings); the probability is the softmax over those two scaled
+        similarities. Runs in eval mode (restored afterwards).
         ``image_embeds`` (unit-norm :meth:`encode_image` output, eval mode) stand in for ``volumes`` when the
         caller has them already.
         """
         if (volumes is None) == (image_embeds is None):
             raise ValueError("zero_shot takes volumes or image_embeds (one of them)")
         labels = CTRATE_LABELS if labels is None else tuple(labels)
-        prompts = [p for label in labels for p in (f"{label} is present.", f"{label} is not present.")]
+        pairs = self.config.zero_shot_prompts
+        prompts = [pair[side].format(label=label, label_lower=label.lower())
+                   for label in labels for side in (0, 1) for pair in pairs]
         was_training = self.training
         self.eval()
         try:
             device = self.logit_scale.device
-            text = self.project_text(self.text_features(prompts, max_length=64)).view(len(labels), 2, -1)
+            text = self.project_text(self.text_features(prompts, max_length=64)).view(len(labels), 2, len(pairs), -1)
+            text = F.normalize(text.mean(2), dim=-1)  # [L, 2, E]: each side's prompt ensemble
             image = self.encode_image(volumes.to(device)) if volumes is not None else image_embeds.to(device)
             logits = self.temperature_scale() * torch.einsum("be,lte->blt", image, text)
             return logits.softmax(dim=-1)[..., 0]

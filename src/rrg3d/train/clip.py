@@ -39,6 +39,8 @@ def build_clip(recipe: Recipe, final_preset: Any) -> nn.Module:
     settings = dataclasses.asdict(recipe.model.clip)
     train_text = settings.pop("train_text")
     settings.pop("gather_negatives")
+    if settings["zero_shot_prompts"] is None:  # the model's default (CT-CLIP's pair)
+        settings.pop("zero_shot_prompts")
     encoder = dict(load_model_config(recipe.model.config).vision.encoder)
     model = CTCLIP.from_mapping({"vision": encoder, **settings})
     model.vision.requires_grad_(bool(recipe.model.train.encoder))

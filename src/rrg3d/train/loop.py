@@ -339,8 +339,10 @@ def _prepare_run_dir(recipe: Recipe, run_dir: Path, resume: bool, is_main: bool)
     checkpoint = find_resume_checkpoint(run_dir)
     config_file = run_dir / "config.yaml"
     if resume:
-        if checkpoint is None:
-            log.warning("%s: nothing to resume (no step checkpoint): starting from the beginning", run_dir)
+        if checkpoint is None:  # a warning only when a run started here before and left no step checkpoint
+            started = config_file.is_file()
+            log.log(logging.WARNING if started else logging.INFO,
+                    "%s: nothing to resume (no step checkpoint): starting from the beginning", run_dir)
         if config_file.is_file():
             previous = recipe_from_yaml(config_file.read_text(encoding="utf-8"))
             if previous.fingerprint() != recipe.fingerprint():

@@ -88,6 +88,8 @@ class ClipSettings:
     histogram_bins: int = 0
     histogram_blocks: tuple[int, int, int] = (1, 1, 1)
     histogram_range: tuple[float, float] = (0.0, 1.0)
+    #: zero-shot [present, absent] prompt pairs with {label} / {label_lower}; None: CT-CLIP's single pair
+    zero_shot_prompts: tuple[tuple[str, str], ...] | None = None
 
 
 @dataclass
