@@ -165,10 +165,12 @@ def finished_or_train(name: str, overrides: list[str], metrics: dict[str, Any] |
 
 
 def clip_variant(args: argparse.Namespace) -> str:
-    """The suffix of a CLIP run's folder and of its image arms': ``_labels<w>`` with label supervision, ``_hist<n>``
+    """The suffix of a CLIP run's folder and of its image arms': ``_labels<w>`` with label supervision, ``_prompts<w>``
+    with vocabulary fine-tuning, ``_hist<n>``
     with intensity histograms beside the pooled features, ``_sent`` with sentence-pooled text, ``_text`` with a
     trained text tower, ``_<field>`` when CLIP reads another report field than the generator writes."""
     suffix = f"_labels{args.clip_label_weight:g}" if args.clip_label_weight > 0 else ""
+    suffix += f"_prompts{args.clip_prompt_weight:g}" if args.clip_prompt_weight > 0 else ""
     suffix += f"_hist{args.clip_histogram_bins}" if args.clip_histogram_bins else ""
     suffix += "_sent" if args.clip_text_pooling == "sentences" else ""
     suffix += "_text" if args.clip_text else ""
@@ -202,6 +204,7 @@ def train_clip(architecture: str, manifest: Path, run_dir: Path, args: argparse.
         f"data.batch_size={args.clip_batch_size}", f"optim.lr={args.clip_lr}", "optim.weight_decay=0.05",
         f"data.report_field={args.clip_field or args.field}",
         "model.clip.pooling=meanmax", "model.clip.embed_dim=128", f"model.clip.label_weight={args.clip_label_weight}",
+        f"model.clip.prompt_weight={args.clip_prompt_weight}",
         f"model.clip.text_pooling={args.clip_text_pooling}", f"model.clip.histogram_bins={args.clip_histogram_bins}",
         *([f"model.clip.histogram_blocks=[{blocks}]"] if args.clip_histogram_bins else []),
         f"model.clip.train_text={str(args.clip_text).lower()}", "data.max_val_samples=200",
@@ -400,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip-label-weight", type=float, default=1.0,
                         help="label supervision in CLIP pretraining: weight of a label head's cross-entropy on the "
                              "18 manifest labels beside the InfoNCE (0: contrastive only)")
+    parser.add_argument("--clip-prompt-weight", type=float, default=0.0,
+                        help="> 0: vocabulary fine-tuning, the zero-shot prompts' log-odds also trained on the labels "
+                             "(as CT-CLIP's VocabFine; the prompts are then seen in training)")
     parser.add_argument("--clip-text", action="store_true", help="train the CLIP text tower too (default: frozen)")
     parser.add_argument("--clip-text-lr-mult", type=float, default=0.01,
                         help="with --clip-text: the text tower's lr as a multiple of --clip-lr (a pretrained "

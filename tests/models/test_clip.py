@@ -457,3 +457,32 @@ def test_zero_shot_prompt_errors(tiny_encoder, prompts, message) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         CTCLIP.from_mapping({"vision": tiny_encoder, "text_pretrained": False, "embed_dim": 8,
                              "zero_shot_prompts": prompts})
+
+
+def test_prompt_weight_trains_the_zero_shot_log_odds(tiny_encoder) -> None:
+    """Vocabulary fine-tuning: forward returns the prompts' log-odds, zero_shot is their sigmoid, and the stage's
+    loss reaches the text projection through them (the frozen tower's prompt features are kept, not retrained)."""
+    from types import SimpleNamespace
+
+    from rrg3d.models.classifier import masked_bce
+    from rrg3d.train.clip import clip_loss as stage_loss
+
+    torch.manual_seed(0)
+    clip = CTCLIP.from_mapping({"vision": tiny_encoder, "text_pretrained": False, "embed_dim": 8,
+                                "prompt_weight": 0.5}).eval()
+    clip.text.requires_grad_(False)
+    volumes = torch.randn(3, 1, 8, 8, 8)
+    out = clip(volumes, texts=REPORTS[:3])
+    assert out["prompt_logits"].shape == (3, len(CTRATE_LABELS))
+    torch.testing.assert_close(clip.zero_shot(volumes), out["prompt_logits"].sigmoid())
+    labels = torch.tensor([[1.0] * 18, [0.0] * 18, [float("nan")] * 18])  # the last study's labels unknown
+    recipe = SimpleNamespace(model=SimpleNamespace(clip=SimpleNamespace(gather_negatives=False, prompt_weight=0.5)))
+    loss = stage_loss(clip, clip, {"volumes": volumes, "reports": REPORTS[:3], "labels": labels}, recipe)
+    expected = clip(volumes, texts=REPORTS[:3])
+    torch.testing.assert_close(loss, expected["loss"] + 0.5 * masked_bce(expected["prompt_logits"], labels))
+    loss.backward()
+    assert clip.text_proj.weight.grad is not None and clip.text_proj.weight.grad.abs().sum() > 0
+    assert "prompt_logits" not in CTCLIP.from_mapping({"vision": tiny_encoder, "text_pretrained": False,
+                                                       "embed_dim": 8})(volumes, texts=REPORTS[:3])
+    with pytest.raises(ConfigError, match="prompt_weight"):
+        CTCLIP.from_mapping({"vision": tiny_encoder, "text_pretrained": False, "prompt_weight": float("nan")})

@@ -129,14 +129,20 @@ class CTCLIP(nn.Module):
         #: same in lower case. Several pairs form a prompt ensemble (each side's embeddings averaged, as in CLIP).
         #: Default: CT-CLIP's "<label> is present." / "<label> is not present."
         zero_shot_prompts: tuple[tuple[str, str], ...] = (("{label} is present.", "{label} is not present."),)
+        #: > 0: the ``clip`` stage adds this weight × the binary cross-entropy of the zero-shot prompt log-odds
+        #: (:meth:`prompt_logits`) on the manifest labels — vocabulary fine-tuning in the manner of CT-CLIP's
+        #: VocabFine: the prompts are seen in training, so their AUROC is no longer zero-shot in the strict sense
+        prompt_weight: float = 0.0
 
     def __init__(self, config: Config | None = None) -> None:
         super().__init__()
         config = config if config is not None else self.Config()
         if config.pooling not in ("mean", "meanmax", "attention"):
             raise ConfigError(f"clip: pooling must be 'mean', 'meanmax' or 'attention', got {config.pooling!r}")
-        if not (config.label_weight >= 0 and math.isfinite(config.label_weight)):
-            raise ConfigError(f"clip: label_weight must be a finite number ≥ 0, got {config.label_weight!r}")
+        for name in ("label_weight", "prompt_weight"):
+            weight = getattr(config, name)
+            if not (weight >= 0 and math.isfinite(weight)):
+                raise ConfigError(f"clip: {name} must be a finite number ≥ 0, got {weight!r}")
         if config.text_pooling not in ("tokens", "sentences"):
             raise ConfigError(f"clip: text_pooling must be 'tokens' or 'sentences', got {config.text_pooling!r}")
         try:
@@ -371,6 +377,8 @@ class CTCLIP(nn.Module):
             raise ValueError("CTCLIP.forward needs texts, input_ids and attention_mask, or text_features")
         scale = self.temperature_scale()
         logits_per_image = scale * image_embeds @ text_embeds.T
+        if self.config.prompt_weight > 0:
+            image["prompt_logits"] = self.prompt_logits(image_embeds)
         return {
             **image,
             "scale": scale,
@@ -381,6 +389,19 @@ class CTCLIP(nn.Module):
         }
 
     # ------------------------------------------------------------------------------------------------ zero-shot
+
+    def prompt_logits(self, image_embeds: Tensor, labels: Sequence[str] | None = None) -> Tensor:
+        """``[B, L]`` log-odds that each abnormality is present: the scaled similarity of the unit-norm image
+        embeddings to the "present" prompt embedding minus that to the "absent" one (``zero_shot_prompts``; with
+        several pairs each side is the renormalised mean of its prompts). Differentiable (``prompt_weight``)."""
+        labels = CTRATE_LABELS if labels is None else tuple(labels)
+        pairs = self.config.zero_shot_prompts
+        prompts = [pair[side].format(label=label, label_lower=label.lower())
+                   for label in labels for side in (0, 1) for pair in pairs]
+        text = self.project_text(self.text_features(prompts, max_length=64)).view(len(labels), 2, len(pairs), -1)
+        text = F.normalize(text.mean(2), dim=-1)  # [L, 2, E]: each side's prompt ensemble
+        difference = (text[:, 0] - text[:, 1]).to(image_embeds.dtype)
+        return self.temperature_scale() * image_embeds @ difference.T
 
     @torch.no_grad()
     def zero_shot(self, volumes: Tensor | None = None, labels: Sequence[str] | None = None, *,
@@ -396,18 +417,11 @@ class CTCLIP(nn.Module):
         """
         if (volumes is None) == (image_embeds is None):
             raise ValueError("zero_shot takes volumes or image_embeds (one of them)")
-        labels = CTRATE_LABELS if labels is None else tuple(labels)
-        pairs = self.config.zero_shot_prompts
-        prompts = [pair[side].format(label=label, label_lower=label.lower())
-                   for label in labels for side in (0, 1) for pair in pairs]
         was_training = self.training
         self.eval()
         try:
             device = self.logit_scale.device
-            text = self.project_text(self.text_features(prompts, max_length=64)).view(len(labels), 2, len(pairs), -1)
-            text = F.normalize(text.mean(2), dim=-1)  # [L, 2, E]: each side's prompt ensemble
             image = self.encode_image(volumes.to(device)) if volumes is not None else image_embeds.to(device)
-            logits = self.temperature_scale() * torch.einsum("be,lte->blt", image, text)
-            return logits.softmax(dim=-1)[..., 0]
+            return self.prompt_logits(image, labels).sigmoid()  # the softmax over (present, absent)
         finally:
             self.train(was_training)

@@ -7,8 +7,9 @@ is ``model.clip.text`` (default: the packaged all-MiniLM-L6-v2). Validation embe
 retrieval recall R@1/5/10 both ways, the validation InfoNCE over all its pairs, and zero-shot abnormality AUROC
 over the 18 CT-RATE labels ("<label> is present." vs "... is not present."). ``model.clip.label_weight`` > 0 adds
 label supervision: a linear head on the pooled image features, its binary cross-entropy on the manifest labels
-added to the InfoNCE with that weight, its macro AUROC validated as ``label_head_auroc``. ``RUN/final`` is a ``ct_clip``
-checkpoint.
+added to the InfoNCE with that weight, its macro AUROC validated as ``label_head_auroc``. ``model.clip.prompt_weight``
+> 0 adds vocabulary fine-tuning (CT-CLIP's VocabFine): the zero-shot prompts' log-odds trained against the same
+labels, so the prompts are seen in training. ``RUN/final`` is a ``ct_clip`` checkpoint.
 
 Under several processes the embeddings are all-gathered with gradients, so every pair is contrasted with the
 whole global batch (``model.clip.gather_negatives``, on by default; off: each process's own micro-batch). The
@@ -59,10 +60,12 @@ def clip_loss(model: nn.Module, raw: nn.Module, batch: dict[str, Any], recipe: R
         loss = gathered_clip_loss(out["image_embeds"], out["text_embeds"], out["scale"])
     else:
         loss = out["loss"]
-    if "label_logits" in out:
-        from rrg3d.models.classifier import masked_bce
+    from rrg3d.models.classifier import masked_bce
 
+    if "label_logits" in out:
         loss = loss + recipe.model.clip.label_weight * masked_bce(out["label_logits"], batch["labels"])
+    if "prompt_logits" in out:  # vocabulary fine-tuning: the zero-shot prompts' log-odds against the labels
+        loss = loss + recipe.model.clip.prompt_weight * masked_bce(out["prompt_logits"], batch["labels"])
     return loss
 
 

@@ -90,6 +90,9 @@ class ClipSettings:
     histogram_range: tuple[float, float] = (0.0, 1.0)
     #: zero-shot [present, absent] prompt pairs with {label} / {label_lower}; None: CT-CLIP's single pair
     zero_shot_prompts: tuple[tuple[str, str], ...] | None = None
+    #: > 0: adds this weight × the binary cross-entropy of the zero-shot prompts' log-odds on the manifest labels
+    #: (vocabulary fine-tuning, as CT-CLIP's VocabFine; the prompts are then seen in training)
+    prompt_weight: float = 0.0
 
 
 @dataclass
