@@ -29,7 +29,11 @@ setups are in the ``args`` of their result files.
 Targets (issue 6): CE micro-F1 ≥ 0.60 and at least 0.20 above both controls, for both encoders; CLIP zero-shot
 AUROC ≥ 0.80. Arms measured by earlier runs on the same phantoms join the table with ``--merge``. ``--clip-only``
 trains (or reuses) just the CLIP runs and scores them; ``--clip-field``, ``--clip-text-pooling`` and
-``--clip-histogram-bins`` vary what CLIP reads (see ``rrg3d.models.clip``).
+``--clip-histogram-bins`` vary what CLIP reads (see ``rrg3d.models.clip``); ``--clip-prompt-weight`` adds vocabulary
+fine-tuning (the prompts' log-odds trained on the labels, as CT-CLIP's VocabFine: the verdict records that the
+prompts were seen in training). The CLIP target's run, on the multi-window encoders (see the README):
+
+    python benchmarks/learnability.py --clip-only --encoders small_resnet3d_mw small_ctvit_v_mw --clip-prompt-weight 1
 
     python benchmarks/learnability.py [--encoders small_ctvit_v small_resnet3d] [--phantoms 1200]
         [--clip-steps 1200] [--clip-label-weight 1.0] [--align-steps 300] [--sft-steps 450] [--arms image blank]
