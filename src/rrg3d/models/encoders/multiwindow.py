@@ -115,12 +115,10 @@ class MultiWindowEncoder(nn.Module):
         self.reductions = [reduction for _, _, reduction in config.channels]
         low, high = config.input_window
         r0, r1 = config.input_range
-        # HU = hu_offset + hu_scale * x; window k = (HU - a_k) / (b_k - a_k), clamped to [0, 1]
-        lows = torch.tensor([a for a, _, _ in config.channels])
-        widths = torch.tensor([b - a for a, b, _ in config.channels])
+        # HU = low + (x - r0) * scale, so window k, (HU - a_k) / (b_k - a_k), is x * s_k + o_k: plain floats (no
+        # device copy, no host sync per forward)
         scale = (high - low) / (r1 - r0)
-        self.register_buffer("channel_scale", scale / widths, persistent=False)
-        self.register_buffer("channel_offset", (low - r0 * scale - lows) / widths, persistent=False)
+        self.channel_affine = [(scale / (b - a), (low - r0 * scale - a) / (b - a)) for a, b, _ in config.channels]
 
     def grid_shape(self, input_shape: tuple[int, int, int]) -> Shape3:
         reduced = tuple(int(n) // p for n, p in zip(input_shape, self.pool, strict=True))
@@ -141,7 +139,7 @@ class MultiWindowEncoder(nn.Module):
         pooled: dict[str, Tensor] = {}
         out = []
         for k, reduction in enumerate(self.reductions):
-            scale, offset = self.channel_scale[k].item(), self.channel_offset[k].item()
+            scale, offset = self.channel_affine[k]
             if reduction == "mean":
                 out.append(F.avg_pool3d(torch.clamp_(x * scale + offset, 0, 1), self.pool))
                 continue
