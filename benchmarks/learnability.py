@@ -178,6 +178,7 @@ def clip_variant(args: argparse.Namespace) -> str:
     suffix += f"_hist{args.clip_histogram_bins}" if args.clip_histogram_bins else ""
     suffix += "_sent" if args.clip_text_pooling == "sentences" else ""
     suffix += "_text" if args.clip_text else ""
+    suffix += f"_adapter{args.clip_text_adapter}" if args.clip_text_adapter else ""
     return suffix + (f"_{args.clip_field}" if args.clip_field not in (None, args.field) else "")
 
 
@@ -209,7 +210,8 @@ def train_clip(architecture: str, manifest: Path, run_dir: Path, args: argparse.
         f"data.report_field={args.clip_field or args.field}",
         "model.clip.pooling=meanmax", "model.clip.embed_dim=128", f"model.clip.label_weight={args.clip_label_weight}",
         f"model.clip.prompt_weight={args.clip_prompt_weight}",
-        f"model.clip.text_pooling={args.clip_text_pooling}", f"model.clip.histogram_bins={args.clip_histogram_bins}",
+        f"model.clip.text_pooling={args.clip_text_pooling}", f"model.clip.text_adapter_layers={args.clip_text_adapter}",
+        f"model.clip.histogram_bins={args.clip_histogram_bins}",
         *([f"model.clip.histogram_blocks=[{blocks}]"] if args.clip_histogram_bins else []),
         f"model.clip.train_text={str(args.clip_text).lower()}", "data.max_val_samples=200",
         f"data.augment.enabled={str(args.augment).lower()}",
@@ -218,19 +220,48 @@ def train_clip(architecture: str, manifest: Path, run_dir: Path, args: argparse.
     return clip
 
 
+#: zero-shot prompt wordings scored besides the model's own (none of them is trained, unless --clip-prompt-weight)
+PROMPT_WORDINGS = {
+    "is_present": [["{label} is present.", "{label} is not present."]],  # CT-CLIP's, the default
+    "there_is": [["There is {label_lower}.", "There is no {label_lower}."]],
+    "short": [["{label}.", "No {label_lower}."]],
+    "is_seen": [["{label} is seen.", "No {label_lower} is seen."]],
+}
+PROMPT_WORDINGS["ensemble"] = [pair for pairs in PROMPT_WORDINGS.values() for pair in pairs]
+
+
 def clip_test_scores(checkpoint: Path, manifest: Path, cache_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """A CT-CLIP checkpoint on the test phantoms: retrieval, macro zero-shot and label-head AUROC, and per label."""
+    """A CT-CLIP checkpoint on the test phantoms: retrieval, macro zero-shot and label-head AUROC, and per label;
+    the zero-shot macro AUROC under other prompt wordings (``prompt_wordings``, :data:`PROMPT_WORDINGS`); and what
+    its frozen pooled image features carry (``linear_probe_auroc``: a logistic probe fitted on the training phantoms,
+    the ceiling for any read-out of those features)."""
+    import torch
+
     from rrg3d.models.checkpoint import load_clip_checkpoint, read_manifest
     from rrg3d.preprocess.presets import load_preset
     from rrg3d.train.clip import clip_scores
     from rrg3d.train.data import build_dataset
+    from rrg3d.train.loop import iterate_batches
+    from rrg3d.train.metrics import linear_probe_readout, zero_shot_auroc
 
-    model = load_clip_checkpoint(checkpoint)
+    model = load_clip_checkpoint(checkpoint).eval()
     preset = load_preset(read_manifest(checkpoint)["preprocess"])
-    test_set = build_dataset(manifest, preset, split="test", cache_dir=cache_dir,
-                             report_field=args.clip_field or args.field, progress=False)
-    scores = clip_scores(model, test_set, batch_size=16)
-    return {**{k: round(v, 4) for k, v in scores["metrics"].items()}, "per_label": scores["per_label"]}
+    splits = {split: build_dataset(manifest, preset, split=split, cache_dir=cache_dir,
+                                   report_field=args.clip_field or args.field, progress=False)
+              for split in ("train", "val", "test")}
+    scores = clip_scores(model, splits["test"], batch_size=16)
+    pooled: dict[str, Any] = {}
+    with torch.no_grad():
+        for split, dataset in splits.items():
+            pooled[split] = torch.cat([model.pool_image(batch["volumes"]).float()
+                                       for batch in iterate_batches(dataset, 16)])
+        image_embeds = torch.nn.functional.normalize(model.vision_proj(pooled["test"]), dim=-1)
+        wordings = {name: round(zero_shot_auroc(model.prompt_logits(image_embeds, prompts=pairs).sigmoid(),
+                                                splits["test"].label_matrix())["macro"], 4)
+                    for name, pairs in PROMPT_WORDINGS.items()}
+    probe = linear_probe_readout(*((pooled[split], splits[split].label_matrix()) for split in ("train", "val", "test")))
+    return {**{k: round(v, 4) for k, v in scores["metrics"].items()}, "prompt_wordings": wordings,
+            "linear_probe_auroc": round(probe["test_macro_auroc"], 4), "per_label": scores["per_label"]}
 
 
 def train_arm(architecture: str, manifest: Path, run_dir: Path, args: argparse.Namespace, blank: bool,
@@ -370,18 +401,22 @@ def clip_only(args: argparse.Namespace) -> int:
                      "minutes": round((time.perf_counter() - tick) / 60, 1),
                      "stage_training_minutes": stage_minutes([clip_dir(run_dir, args)]), "clip": metrics})
     print(f"\nCT-CLIP on {args.phantoms} phantoms, test split, {time.perf_counter() - start:.0f} s")
-    print(f"{'encoder':<15} {'zero-shot AUROC':>15} {'label head':>10} {'i2t R@1':>8} {'t2i R@1':>8} "
-          f"{'val zero-shot':>13} {'minutes':>7}")
+    print(f"{'encoder':<17} {'zero-shot AUROC':>15} {'label head':>10} {'linear probe':>12} {'i2t R@1':>8} "
+          f"{'t2i R@1':>8} {'val zero-shot':>13} {'minutes':>7}")
     verdicts = {}
     for r in rows:
         test, val = r["clip"]["test"], r["clip"]
-        head = test.get("label_head_auroc")
-        print(f"{r['encoder']:<15} {test['zero_shot_auroc']:>15.3f} {'-' if head is None else f'{head:.3f}':>10} "
-              f"{test['i2t_R@1']:>8.3f} {test['t2i_R@1']:>8.3f} {val.get('zero_shot_auroc', float('nan')):>13.3f} "
-              f"{r['minutes']:>7}")
+        head, probe = test.get("label_head_auroc"), test.get("linear_probe_auroc")
+        print(f"{r['encoder']:<17} {test['zero_shot_auroc']:>15.3f} {'-' if head is None else f'{head:.3f}':>10} "
+              f"{'-' if probe is None else f'{probe:.3f}':>12} {test['i2t_R@1']:>8.3f} {test['t2i_R@1']:>8.3f} "
+              f"{val.get('zero_shot_auroc', float('nan')):>13.3f} {r['minutes']:>7}")
         verdicts[r["encoder"]] = {"clip_zero_shot_auroc": test["zero_shot_auroc"],
                                   "clip_meets_target": test["zero_shot_auroc"] >= 0.80,
                                   "clip_prompts_seen_in_training": args.clip_prompt_weight > 0}
+    for r in rows:
+        wordings = r["clip"]["test"].get("prompt_wordings", {})
+        print(f"{r['encoder']} zero-shot AUROC by prompt wording: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in wordings.items()))
     if args.clip_prompt_weight > 0:
         print("vocabulary fine-tuning (--clip-prompt-weight): the prompts were trained on the labels, so the AUROC is "
               "prompt classification of held-out phantoms, not zero-shot in the strict sense")
@@ -418,6 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip-text-lr-mult", type=float, default=0.01,
                         help="with --clip-text: the text tower's lr as a multiple of --clip-lr (a pretrained "
                              "transformer fine-tunes at ~1e-5)")
+    parser.add_argument("--clip-text-adapter", type=int, default=0, metavar="LAYERS",
+                        help="> 0: trainable transformer blocks on the frozen text tower's token states "
+                             "(model.clip.text_adapter_layers); the prompts stay unseen, so zero-shot stays strict")
     parser.add_argument("--clip-field", default=None, choices=("report", "findings", "impression"),
                         help="the report field CLIP pretraining reads (default: --field)")
     parser.add_argument("--clip-text-pooling", default="tokens", choices=("tokens", "sentences"),

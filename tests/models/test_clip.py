@@ -230,9 +230,8 @@ def test_a_frozen_text_tower_encodes_each_text_once(tiny_encoder) -> None:
     ids = clip.tokenize(REPORTS)
     with torch.no_grad():
         batched = clip.pool_text(ids["input_ids"], ids["attention_mask"])
-    calls = []
-    pool = clip.pool_text
-    clip.pool_text = lambda *a: calls.append(1) or pool(*a)  # type: ignore[method-assign]
+    calls: list[int] = []
+    clip.text.register_forward_hook(lambda module, args, kwargs, out: calls.append(1), with_kwargs=True)
     kept = clip.text_features(REPORTS)
     torch.testing.assert_close(kept, batched, atol=1e-5, rtol=1e-5)  # alone, unpadded: the same features
     assert len(calls) == len(REPORTS)
@@ -254,6 +253,45 @@ def test_a_frozen_text_tower_encodes_each_text_once(tiny_encoder) -> None:
     assert len(calls) == before + 3
     with pytest.raises(ValueError, match="text_features"):
         clip(volumes)
+
+
+def test_a_text_adapter_starts_as_the_identity_and_trains_on_kept_token_states(tiny_encoder) -> None:
+    torch.manual_seed(0)
+    clip = CTCLIP.from_mapping({"vision": tiny_encoder, "text_pretrained": False, "embed_dim": 8,
+                                "text_adapter_layers": 2})
+    clip.text.requires_grad_(False).eval()
+    assert clip.text_frozen and clip.text_adapter is not None
+    calls: list[int] = []
+    clip.text.register_forward_hook(lambda module, args, kwargs, out: calls.append(1), with_kwargs=True)
+    ids = clip.tokenize(REPORTS)
+    with torch.no_grad():
+        states = clip.text(**ids).last_hidden_state
+    mask = ids["attention_mask"].unsqueeze(-1).float()
+    plain_mean = (states * mask).sum(1) / mask.sum(1)
+    calls.clear()
+    torch.testing.assert_close(clip.text_features(REPORTS), plain_mean, atol=1e-5, rtol=1e-5)  # gains at 0: identity
+    assert len(calls) == len(REPORTS)  # each text encoded once, alone
+    with torch.no_grad():
+        clip.text_adapter.gains.normal_()  # a trained adapter: kept states, padded here, = the batched tower pass
+        batched = clip.pool_text(ids["input_ids"], ids["attention_mask"])
+    calls.clear()
+    adapted = clip.text_features(REPORTS[::-1])
+    assert not calls  # the token states were kept; only the adapter ran
+    torch.testing.assert_close(adapted, batched.flip(0), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(adapted, plain_mean.flip(0), atol=1e-3)
+    out = clip(torch.randn(4, 1, 8, 8, 8), texts=REPORTS)
+    out["loss"].backward()
+    assert clip.text_adapter.gains.grad is not None and clip.text_adapter.gains.grad.abs().sum() > 0
+    assert all(p.grad is None for p in clip.text.parameters())
+    describe = clip.describe()
+    assert describe["text_adapter_layers"] == 2
+    rebuilt = CTCLIP.from_mapping(describe)
+    rebuilt.load_state_dict(clip.state_dict())
+    rebuilt.text.requires_grad_(False).eval()
+    torch.testing.assert_close(rebuilt.text_features(REPORTS), clip.text_features(REPORTS))
+    for bad in (-1, 1.5):
+        with pytest.raises(ConfigError, match="text_adapter_layers"):
+            CTCLIP.from_mapping({"vision": tiny_encoder, "text_pretrained": False, "text_adapter_layers": bad})
 
 
 def test_sentence_pooling_averages_the_sentences_of_a_text(tiny_encoder) -> None:
@@ -444,7 +482,12 @@ def test_zero_shot_prompt_ensemble_averages_each_side(model: CTCLIP, pairs) -> N
         absent = side(["Emphysema is not present.", "No emphysema."])
         image = model.encode_image(volumes)
         logits = model.temperature_scale() * torch.stack([image @ present, image @ absent], dim=-1)
+        given = model.prompt_logits(image, labels=["Emphysema"], prompts=[list(pair) for pair in pairs_])
     torch.testing.assert_close(probs[:, 0], logits.softmax(-1)[:, 0])
+    torch.testing.assert_close(given.sigmoid()[:, 0], probs[:, 0])  # prompts given per call: the same ensemble
+    assert model.config.zero_shot_prompts == default
+    with pytest.raises(ConfigError, match="names no label"):
+        model.prompt_logits(image, prompts=[["{label} is present.", "Nothing."]])
 
 
 @pytest.mark.parametrize(("prompts", "message"), [

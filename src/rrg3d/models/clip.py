@@ -33,7 +33,7 @@ from rrg3d.errors import ConfigError
 from rrg3d.models.classifier import check_histogram, soft_histogram
 from rrg3d.models.registry import ENCODERS, config_from_mapping, config_to_dict
 
-__all__ = ["CTCLIP", "AttentionPool", "clip_loss", "gathered_clip_loss"]
+__all__ = ["CTCLIP", "AttentionPool", "TextAdapter", "clip_loss", "gathered_clip_loss"]
 
 
 def clip_loss(logits_per_image: Tensor) -> Tensor:
@@ -89,6 +89,47 @@ class AttentionPool(nn.Module):
         return self.to_out(out.transpose(1, 2).flatten(1))
 
 
+class TextAdapter(nn.Module):
+    """Trainable transformer blocks on the token states ``[B, L, dim]`` of a (frozen) text tower.
+
+    Pre-norm self-attention (SDPA, padding masked) and GELU MLP blocks whose two residual branches are each scaled by
+    a per-channel gain initialised at zero (LayerScale at 0): at the start the output *is* the tower's states, so
+    training begins from the pretrained sentence features and learns only what they lack (on phantom findings: the
+    negated sentence, "No pleural effusion.", that a frozen MiniLM embeds next to the affirmed one).
+    """
+
+    def __init__(self, dim: int, depth: int, heads: int | None = None, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        heads = heads or max(1, dim // 64)
+        if depth < 1 or dim % heads:
+            raise ConfigError(f"clip: a text adapter needs depth >= 1 and {dim} channels divisible by {heads} heads")
+        self.heads = heads
+        hidden = int(dim * mlp_ratio)
+        self.blocks = nn.ModuleList(nn.ModuleDict({
+            "norm1": nn.LayerNorm(dim), "qkv": nn.Linear(dim, 3 * dim), "out": nn.Linear(dim, dim),
+            "norm2": nn.LayerNorm(dim), "mlp": nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)),
+        }) for _ in range(depth))
+        self.gains = nn.Parameter(torch.zeros(depth, 2, dim))
+
+    def forward(self, states: Tensor, attention_mask: Tensor) -> Tensor:
+        """States ``[B, L, dim]`` and the 0/1 mask ``[B, L]`` → states of the same shape (zero at padding). The
+        token-wise layers run on the real tokens only (short sentences padded to the longest waste no compute)."""
+        real = attention_mask.bool()
+        keep = real[:, None, None, :]  # [B, 1, 1, L]: attend to real tokens only
+        x = states[real]  # [N, dim]: the real tokens, packed
+        for block, gain in zip(self.blocks, self.gains, strict=True):
+            packed = block["qkv"](block["norm1"](x))
+            qkv = packed.new_zeros(*real.shape, packed.shape[-1])
+            qkv[real] = packed
+            q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=keep).transpose(1, 2).flatten(2)[real]
+            x = x + gain[0].to(x.dtype) * block["out"](attended)
+            x = x + gain[1].to(x.dtype) * block["mlp"](block["norm2"](x))
+        out = x.new_zeros(*real.shape, x.shape[-1])
+        out[real] = x
+        return out
+
+
 def _default_vision() -> dict[str, Any]:
     return {"name": "ctvit"}
 
@@ -118,6 +159,11 @@ class CTCLIP(nn.Module):
         #: at ``max_text_length``) or "sentences" (each sentence encoded alone, the text the mean of its sentences:
         #: a long report is not truncated, and one-sentence zero-shot prompts read like the texts it trained on)
         text_pooling: str = "tokens"
+        #: > 0: that many trainable transformer blocks (:class:`TextAdapter`, starting as the identity) on the text
+        #: tower's token states before the mean pooling. With a frozen tower its token states are computed once per
+        #: text (or sentence) and kept, so the blocks are the whole cost of the text side: a frozen sentence encoder
+        #: that can still learn what report wording means, without training the tower
+        text_adapter_layers: int = 0
         #: > 0: soft intensity histograms of the input volume (``histogram_blocks`` grid, ``histogram_range`` the
         #: preset's output range; see :func:`~rrg3d.models.classifier.soft_histogram`), standardised by a
         #: BatchNorm without affine, join the pooled image features (the radiomics first-order statistics that a
@@ -145,6 +191,8 @@ class CTCLIP(nn.Module):
                 raise ConfigError(f"clip: {name} must be a finite number ≥ 0, got {weight!r}")
         if config.text_pooling not in ("tokens", "sentences"):
             raise ConfigError(f"clip: text_pooling must be 'tokens' or 'sentences', got {config.text_pooling!r}")
+        if not (isinstance(config.text_adapter_layers, int) and config.text_adapter_layers >= 0):
+            raise ConfigError(f"clip: text_adapter_layers must be an integer >= 0, got {config.text_adapter_layers!r}")
         try:
             config.histogram_blocks, config.histogram_range = check_histogram(
                 config.histogram_bins, config.histogram_blocks, config.histogram_range, "clip")
@@ -169,9 +217,12 @@ class CTCLIP(nn.Module):
 
         self.text_path = self._text_path(config.text)
         self.text, self.tokenizer = self._load_text(self.text_path, config.text_pretrained)
-        self.text_proj = nn.Linear(int(self.text.config.hidden_size), config.embed_dim, bias=False)
+        text_dim = int(self.text.config.hidden_size)
+        self.text_adapter = TextAdapter(text_dim, config.text_adapter_layers) if config.text_adapter_layers else None
+        self.text_proj = nn.Linear(text_dim, config.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
-        #: pooled features of a frozen text tower, one per text (see :meth:`text_features`)
+        #: a frozen text tower's output, one per text: its pooled features, or with a text adapter its token states
+        #: ``[L, hidden]`` (see :meth:`text_features`)
         self._text_cache: dict[tuple[str, int], Tensor] = {}
 
     # ------------------------------------------------------------------------------------------------ building
@@ -290,10 +341,18 @@ class CTCLIP(nn.Module):
         return out
 
     def pool_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Token ids ``[B, L]`` → the text tower's hidden states averaged over the attention mask ``[B, hidden]``."""
+        """Token ids ``[B, L]`` → the text tower's hidden states (through the text adapter, if any) averaged over the
+        attention mask ``[B, hidden]``."""
         hidden = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return self.pool_states(hidden, attention_mask)
+
+    def pool_states(self, states: Tensor, attention_mask: Tensor) -> Tensor:
+        """Token states ``[B, L, hidden]`` of the text tower → the text adapter (if any), then the mean over the
+        attention mask ``[B, hidden]``."""
+        if self.text_adapter is not None:
+            states = self.text_adapter(states, attention_mask)
+        mask = attention_mask.unsqueeze(-1).to(states.dtype)
+        return (states * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
     def project_text(self, pooled: Tensor, normalize: bool = True) -> Tensor:
         """Pooled text features ``[B, hidden]`` → embeddings ``[B, embed_dim]``."""
@@ -326,29 +385,38 @@ class CTCLIP(nn.Module):
         """Pooled text-tower features ``[B, hidden]`` (float32, on the tower's device): each text's units
         (:meth:`text_units`) encoded and averaged. A frozen tower (:attr:`text_frozen`) encodes each distinct unit
         once, alone (no padding, so the result does not depend on the batch), and keeps it: with a frozen text
-        tower, CLIP training then costs the vision tower only after the first epoch. A training tower encodes the
-        batch's distinct units together, with gradients."""
+        tower, CLIP training then costs the vision tower only after the first epoch. With a text adapter the kept
+        output is the unit's token states and the adapter runs on every call (with gradients when training). A
+        training tower encodes the batch's distinct units together, with gradients."""
         if isinstance(texts, str):
             raise TypeError("text_features() takes a sequence of texts, not one string")
         length = max_length or self.config.max_text_length
         device = self.text_proj.weight.device
         units = [self.text_units(text) for text in texts]
         flat = [unit for text_units in units for unit in text_units]
-        if not self.text_frozen:  # each distinct unit of the batch encoded once (templated sentences repeat)
-            distinct = list(dict.fromkeys(flat))
+        distinct = list(dict.fromkeys(flat))  # each distinct unit encoded once (templated sentences repeat)
+        if not self.text_frozen:
             batch = {k: v.to(device) for k, v in self.tokenize(distinct, max_length=length).items()}
             pooled = self.pool_text(batch["input_ids"], batch["attention_mask"]).float()
-            if len(distinct) < len(flat):
-                where = {unit: i for i, unit in enumerate(distinct)}
-                pooled = pooled[torch.tensor([where[unit] for unit in flat], device=device)]
         else:
             with torch.no_grad():
-                for unit in dict.fromkeys(flat):
+                for unit in distinct:
                     if (unit, length) not in self._text_cache:
                         one = {k: v.to(device) for k, v in self.tokenize([unit], max_length=length).items()}
-                        features = self.pool_text(one["input_ids"], one["attention_mask"])[0]
-                        self._text_cache[(unit, length)] = features.float()
-            pooled = torch.stack([self._text_cache[(unit, length)] for unit in flat]).to(device)
+                        states = self.text(**one).last_hidden_state
+                        if self.text_adapter is None:
+                            states = self.pool_states(states, one["attention_mask"])
+                        self._text_cache[(unit, length)] = states[0].float()
+            kept = [self._text_cache[(unit, length)].to(device) for unit in distinct]
+            if self.text_adapter is None:
+                pooled = torch.stack(kept)
+            else:  # the kept token states, padded, through the (training) adapter
+                lengths = torch.tensor([len(states) for states in kept], device=device)
+                mask = (torch.arange(int(lengths.max()), device=device) < lengths[:, None]).long()
+                pooled = self.pool_states(nn.utils.rnn.pad_sequence(kept, batch_first=True), mask).float()
+        if len(distinct) < len(flat):
+            where = {unit: i for i, unit in enumerate(distinct)}
+            pooled = pooled[torch.tensor([where[unit] for unit in flat], device=device)]
         if len(flat) == len(texts):  # one unit per text
             return pooled
         owner = torch.tensor([i for i, text_units in enumerate(units) for _ in text_units], device=device)
@@ -390,12 +458,14 @@ class CTCLIP(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ zero-shot
 
-    def prompt_logits(self, image_embeds: Tensor, labels: Sequence[str] | None = None) -> Tensor:
+    def prompt_logits(self, image_embeds: Tensor, labels: Sequence[str] | None = None,
+                      prompts: Sequence[Sequence[str]] | None = None) -> Tensor:
         """``[B, L]`` log-odds that each abnormality is present: the scaled similarity of the unit-norm image
-        embeddings to the "present" prompt embedding minus that to the "absent" one (``zero_shot_prompts``; with
-        several pairs each side is the renormalised mean of its prompts). Differentiable (``prompt_weight``)."""
+        embeddings to the "present" prompt embedding minus that to the "absent" one (``prompts``, [present, absent]
+        pairs, default ``zero_shot_prompts``; with several pairs each side is the renormalised mean of its prompts).
+        Differentiable (``prompt_weight``)."""
         labels = CTRATE_LABELS if labels is None else tuple(labels)
-        pairs = self.config.zero_shot_prompts
+        pairs = self.config.zero_shot_prompts if prompts is None else self._check_prompts(prompts)
         prompts = [pair[side].format(label=label, label_lower=label.lower())
                    for label in labels for side in (0, 1) for pair in pairs]
         text = self.project_text(self.text_features(prompts, max_length=64)).view(len(labels), 2, len(pairs), -1)

@@ -84,6 +84,9 @@ class ClipSettings:
     label_weight: float = 0.0
     #: "tokens": a text is encoded whole (truncated at max_text_length); "sentences": sentence by sentence, averaged
     text_pooling: Literal["tokens", "sentences"] = "tokens"
+    #: > 0: trainable transformer blocks on the text tower's token states (starting as the identity; with a frozen
+    #: tower its states are computed once per text and kept): the text side learns report wording cheaply
+    text_adapter_layers: int = 0
     #: > 0: standardised block intensity histograms of the input join the pooled image features
     histogram_bins: int = 0
     histogram_blocks: tuple[int, int, int] = (1, 1, 1)
