@@ -5,7 +5,11 @@ Generates phantoms (default 480 at 64×128×128: 400 train, 80 held out, split b
 same run repeated with the training labels shuffled across cases must stay near 0.5 (nothing leaks from
 outside the image). Prints a table and writes benchmarks/results/phantom_learnability.json.
 
-    python benchmarks/phantom_learnability.py [--n 480] [--epochs 12] [--workers 2]
+``--inputs`` compares what the CNN reads, on the same cases and split, in one run: ``windows`` (default: six
+HU-windowed channels at half resolution, see :func:`encode`) and/or preprocessing preset names (one channel, the
+preset's output, e.g. ``tiny``: 32×64×64 resized); the shuffled-label control runs on the first input.
+
+    python benchmarks/phantom_learnability.py [--n 480] [--epochs 12] [--workers 2] [--inputs windows tiny]
 """
 
 from __future__ import annotations
@@ -48,11 +52,19 @@ def encode(hu_array: np.ndarray) -> np.ndarray:
     return torch.cat(channels, dim=1)[0].numpy().astype(np.float16)
 
 
-def load_inputs(manifest: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def load_inputs(manifest: Path, kind: str = "windows") -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Every case's input (``windows``: :func:`encode`; otherwise the named preprocessing preset's output, one
+    channel), its 18 labels and its id."""
+    preset = None
+    if kind != "windows":
+        from rrg3d.preprocess.presets import load_preset
+
+        preset = load_preset(kind)
     records = load_manifest(manifest)
     images, labels = [], []
     for record in records:
-        images.append(encode(read_volume(resolve(manifest, record["images"]["ct"])).array))
+        volume = read_volume(resolve(manifest, record["images"]["ct"]))
+        images.append(encode(volume.array) if preset is None else preset.apply(volume).array[None].astype(np.float16))
         labels.append([record["labels"][name] for name in CTRATE_LABELS])
     return np.stack(images), np.asarray(labels, dtype=np.float32), [r["id"] for r in records]
 
@@ -89,7 +101,7 @@ def auroc(scores: np.ndarray, truth: np.ndarray) -> float:
 def train_and_score(x_train, y_train, x_test, y_test, epochs: int, seed: int, batch: int = 8) -> dict:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = SmallCNN()
+    model = SmallCNN(in_channels=x_train.shape[1])
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-3)
     steps = epochs * int(np.ceil(len(x_train) / batch))
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.15)
@@ -134,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--data", type=Path, default=None, help="phantom folder (default: a temporary one)")
+    parser.add_argument("--inputs", nargs="+", default=["windows"], metavar="INPUT",
+                        help="what the CNN reads: 'windows' (six windowed channels) and/or preset names (e.g. tiny)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "phantom_learnability.json",
                         help="JSON results (benchmarks/results/phantom_learnability_seed1.json holds a --seed 1 run)")
     args = parser.parse_args(argv)
@@ -145,27 +159,37 @@ def main(argv: list[str] | None = None) -> int:
         manifest = generate_phantoms(PhantomConfig(n=args.n, seed=args.seed, shape=(64, 128, 128)), data,
                                      workers=args.workers, progress=False)
         generate_seconds = time.perf_counter() - start
-        x, y, _ = load_inputs(manifest)
-    x_train, y_train, x_test, y_test = x[: -args.test], y[: -args.test], x[-args.test:], y[-args.test:]
-    print(f"generated {args.n} phantoms in {generate_seconds:.0f} s; training on {len(x_train)}, "
-          f"testing on {len(x_test)}")
-    print("real labels:")
-    real = train_and_score(x_train, y_train, x_test, y_test, args.epochs, args.seed)
-    print(f"  held-out macro AUROC with real labels: {real['macro_auroc']:.3f}")
+        inputs = {kind: load_inputs(manifest, kind) for kind in args.inputs}
+    y = next(iter(inputs.values()))[1]
+    y_train, y_test = y[: -args.test], y[-args.test:]
+    print(f"generated {args.n} phantoms in {generate_seconds:.0f} s; training on {len(y_train)}, "
+          f"testing on {len(y_test)}")
+    runs = {}
+    for kind, (x, _, _) in inputs.items():
+        print(f"real labels, input {kind} {tuple(x.shape[1:])}:")
+        runs[kind] = train_and_score(x[: -args.test], y_train, x[-args.test:], y_test, args.epochs, args.seed)
+        print(f"  held-out macro AUROC with real labels: {runs[kind]['macro_auroc']:.3f}")
+    first = args.inputs[0]
+    real = runs[first]
     if args.no_control:
         shuffled = {"macro_auroc": float("nan"), "per_label": dict.fromkeys(CTRATE_LABELS, float("nan"))}
     else:
-        print("shuffled labels (control):")
+        print(f"shuffled labels (control), input {first}:")
         shuffled_y = y_train[np.random.default_rng(args.seed + 1).permutation(len(y_train))]
-        shuffled = train_and_score(x_train, shuffled_y, x_test, y_test, args.epochs, args.seed)
+        x = inputs[first][0]
+        shuffled = train_and_score(x[: -args.test], shuffled_y, x[-args.test:], y_test, args.epochs, args.seed)
 
-    print(f"\n{'label':<36}{'AUROC':>8}{'shuffled':>10}{'test +':>8}")
+    header = "".join(f"{kind[:10]:>11}" for kind in args.inputs)
+    print(f"\n{'label':<36}{header}{'shuffled':>10}{'test +':>8}")
     for name in CTRATE_LABELS:
-        print(f"{name:<36}{real['per_label'][name]:>8.3f}{shuffled['per_label'][name]:>10.3f}"
-              f"{int(y_test[:, CTRATE_LABELS.index(name)].sum()):>8d}")
-    print(f"{'macro AUROC':<36}{real['macro_auroc']:>8.3f}{shuffled['macro_auroc']:>10.3f}")
-    result = {"n": args.n, "n_test": args.test, "epochs": args.epochs, "shape": [64, 128, 128],
-              "generate_seconds": generate_seconds, "real": real, "shuffled": shuffled}
+        cells = "".join(f"{runs[kind]['per_label'][name]:>11.3f}" for kind in args.inputs)
+        positives = int(y_test[:, CTRATE_LABELS.index(name)].sum())
+        print(f"{name:<36}{cells}{shuffled['per_label'][name]:>10.3f}{positives:>8d}")
+    cells = "".join(f"{runs[kind]['macro_auroc']:>11.3f}" for kind in args.inputs)
+    print(f"{'macro AUROC':<36}{cells}{shuffled['macro_auroc']:>10.3f}")
+    result = {"n": args.n, "n_test": args.test, "epochs": args.epochs, "shape": [64, 128, 128], "inputs": args.inputs,
+              "generate_seconds": generate_seconds, "real": real, "shuffled": shuffled,
+              "by_input": {kind: runs[kind] for kind in args.inputs}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
