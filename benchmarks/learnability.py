@@ -29,9 +29,13 @@ setups are in the ``args`` of their result files.
 Targets (issue 6): CE micro-F1 ≥ 0.60 and at least 0.20 above both controls, for both encoders; CLIP zero-shot
 AUROC ≥ 0.80. Arms measured by earlier runs on the same phantoms join the table with ``--merge``. ``--clip-only``
 trains (or reuses) just the CLIP runs and scores them; ``--clip-field``, ``--clip-text-pooling`` and
-``--clip-histogram-bins`` vary what CLIP reads (see ``rrg3d.models.clip``); ``--clip-prompt-weight`` adds vocabulary
-fine-tuning (the prompts' log-odds trained on the labels, as CT-CLIP's VocabFine: the verdict records that the
-prompts were seen in training). The CLIP target's run, on the multi-window encoders (see the README):
+``--clip-histogram-bins`` vary what CLIP reads (see ``rrg3d.models.clip``); ``--clip-text-adapter N`` trains N
+transformer blocks on the frozen text tower's token states (the text side learns the reports' wording, negations
+included; the prompts stay unseen); ``--clip-prompt-weight`` adds vocabulary fine-tuning (the prompts' log-odds
+trained on the labels, as CT-CLIP's VocabFine: the verdict records that the prompts were seen in training). The
+CLIP scores on the test phantoms include the zero-shot AUROC under other prompt wordings and a logistic probe on
+the frozen pooled image features (what any read-out of them could reach). The CLIP target's run, on the
+multi-window encoders (see the README):
 
     python benchmarks/learnability.py --clip-only --encoders small_resnet3d_mw small_ctvit_v_mw --clip-prompt-weight 1
 
