@@ -172,17 +172,22 @@ def finished_or_train(name: str, overrides: list[str], metrics: dict[str, Any] |
     return Path(result.final)
 
 
+CLIP_STEPS = 1200  # the default CLIP budget (runs with another are named _steps<N>)
+
+
 def clip_variant(args: argparse.Namespace) -> str:
     """The suffix of a CLIP run's folder and of its image arms': ``_labels<w>`` with label supervision, ``_prompts<w>``
-    with vocabulary fine-tuning, ``_hist<n>``
-    with intensity histograms beside the pooled features, ``_sent`` with sentence-pooled text, ``_text`` with a
-    trained text tower, ``_<field>`` when CLIP reads another report field than the generator writes."""
+    with vocabulary fine-tuning, ``_hist<n>`` with intensity histograms beside the pooled features, ``_sent`` with
+    sentence-pooled text, ``_text`` with a trained text tower, ``_adapter<n>`` with a text adapter, ``_steps<n>``
+    with another number of CLIP steps than the default, ``_<field>`` when CLIP reads another report field than the
+    generator writes."""
     suffix = f"_labels{args.clip_label_weight:g}" if args.clip_label_weight > 0 else ""
     suffix += f"_prompts{args.clip_prompt_weight:g}" if args.clip_prompt_weight > 0 else ""
     suffix += f"_hist{args.clip_histogram_bins}" if args.clip_histogram_bins else ""
     suffix += "_sent" if args.clip_text_pooling == "sentences" else ""
     suffix += "_text" if args.clip_text else ""
     suffix += f"_adapter{args.clip_text_adapter}" if args.clip_text_adapter else ""
+    suffix += f"_steps{args.clip_steps}" if args.clip_steps != CLIP_STEPS else ""  # another budget, another run
     return suffix + (f"_{args.clip_field}" if args.clip_field not in (None, args.field) else "")
 
 
@@ -444,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sft-steps", type=int, default=450)
     parser.add_argument("--sft-lr", type=float, default=5e-4)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--clip-steps", type=int, default=1200, help="CT-CLIP pretraining steps first (0: none)")
+    parser.add_argument("--clip-steps", type=int, default=CLIP_STEPS, help="CT-CLIP pretraining steps first (0: none)")
     parser.add_argument("--clip-batch-size", type=int, default=32)
     parser.add_argument("--clip-lr", type=float, default=1e-3)
     parser.add_argument("--clip-label-weight", type=float, default=1.0,
