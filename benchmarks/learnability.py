@@ -438,7 +438,7 @@ def clip_only(args: argparse.Namespace) -> int:
     return 0 if all(v["clip_meets_target"] for v in verdicts.values()) else 1
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--encoders", nargs="+", default=["small_ctvit_v", "small_resnet3d"], metavar="ARCH")
     parser.add_argument("--phantoms", type=int, default=1200)
@@ -519,6 +519,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inspect", nargs="+", default=None, metavar="CHECKPOINT",
                         help="only measure trained report generators on the test phantoms: image gain, visual-token "
                              "norm against the word embeddings, between-study share of the token variance")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not 0.0 <= args.true_findings_share <= 1.0:
         parser.error(f"--true-findings-share must be in [0, 1], got {args.true_findings_share}")
