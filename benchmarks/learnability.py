@@ -38,6 +38,12 @@ the frozen pooled image features (what any read-out of them could reach). The CL
 multi-window encoders (see the README):
 
     python benchmarks/learnability.py --clip-only --encoders small_resnet3d_mw small_ctvit_v_mw --clip-prompt-weight 1
+    python benchmarks/learnability.py --clip-only --encoders small_ctvit_v_mw --clip-prompt-weight 1 --clip-steps 2000
+
+and the strict zero-shot one (text adapter on the findings):
+
+    python benchmarks/learnability.py --clip-only --encoders small_resnet3d_mw --clip-field findings \
+        --clip-text-pooling sentences --clip-text-adapter 1
 
     python benchmarks/learnability.py [--encoders small_ctvit_v small_resnet3d] [--phantoms 1200]
         [--clip-steps 1200] [--clip-label-weight 1.0] [--align-steps 300] [--sft-steps 450] [--arms image blank]
