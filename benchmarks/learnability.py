@@ -42,7 +42,7 @@ multi-window encoders (see the README):
 
 and the strict zero-shot one (text adapter on the findings):
 
-    python benchmarks/learnability.py --clip-only --encoders small_resnet3d_mw --clip-field findings \
+    python benchmarks/learnability.py --clip-only --encoders small_resnet3d_mw --clip-field findings \\
         --clip-text-pooling sentences --clip-text-adapter 1
 
     python benchmarks/learnability.py [--encoders small_ctvit_v small_resnet3d] [--phantoms 1200]
