@@ -193,7 +193,7 @@ def clip_variant(args: argparse.Namespace) -> str:
     suffix += "_sent" if args.clip_text_pooling == "sentences" else ""
     suffix += "_text" if args.clip_text else ""
     suffix += f"_adapter{args.clip_text_adapter}" if args.clip_text_adapter else ""
-    suffix += f"_steps{args.clip_steps}" if args.clip_steps != CLIP_STEPS else ""  # another budget, another run
+    suffix += f"_steps{args.clip_steps}" if args.clip_steps not in (0, CLIP_STEPS) else ""  # 0: no CLIP run
     return suffix + (f"_{args.clip_field}" if args.clip_field not in (None, args.field) else "")
 
 

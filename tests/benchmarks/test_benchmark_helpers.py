@@ -48,6 +48,7 @@ def test_every_clip_setup_gets_its_own_run_folder(learnability: ModuleType) -> N
     assert names[0] == "_labels1"  # the default setup keeps the folder name of earlier results
     assert names[-1] == "_labels1_sent_adapter1_findings"
     assert learnability.clip_variant(parser.parse_args(["--clip-field", "impression"])) == "_labels1"
+    assert learnability.clip_variant(parser.parse_args(["--clip-steps", "0"])) == "_labels1"  # no CLIP: arms as before
 
 
 def test_prompt_wordings_are_valid_pairs_and_the_ensemble_holds_them_all(learnability: ModuleType) -> None:
