@@ -235,21 +235,32 @@ def train_clip(architecture: str, manifest: Path, run_dir: Path, args: argparse.
     return clip
 
 
-#: zero-shot prompt wordings scored besides the model's own (none of them is trained, unless --clip-prompt-weight)
-PROMPT_WORDINGS = {
-    "is_present": [["{label} is present.", "{label} is not present."]],  # CT-CLIP's, the default
-    "there_is": [["There is {label_lower}.", "There is no {label_lower}."]],
-    "short": [["{label}.", "No {label_lower}."]],
-    "is_seen": [["{label} is seen.", "No {label_lower} is seen."]],
-}
-PROMPT_WORDINGS["ensemble"] = [pair for pairs in PROMPT_WORDINGS.values() for pair in pairs]
+def prompt_wordings() -> dict[str, list[list[str]]]:
+    """The zero-shot prompt wordings every CLIP run is scored with (none of them is trained, unless
+    --clip-prompt-weight): CT-CLIP's negated pairs and other negated wordings, their ensemble, and two whose absent
+    side describes a normal study (:func:`rrg3d.models.clip.anchored_prompts`)."""
+    from rrg3d.models.clip import anchored_prompts
+
+    wordings = {
+        "is_present": [["{label} is present.", "{label} is not present."]],  # CT-CLIP's, the default
+        "there_is": [["There is {label_lower}.", "There is no {label_lower}."]],
+        "short": [["{label}.", "No {label_lower}."]],
+        "is_seen": [["{label} is seen.", "No {label_lower} is seen."]],
+    }
+    wordings["ensemble"] = [pair for pairs in wordings.values() for pair in pairs]
+    wordings["is_present_vs_normal"] = [list(pair) for pair in anchored_prompts("{label} is present.")]
+    wordings["there_is_vs_normal"] = [list(pair) for pair in anchored_prompts("There is {label_lower}.")]
+    return wordings
 
 
 def clip_test_scores(checkpoint: Path, manifest: Path, cache_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """A CT-CLIP checkpoint on the test phantoms: retrieval, macro zero-shot and label-head AUROC, and per label;
-    the zero-shot macro AUROC under other prompt wordings (``prompt_wordings``, :data:`PROMPT_WORDINGS`); and what
-    its frozen pooled image features carry (``linear_probe_auroc``: a logistic probe fitted on the training phantoms,
-    the ceiling for any read-out of those features)."""
+    the zero-shot macro AUROC under every wording of :func:`prompt_wordings` on the test (``prompt_wordings``) and
+    validation phantoms (``prompt_wordings_val``), the mean cosine between each wording's present and absent text
+    embeddings (``prompt_cosine``: near 1, the zero-shot direction is mostly noise), and the wording validation
+    chooses with its test AUROC (``zero_shot_val_chosen``); and what its frozen pooled image features carry
+    (``linear_probe_auroc``: a logistic probe fitted on the training phantoms, the ceiling for any read-out of those
+    features)."""
     import torch
 
     from rrg3d.models.checkpoint import load_clip_checkpoint, read_manifest
@@ -266,16 +277,26 @@ def clip_test_scores(checkpoint: Path, manifest: Path, cache_dir: Path, args: ar
               for split in ("train", "val", "test")}
     scores = clip_scores(model, splits["test"], batch_size=16)
     pooled: dict[str, Any] = {}
+    wordings: dict[str, dict[str, float]] = {"val": {}, "test": {}}
+    cosine = {}
     with torch.no_grad():
         for split, dataset in splits.items():
             pooled[split] = torch.cat([model.pool_image(batch["volumes"]).float()
                                        for batch in iterate_batches(dataset, 16)])
-        image_embeds = torch.nn.functional.normalize(model.vision_proj(pooled["test"]), dim=-1)
-        wordings = {name: round(zero_shot_auroc(model.prompt_logits(image_embeds, prompts=pairs).sigmoid(),
-                                                splits["test"].label_matrix())["macro"], 4)
-                    for name, pairs in PROMPT_WORDINGS.items()}
+        for name, pairs in prompt_wordings().items():
+            text = model.prompt_embeddings(prompts=pairs).float()  # [L, 2, E]
+            cosine[name] = round(float((text[:, 0] * text[:, 1]).sum(-1).mean()), 4)
+            difference = text[:, 0] - text[:, 1]
+            for split in wordings:
+                image_embeds = torch.nn.functional.normalize(model.vision_proj(pooled[split]), dim=-1)
+                wordings[split][name] = round(zero_shot_auroc((image_embeds @ difference.T).sigmoid(),
+                                                              splits[split].label_matrix())["macro"], 4)
+    chosen = max(wordings["val"], key=wordings["val"].get)  # model selection on validation; test stays held out
     probe = linear_probe_readout(*((pooled[split], splits[split].label_matrix()) for split in ("train", "val", "test")))
-    return {**{k: round(v, 4) for k, v in scores["metrics"].items()}, "prompt_wordings": wordings,
+    return {**{k: round(v, 4) for k, v in scores["metrics"].items()}, "prompt_wordings": wordings["test"],
+            "prompt_wordings_val": wordings["val"], "prompt_cosine": cosine,
+            "zero_shot_val_chosen": {"wording": chosen, "val": wordings["val"][chosen],
+                                     "test": wordings["test"][chosen]},
             "linear_probe_auroc": round(probe["test_macro_auroc"], 4), "per_label": scores["per_label"]}
 
 
@@ -396,9 +417,13 @@ def inspect(checkpoint: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def clip_auroc(row: dict[str, Any]) -> float | None:
-    """An arm's CLIP zero-shot AUROC: on the test phantoms when measured (results before 2026-12: validation)."""
+    """An arm's CLIP zero-shot AUROC on the test phantoms under the prompt wording that validation chose (results
+    before that was measured: the model's own wording; before 2026-12: on validation)."""
     clip = row.get("clip", {})
-    return clip.get("test", {}).get("zero_shot_auroc", clip.get("zero_shot_auroc"))
+    test = clip.get("test", {})
+    if "zero_shot_val_chosen" in test:
+        return test["zero_shot_val_chosen"]["test"]
+    return test.get("zero_shot_auroc", clip.get("zero_shot_auroc"))
 
 
 def clip_only(args: argparse.Namespace) -> int:
@@ -416,22 +441,26 @@ def clip_only(args: argparse.Namespace) -> int:
                      "minutes": round((time.perf_counter() - tick) / 60, 1),
                      "stage_training_minutes": stage_minutes([clip_dir(run_dir, args)]), "clip": metrics})
     print(f"\nCT-CLIP on {args.phantoms} phantoms, test split, {time.perf_counter() - start:.0f} s")
-    print(f"{'encoder':<17} {'zero-shot AUROC':>15} {'label head':>10} {'linear probe':>12} {'i2t R@1':>8} "
-          f"{'t2i R@1':>8} {'val zero-shot':>13} {'minutes':>7}")
+    print(f"{'encoder':<17} {'zero-shot (own)':>15} {'val-chosen wording':>32} {'label head':>10} "
+          f"{'linear probe':>12} {'i2t R@1':>8} {'t2i R@1':>8} {'val zero-shot':>13} {'minutes':>7}")
     verdicts = {}
     for r in rows:
         test, val = r["clip"]["test"], r["clip"]
         head, probe = test.get("label_head_auroc"), test.get("linear_probe_auroc")
-        print(f"{r['encoder']:<17} {test['zero_shot_auroc']:>15.3f} {'-' if head is None else f'{head:.3f}':>10} "
-              f"{'-' if probe is None else f'{probe:.3f}':>12} {test['i2t_R@1']:>8.3f} {test['t2i_R@1']:>8.3f} "
-              f"{val.get('zero_shot_auroc', float('nan')):>13.3f} {r['minutes']:>7}")
-        verdicts[r["encoder"]] = {"clip_zero_shot_auroc": test["zero_shot_auroc"],
-                                  "clip_meets_target": test["zero_shot_auroc"] >= 0.80,
+        chosen = test["zero_shot_val_chosen"]
+        chosen_text = f"{chosen['wording']} {chosen['test']:.3f}"
+        print(f"{r['encoder']:<17} {test['zero_shot_auroc']:>15.3f} {chosen_text:>32} "
+              f"{'-' if head is None else f'{head:.3f}':>10} {'-' if probe is None else f'{probe:.3f}':>12} "
+              f"{test['i2t_R@1']:>8.3f} {test['t2i_R@1']:>8.3f} {val.get('zero_shot_auroc', float('nan')):>13.3f} "
+              f"{r['minutes']:>7}")
+        verdicts[r["encoder"]] = {"clip_zero_shot_auroc": chosen["test"], "clip_zero_shot_wording": chosen["wording"],
+                                  "clip_meets_target": chosen["test"] >= 0.80,
                                   "clip_prompts_seen_in_training": args.clip_prompt_weight > 0}
     for r in rows:
-        wordings = r["clip"]["test"].get("prompt_wordings", {})
-        print(f"{r['encoder']} zero-shot AUROC by prompt wording: "
-              + ", ".join(f"{k} {v:.3f}" for k, v in wordings.items()))
+        test = r["clip"]["test"]
+        print(f"{r['encoder']} zero-shot AUROC by prompt wording, test (validation; present-absent cosine): "
+              + ", ".join(f"{k} {v:.3f} ({test['prompt_wordings_val'][k]:.3f}; {test['prompt_cosine'][k]:.2f})"
+                          for k, v in test["prompt_wordings"].items()))
     if args.clip_prompt_weight > 0:
         print("vocabulary fine-tuning (--clip-prompt-weight): the prompts were trained on the labels, so the AUROC is "
               "prompt classification of held-out phantoms, not zero-shot in the strict sense")

