@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from rrg3d.cli import main
-from rrg3d.errors import ConfigError
+from rrg3d.errors import ConfigError, RRG3DError
 from rrg3d.train import run_recipe, train
 from rrg3d.train.loop import TrainingInterrupted, trainable_state
 from rrg3d.train.recipe import load_recipe
@@ -43,6 +43,11 @@ def test_resume_continues_bit_for_bit(tmp_path, base_overrides):
         train("tiny_sft", split)
     with pytest.raises(ConfigError, match=r"optim\.lr"):
         train("tiny_sft", [*split, "optim.lr=1e-5"], resume=True)
+    optimizer_state = stopped.value.result.checkpoint / "train_state" / "optimizer.pt"
+    optimizer_state.rename(optimizer_state.with_suffix(".moved"))
+    with pytest.raises(RRG3DError, match=r"no optimizer state optimizer\.pt"):
+        train("tiny_sft", split, resume=True)
+    optimizer_state.with_suffix(".moved").rename(optimizer_state)
     resumed = train("tiny_sft", split, resume=True)
     assert resumed.losses == straight.losses[2:]
     _same_weights(straight.model, resumed.model)
@@ -249,3 +254,19 @@ def test_auto_mixed_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert resolve_mixed_precision("auto", cpu=False) == "bf16"
     assert load_recipe("tiny_sft", ["train.mixed_precision=auto"]).train.mixed_precision == "auto"
+
+
+def test_fsdp_is_refused_and_sharded_optimizer_state_is_saved_per_process():
+    """Validation and checkpoints run on the main process alone: FSDP's sharded parameters cannot serve them, so the
+    loop refuses it up front instead of hanging; DeepSpeed's optimizer partitions are saved one file per process."""
+    from accelerate.utils import DistributedType
+
+    from rrg3d.train.loop import check_distributed_type, optimizer_state_file
+
+    for kind in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU, DistributedType.DEEPSPEED):
+        check_distributed_type(kind)
+    with pytest.raises(ConfigError, match="FSDP is not supported"):
+        check_distributed_type(DistributedType.FSDP)
+    assert optimizer_state_file(DistributedType.MULTI_GPU, 1) == "optimizer.pt"
+    assert optimizer_state_file(DistributedType.NO, 0) == "optimizer.pt"
+    assert optimizer_state_file(DistributedType.DEEPSPEED, 1) == "optimizer_rank1.pt"

@@ -334,6 +334,25 @@ def _make_accelerator(recipe: Recipe) -> Any:
                        gradient_accumulation_steps=recipe.train.gradient_accumulation_steps)
 
 
+def check_distributed_type(distributed_type: Any) -> None:
+    """Refuse what the loop cannot run. Validation and checkpoints use the unwrapped model on the main process
+    while the other processes wait; FSDP shards the parameters, so that forward and that state dict would need every
+    process (the run would hang at the first validation)."""
+    if str(getattr(distributed_type, "value", distributed_type)).upper() == "FSDP":
+        raise ConfigError("FSDP is not supported by the training loop yet: validation and checkpoints run the "
+                          "unwrapped model on the main process alone, which sharded parameters cannot serve. Use "
+                          "DDP (ddp.yaml) or DeepSpeed ZeRO-2 (deepspeed_zero2.yaml: parameters stay whole on every "
+                          "process, optimizer state and gradients are sharded)")
+
+
+def optimizer_state_file(distributed_type: Any, rank: int) -> str:
+    """The optimizer state's file in ``train_state/``: one per process where the optimizer state is sharded
+    (DeepSpeed ZeRO: each process holds its own partition), else one file written by the main process."""
+    if str(getattr(distributed_type, "value", distributed_type)).upper() == "DEEPSPEED":
+        return f"optimizer_rank{rank}.pt"
+    return "optimizer.pt"
+
+
 def _prepare_run_dir(recipe: Recipe, run_dir: Path, resume: bool, is_main: bool) -> Path | None:
     """Check the run folder against ``resume``; write ``config.yaml``. The checkpoint to resume from, if any."""
     checkpoint = find_resume_checkpoint(run_dir)
@@ -472,6 +491,7 @@ def fit(recipe: Recipe, stage: Stage, *, resume: bool = False) -> TrainResult:
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     accelerator = _make_accelerator(recipe)
+    check_distributed_type(accelerator.distributed_type)
     world, rank = accelerator.num_processes, accelerator.process_index
     run_dir = recipe.output_dir
     checkpoint = _prepare_run_dir(recipe, run_dir, resume, accelerator.is_main_process)
@@ -504,7 +524,8 @@ def fit(recipe: Recipe, stage: Stage, *, resume: bool = False) -> TrainResult:
 
     step, position = 0, {"phase": 0, "epoch": 0, "batches": 0}
     if checkpoint is not None:
-        step, position = _load_train_state(checkpoint, raw, optimizer, scheduler, rank, recipe)
+        step, position = _load_train_state(checkpoint, raw, optimizer, scheduler, rank, recipe,
+                                           accelerator.distributed_type)
         log.info("resuming %s from step %d (%s)", run_dir, step, checkpoint)
     else:
         seed_everything(recipe.seed + rank)
@@ -691,7 +712,6 @@ def _save_step(accelerator: Any, stage: Stage, raw: nn.Module, optimizer: Any, s
         shutil.rmtree(state_dir, ignore_errors=True)
         state_dir.mkdir(parents=True)
         save_file(trainable_state(raw), str(state_dir / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), state_dir / "optimizer.pt")
         torch.save(scheduler.state_dict(), state_dir / "scheduler.pt")
         (state_dir / "config.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
         trainer = {"step": step, "position": position, "world_size": accelerator.num_processes,
@@ -700,6 +720,9 @@ def _save_step(accelerator: Any, stage: Stage, raw: nn.Module, optimizer: Any, s
         (state_dir / TRAINER_FILE).write_text(json.dumps(trainer, indent=2), encoding="utf-8")
     accelerator.wait_for_everyone()
     torch.save(rng_state(), state_dir / f"rng_rank{accelerator.process_index}.pt")
+    optimizer_file = optimizer_state_file(accelerator.distributed_type, accelerator.process_index)
+    if accelerator.is_main_process or optimizer_file != "optimizer.pt":
+        torch.save(optimizer.state_dict(), state_dir / optimizer_file)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         trained_at = presets[_trained_phase(position, len(presets))]
@@ -717,7 +740,7 @@ def _trained_phase(position: dict[str, int], phases: int) -> int:
 
 
 def _load_train_state(checkpoint: Path, raw: nn.Module, optimizer: Any, scheduler: Any, rank: int,
-                      recipe: Recipe) -> tuple[int, dict[str, int]]:
+                      recipe: Recipe, distributed_type: Any = "NO") -> tuple[int, dict[str, int]]:
     from safetensors.torch import load_file
 
     state_dir = checkpoint / STATE_DIR
@@ -731,7 +754,11 @@ def _load_train_state(checkpoint: Path, raw: nn.Module, optimizer: Any, schedule
     if not rng_file.is_file():
         raise RRG3DError(f"{checkpoint}: saved by {world} process(es); no RNG state for process {rank}")
     load_trainable_state(raw, load_file(str(state_dir / "trainable.safetensors")), state_dir)
-    optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", map_location="cpu", weights_only=False))
+    optimizer_file = state_dir / optimizer_state_file(distributed_type, rank)
+    if not optimizer_file.is_file():
+        raise RRG3DError(f"{checkpoint}: no optimizer state {optimizer_file.name} (saved by {world} process(es) "
+                         "with another distribution?)")
+    optimizer.load_state_dict(torch.load(optimizer_file, map_location="cpu", weights_only=False))
     scheduler.load_state_dict(torch.load(state_dir / "scheduler.pt", map_location="cpu", weights_only=False))
     set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
     return int(trainer["step"]), dict(trainer["position"])
