@@ -32,15 +32,22 @@ trains (or reuses) just the CLIP runs and scores them; ``--clip-field``, ``--cli
 ``--clip-histogram-bins`` vary what CLIP reads (see ``rrg3d.models.clip``); ``--clip-text-adapter N`` trains N
 transformer blocks on the frozen text tower's token states (the text side learns the reports' wording, negations
 included; the prompts stay unseen); ``--clip-prompt-weight`` adds vocabulary fine-tuning (the prompts' log-odds
-trained on the labels, as CT-CLIP's VocabFine: the verdict records that the prompts were seen in training). The
-CLIP scores on the test phantoms include the zero-shot AUROC under other prompt wordings and a logistic probe on
-the frozen pooled image features (what any read-out of them could reach). The CLIP target's run, on the
-multi-window encoders (see the README):
+trained on the labels, as CT-CLIP's VocabFine: the verdict records that the prompts were seen in training). Each
+CLIP run is scored on the validation and test phantoms under every wording of :func:`prompt_wordings` (CT-CLIP's
+negated pairs and pairs anchored on a normal study); the verdict is the test AUROC of the wording validation chose.
+The scores also hold a logistic probe on the frozen pooled image features (what any read-out of them could reach).
+The CLIP target's runs, on the multi-window encoders (see the README), strict zero-shot (the ResNet run was trained
+with ``--mixed-precision no``; another value changes its recipe, and the loop refuses to reuse the folder):
+
+    python benchmarks/learnability.py --clip-only --encoders small_resnet3d_mw --mixed-precision no
+    python benchmarks/learnability.py --clip-only --encoders small_ctvit_v_mw --clip-steps 2000
+
+with vocabulary fine-tuning:
 
     python benchmarks/learnability.py --clip-only --encoders small_resnet3d_mw small_ctvit_v_mw --clip-prompt-weight 1
     python benchmarks/learnability.py --clip-only --encoders small_ctvit_v_mw --clip-prompt-weight 1 --clip-steps 2000
 
-and the strict zero-shot one (text adapter on the findings):
+and with a text adapter on the findings:
 
     python benchmarks/learnability.py --clip-only --encoders small_resnet3d_mw --clip-field findings \\
         --clip-text-pooling sentences --clip-text-adapter 1
