@@ -290,13 +290,14 @@ def clip_test_scores(checkpoint: Path, manifest: Path, cache_dir: Path, args: ar
         for split, dataset in splits.items():
             pooled[split] = torch.cat([model.pool_image(batch["volumes"]).float()
                                        for batch in iterate_batches(dataset, 16)])
+        image_embeds = {split: torch.nn.functional.normalize(model.vision_proj(pooled[split]), dim=-1)
+                        for split in wordings}
         for name, pairs in prompt_wordings().items():
             text = model.prompt_embeddings(prompts=pairs).float()  # [L, 2, E]
             cosine[name] = round(float((text[:, 0] * text[:, 1]).sum(-1).mean()), 4)
             difference = text[:, 0] - text[:, 1]
             for split in wordings:
-                image_embeds = torch.nn.functional.normalize(model.vision_proj(pooled[split]), dim=-1)
-                wordings[split][name] = round(zero_shot_auroc((image_embeds @ difference.T).sigmoid(),
+                wordings[split][name] = round(zero_shot_auroc((image_embeds[split] @ difference.T).sigmoid(),
                                                               splits[split].label_matrix())["macro"], 4)
     chosen = max(wordings["val"], key=wordings["val"].get)  # model selection on validation; test stays held out
     probe = linear_probe_readout(*((pooled[split], splits[split].label_matrix()) for split in ("train", "val", "test")))

@@ -334,11 +334,16 @@ def _make_accelerator(recipe: Recipe) -> Any:
                        gradient_accumulation_steps=recipe.train.gradient_accumulation_steps)
 
 
+def _distributed_name(distributed_type: Any) -> str:
+    """accelerate's ``DistributedType`` (or its name) as an upper-case string: "NO", "MULTI_GPU", "FSDP", ..."""
+    return str(getattr(distributed_type, "value", distributed_type)).upper()
+
+
 def check_distributed_type(distributed_type: Any) -> None:
     """Refuse what the loop cannot run. Validation and checkpoints use the unwrapped model on the main process
     while the other processes wait; FSDP shards the parameters, so that forward and that state dict would need every
     process (the run would hang at the first validation)."""
-    if str(getattr(distributed_type, "value", distributed_type)).upper() == "FSDP":
+    if _distributed_name(distributed_type) == "FSDP":
         raise ConfigError("FSDP is not supported by the training loop yet: validation and checkpoints run the "
                           "unwrapped model on the main process alone, which sharded parameters cannot serve. Use "
                           "DDP (ddp.yaml) or DeepSpeed ZeRO-2 (deepspeed_zero2.yaml: parameters stay whole on every "
@@ -348,7 +353,7 @@ def check_distributed_type(distributed_type: Any) -> None:
 def optimizer_state_file(distributed_type: Any, rank: int) -> str:
     """The optimizer state's file in ``train_state/``: one per process where the optimizer state is sharded
     (DeepSpeed ZeRO: each process holds its own partition), else one file written by the main process."""
-    if str(getattr(distributed_type, "value", distributed_type)).upper() == "DEEPSPEED":
+    if _distributed_name(distributed_type) == "DEEPSPEED":
         return f"optimizer_rank{rank}.pt"
     return "optimizer.pt"
 
