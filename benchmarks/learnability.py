@@ -35,14 +35,16 @@ included; the prompts stay unseen); ``--clip-prompt-weight`` adds vocabulary fin
 trained on the labels, as CT-CLIP's VocabFine: the verdict records that the prompts were seen in training). Each
 CLIP run is scored on the validation and test phantoms under every wording of :func:`prompt_wordings` (CT-CLIP's
 negated pairs and pairs anchored on a normal study); the verdict is the test AUROC of the wording validation chose.
-The scores also hold a logistic probe on the frozen pooled image features (what any read-out of them could reach).
-The CLIP target's runs, on the multi-window encoders (see the README), strict zero-shot (the ResNet run was trained
-with ``--mixed-precision no``; another value changes its recipe, and the loop refuses to reuse the folder):
+The scores also hold a logistic probe on the frozen pooled image features (what any read-out of them could reach)
+and study-level bootstrap intervals of the verdict. The CLIP target's runs, on the multi-window encoders (see the
+README), strict zero-shot, on 2400 phantoms (the first 1200 are the 1200-phantom set: case ``i`` of a seed is the
+same whatever the count; the ResNet run is trained with ``--mixed-precision no``; another value changes its recipe,
+and the loop refuses to reuse the folder):
 
-    python benchmarks/learnability.py --clip-only --encoders small_resnet3d_mw --mixed-precision no
-    python benchmarks/learnability.py --clip-only --encoders small_ctvit_v_mw --clip-steps 2000
+    python benchmarks/learnability.py --clip-only --phantoms 2400 --encoders small_resnet3d_mw --mixed-precision no
+    python benchmarks/learnability.py --clip-only --phantoms 2400 --encoders small_ctvit_v_mw --clip-steps 2000
 
-with vocabulary fine-tuning:
+the same on 1200 phantoms (without ``--phantoms``), and with vocabulary fine-tuning:
 
     python benchmarks/learnability.py --clip-only --encoders small_resnet3d_mw small_ctvit_v_mw --clip-prompt-weight 1
     python benchmarks/learnability.py --clip-only --encoders small_ctvit_v_mw --clip-prompt-weight 1 --clip-steps 2000
@@ -265,11 +267,13 @@ def clip_test_scores(checkpoint: Path, manifest: Path, cache_dir: Path, args: ar
     the zero-shot macro AUROC under every wording of :func:`prompt_wordings` on the test (``prompt_wordings``) and
     validation phantoms (``prompt_wordings_val``), the mean cosine between each wording's present and absent text
     embeddings (``prompt_cosine``: near 1, the zero-shot direction is mostly noise), and the wording validation
-    chooses with its test AUROC (``zero_shot_val_chosen``); and what its frozen pooled image features carry
+    chooses with its test AUROC (``zero_shot_val_chosen``, with a study-level bootstrap 95% interval and the paired
+    bootstrap difference from CT-CLIP's wording); and what its frozen pooled image features carry
     (``linear_probe_auroc``: a logistic probe fitted on the training phantoms, the ceiling for any read-out of those
     features)."""
     import torch
 
+    from rrg3d.evaluate.bootstrap import bootstrap_ci, macro_auroc_statistic, paired_bootstrap
     from rrg3d.models.checkpoint import load_clip_checkpoint, read_manifest
     from rrg3d.preprocess.presets import load_preset
     from rrg3d.train.clip import clip_scores
@@ -285,6 +289,7 @@ def clip_test_scores(checkpoint: Path, manifest: Path, cache_dir: Path, args: ar
     scores = clip_scores(model, splits["test"], batch_size=16)
     pooled: dict[str, Any] = {}
     wordings: dict[str, dict[str, float]] = {"val": {}, "test": {}}
+    logits: dict[str, dict[str, Any]] = {"val": {}, "test": {}}
     cosine = {}
     with torch.no_grad():
         for split, dataset in splits.items():
@@ -297,14 +302,26 @@ def clip_test_scores(checkpoint: Path, manifest: Path, cache_dir: Path, args: ar
             cosine[name] = round(float((text[:, 0] * text[:, 1]).sum(-1).mean()), 4)
             difference = text[:, 0] - text[:, 1]
             for split in wordings:
-                wordings[split][name] = round(zero_shot_auroc((image_embeds[split] @ difference.T).sigmoid(),
+                logits[split][name] = (image_embeds[split] @ difference.T).numpy()
+                wordings[split][name] = round(zero_shot_auroc(logits[split][name],
                                                               splits[split].label_matrix())["macro"], 4)
     chosen = max(wordings["val"], key=wordings["val"].get)  # model selection on validation; test stays held out
+    # how far the test phantoms pin the verdict down: a study-level bootstrap of the chosen wording's macro AUROC,
+    # and paired against CT-CLIP's wording on the same resamples
+    test_labels = splits["test"].label_matrix().numpy()
+    chosen_auroc = macro_auroc_statistic(logits["test"][chosen], test_labels)
+    interval = bootstrap_ci(chosen_auroc, n_resamples=2000, seed=args.seed)
+    paired = paired_bootstrap(chosen_auroc, macro_auroc_statistic(logits["test"]["is_present"], test_labels),
+                              n_resamples=2000, seed=args.seed)
     probe = linear_probe_readout(*((pooled[split], splits[split].label_matrix()) for split in ("train", "val", "test")))
     return {**{k: round(v, 4) for k, v in scores["metrics"].items()}, "prompt_wordings": wordings["test"],
             "prompt_wordings_val": wordings["val"], "prompt_cosine": cosine,
             "zero_shot_val_chosen": {"wording": chosen, "val": wordings["val"][chosen],
-                                     "test": wordings["test"][chosen]},
+                                     "test": wordings["test"][chosen],
+                                     "test_ci95": [round(interval["low"], 4), round(interval["high"], 4)],
+                                     "test_minus_is_present": {k: round(paired[k], 4)
+                                                               for k in ("delta", "low", "high", "p_value")},
+                                     "test_studies": len(test_labels)},
             "linear_probe_auroc": round(probe["test_macro_auroc"], 4), "per_label": scores["per_label"]}
 
 
@@ -449,15 +466,17 @@ def clip_only(args: argparse.Namespace) -> int:
                      "minutes": round((time.perf_counter() - tick) / 60, 1),
                      "stage_training_minutes": stage_minutes([clip_dir(run_dir, args)]), "clip": metrics})
     print(f"\nCT-CLIP on {args.phantoms} phantoms, test split, {time.perf_counter() - start:.0f} s")
-    print(f"{'encoder':<17} {'zero-shot (own)':>15} {'val-chosen wording':>32} {'label head':>10} "
+    print(f"{'encoder':<17} {'zero-shot (own)':>15} {'val-chosen wording [95% CI]':>48} {'label head':>10} "
           f"{'linear probe':>12} {'i2t R@1':>8} {'t2i R@1':>8} {'val zero-shot':>13} {'minutes':>7}")
     verdicts = {}
     for r in rows:
         test, val = r["clip"]["test"], r["clip"]
         head, probe = test.get("label_head_auroc"), test.get("linear_probe_auroc")
         chosen = test["zero_shot_val_chosen"]
-        chosen_text = f"{chosen['wording']} {chosen['test']:.3f}"
-        print(f"{r['encoder']:<17} {test['zero_shot_auroc']:>15.3f} {chosen_text:>32} "
+        interval = chosen.get("test_ci95")
+        chosen_text = f"{chosen['wording']} {chosen['test']:.3f}" + (
+            f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+        print(f"{r['encoder']:<17} {test['zero_shot_auroc']:>15.3f} {chosen_text:>48} "
               f"{'-' if head is None else f'{head:.3f}':>10} {'-' if probe is None else f'{probe:.3f}':>12} "
               f"{test['i2t_R@1']:>8.3f} {test['t2i_R@1']:>8.3f} {val.get('zero_shot_auroc', float('nan')):>13.3f} "
               f"{r['minutes']:>7}")

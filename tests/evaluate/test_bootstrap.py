@@ -68,3 +68,27 @@ def test_paired_bootstrap():
     assert noisy["low"] < noisy["delta"] < noisy["high"] and noisy["p_value"] > 0.01
     with pytest.raises(ValueError):
         paired_bootstrap(mean_statistic(a), mean_statistic(a[:10]))
+
+
+def test_macro_auroc_statistic_is_exact_on_the_data_and_on_every_resample():
+    from rrg3d.evaluate.bootstrap import macro_auroc_statistic, resample_weights
+    from rrg3d.train.metrics import zero_shot_auroc
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, (60, 5)).astype(float)
+    scores = np.round(labels * 0.6 + rng.normal(0, 0.5, labels.shape), 1)  # rounded: many ties
+    labels[:7, 1] = np.nan  # unknown entries are left out
+    labels[:, 4] = 1.0  # a single class: undefined, left out of the macro mean
+    statistic = macro_auroc_statistic(scores, labels)
+    assert statistic.value() == pytest.approx(zero_shot_auroc(scores, labels, names=list("abcde"))["macro"])
+    for counts in resample_weights(60, 5, seed=1):  # a resample equals the AUROC of the drawn (repeated) studies
+        drawn = np.repeat(np.arange(60), counts.astype(int))
+        expected = zero_shot_auroc(scores[drawn], labels[drawn], names=list("abcde"))["macro"]
+        assert float(statistic.reduce(counts @ statistic.stats, 60)) == pytest.approx(expected)
+    ci = bootstrap_ci(statistic, n_resamples=500, seed=0)
+    assert ci["low"] < ci["value"] < ci["high"] and ci["method"] == "exact"
+    chance = macro_auroc_statistic(rng.normal(size=labels.shape), labels)
+    paired = paired_bootstrap(statistic, chance, n_resamples=500, seed=0)
+    assert paired["delta"] > 0.2 and paired["low"] > 0 and paired["p_value"] < 0.01
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        macro_auroc_statistic(np.full((3, 1), np.nan), np.ones((3, 1)))

@@ -6,7 +6,8 @@ each sample was drawn), its statistics are ``w @ stats``, and ``B`` resamples ar
 metrics whose statistics add up (BLEU's n-gram counts and lengths, METEOR's match counts, CE's TP/FP/FN per label) are
 recomputed *exactly* on every resample, and means of per-sample scores are the special case ``k = 1``. Metrics that do
 not decompose (CIDEr-D's document frequencies come from the reference corpus) are bootstrapped as the mean of their
-per-sample scores with the corpus-level parts held fixed; their ``method`` says so.
+per-sample scores with the corpus-level parts held fixed; their ``method`` says so. ROC AUC decomposes too, once each
+label's scores are grouped by value (:func:`macro_auroc_statistic`).
 """
 
 from __future__ import annotations
@@ -60,6 +61,52 @@ def ratio_statistic(numerators: np.ndarray, denominators: np.ndarray, method: st
 def _ratio(sums: np.ndarray, n: int) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(sums[..., 1] > 0, sums[..., 0] / np.where(sums[..., 1] > 0, sums[..., 1], 1), np.nan)
+
+
+def macro_auroc_statistic(scores: np.ndarray, labels: np.ndarray) -> Statistic:
+    """The macro ROC AUC over the columns of ``scores [n, L]`` against 0/1/NaN ``labels [n, L]``, exactly.
+
+    AUROC is a Mann-Whitney count, so it decomposes once each label's scores are grouped by value: a study's
+    statistics are one-hot rows "positive at score group k" and "negative at score group k" (none where its label is
+    unknown). A resample's column sums are then weighted histograms of positives and negatives over the sorted
+    groups, and the AUROC is ``sum_k P_k (N_below_k + N_k / 2) / (P N)`` with ties counted half. Labels with a single
+    class in a resample are left out of its macro mean, as :func:`rrg3d.train.metrics.zero_shot_auroc` does."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.float64)
+    if scores.ndim != 2 or scores.shape != labels.shape:
+        raise ValueError(f"scores and labels must both be [n, L]: {scores.shape} vs {labels.shape}")
+    if not np.isfinite(scores).all():
+        raise ValueError("scores contain NaN or infinite values")
+    known = ~np.isnan(labels)
+    if not np.isin(labels[known], (0.0, 1.0)).all():
+        raise ValueError("labels must be 0, 1 or NaN")
+    blocks, segments, start = [], [], 0
+    for j in range(scores.shape[1]):
+        values, group = np.unique(scores[:, j], return_inverse=True)  # ascending score groups
+        onehot = np.eye(len(values))[group] * known[:, j, None]
+        positive = np.nan_to_num(labels[:, j])[:, None]
+        blocks.append(np.concatenate([onehot * positive, onehot * (1 - positive) * known[:, j, None]], axis=1))
+        segments.append((start, start + len(values), start + 2 * len(values)))
+        start += 2 * len(values)
+    stats = np.concatenate(blocks, axis=1) if blocks else np.zeros((scores.shape[0], 0))
+    return Statistic(stats, lambda sums, n: _macro_auroc(sums, segments))
+
+
+def _macro_auroc(sums: np.ndarray, segments: list[tuple[int, int, int]]) -> np.ndarray:
+    per_label = []
+    for start, middle, end in segments:
+        positives, negatives = sums[..., start:middle], sums[..., middle:end]
+        below = np.cumsum(negatives, axis=-1) - negatives
+        pairs = positives.sum(-1) * negatives.sum(-1)
+        wins = (positives * (below + 0.5 * negatives)).sum(-1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_label.append(np.where(pairs > 0, wins / np.where(pairs > 0, pairs, 1), np.nan))
+    if not per_label:
+        return np.full(sums.shape[:-1], np.nan)
+    stacked = np.stack(per_label, axis=-1)
+    defined = np.isfinite(stacked)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(defined.any(-1), np.where(defined, stacked, 0).sum(-1) / defined.sum(-1), np.nan)
 
 
 def resample_weights(n: int, n_resamples: int, seed: int | None = 0) -> np.ndarray:
