@@ -92,3 +92,17 @@ def test_macro_auroc_statistic_is_exact_on_the_data_and_on_every_resample():
     assert paired["delta"] > 0.2 and paired["low"] > 0 and paired["p_value"] < 0.01
     with pytest.raises(ValueError, match="NaN or infinite"):
         macro_auroc_statistic(np.full((3, 1), np.nan), np.ones((3, 1)))
+
+
+def test_macro_auroc_statistic_bins_many_distinct_scores_into_rank_groups():
+    from rrg3d.evaluate.bootstrap import macro_auroc_statistic
+    from rrg3d.train.metrics import zero_shot_auroc
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, (2000, 3)).astype(float)
+    scores = labels * 0.8 + rng.normal(0, 1, labels.shape)  # 2000 distinct scores per label
+    binned = macro_auroc_statistic(scores, labels, max_groups=200)
+    assert binned.stats.shape == (2000, 3 * 2 * 200) and binned.method.startswith("binned")
+    exact = zero_shot_auroc(scores, labels, names=list("abc"))["macro"]
+    assert binned.value() == pytest.approx(exact, abs=2.5e-3)  # at most half a group's share of the pairs
+    assert macro_auroc_statistic(scores[:150], labels[:150], max_groups=200).method == "exact"

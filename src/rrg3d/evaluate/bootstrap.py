@@ -63,14 +63,21 @@ def _ratio(sums: np.ndarray, n: int) -> np.ndarray:
         return np.where(sums[..., 1] > 0, sums[..., 0] / np.where(sums[..., 1] > 0, sums[..., 1], 1), np.nan)
 
 
-def macro_auroc_statistic(scores: np.ndarray, labels: np.ndarray) -> Statistic:
-    """The macro ROC AUC over the columns of ``scores [n, L]`` against 0/1/NaN ``labels [n, L]``, exactly.
+def macro_auroc_statistic(scores: np.ndarray, labels: np.ndarray, max_groups: int = 256) -> Statistic:
+    """The macro ROC AUC over the columns of ``scores [n, L]`` against 0/1/NaN ``labels [n, L]``.
 
     AUROC is a Mann-Whitney count, so it decomposes once each label's scores are grouped by value: a study's
     statistics are one-hot rows "positive at score group k" and "negative at score group k" (none where its label is
     unknown). A resample's column sums are then weighted histograms of positives and negatives over the sorted
     groups, and the AUROC is ``sum_k P_k (N_below_k + N_k / 2) / (P N)`` with ties counted half. Labels with a single
-    class in a resample are left out of its macro mean, as :func:`rrg3d.train.metrics.zero_shot_auroc` does."""
+    class in a resample are left out of its macro mean, as :func:`rrg3d.train.metrics.zero_shot_auroc` does.
+
+    The statistics hold ``2 L K`` columns for ``K`` distinct scores per label, so a label with more than
+    ``max_groups`` distinct scores has them merged into that many groups of neighbouring ranks (pairs inside a group
+    count half: the AUROC moves by at most half the share of positive-negative pairs that fall inside a group);
+    ``method`` then says ``binned``. Up to ``max_groups`` studies, or tied scores, the statistic is exact."""
+    if max_groups < 2:
+        raise ValueError(f"max_groups must be at least 2, got {max_groups}")
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.float64)
     if scores.ndim != 2 or scores.shape != labels.shape:
@@ -80,16 +87,20 @@ def macro_auroc_statistic(scores: np.ndarray, labels: np.ndarray) -> Statistic:
     known = ~np.isnan(labels)
     if not np.isin(labels[known], (0.0, 1.0)).all():
         raise ValueError("labels must be 0, 1 or NaN")
-    blocks, segments, start = [], [], 0
+    blocks, segments, start, binned = [], [], 0, False
     for j in range(scores.shape[1]):
-        values, group = np.unique(scores[:, j], return_inverse=True)  # ascending score groups
-        onehot = np.eye(len(values))[group] * known[:, j, None]
+        distinct, group = np.unique(scores[:, j], return_inverse=True)  # ascending score groups, ties together
+        count = len(distinct)
+        if count > max_groups:  # neighbouring ranks merged, monotone in the score
+            group, count, binned = group * max_groups // count, max_groups, True
+        onehot = np.eye(count)[group.reshape(-1)] * known[:, j, None]
         positive = np.nan_to_num(labels[:, j])[:, None]
         blocks.append(np.concatenate([onehot * positive, onehot * (1 - positive) * known[:, j, None]], axis=1))
-        segments.append((start, start + len(values), start + 2 * len(values)))
-        start += 2 * len(values)
+        segments.append((start, start + count, start + 2 * count))
+        start += 2 * count
     stats = np.concatenate(blocks, axis=1) if blocks else np.zeros((scores.shape[0], 0))
-    return Statistic(stats, lambda sums, n: _macro_auroc(sums, segments))
+    return Statistic(stats, lambda sums, n: _macro_auroc(sums, segments),
+                     f"binned ({max_groups} score groups per label)" if binned else "exact")
 
 
 def _macro_auroc(sums: np.ndarray, segments: list[tuple[int, int, int]]) -> np.ndarray:
