@@ -95,7 +95,7 @@ def macro_auroc_statistic(scores: np.ndarray, labels: np.ndarray, max_groups: in
             group, count, binned = group * max_groups // count, max_groups, True
         onehot = np.eye(count)[group.reshape(-1)] * known[:, j, None]
         positive = np.nan_to_num(labels[:, j])[:, None]
-        blocks.append(np.concatenate([onehot * positive, onehot * (1 - positive) * known[:, j, None]], axis=1))
+        blocks.append(np.concatenate([onehot * positive, onehot * (1 - positive)], axis=1))
         segments.append((start, start + count, start + 2 * count))
         start += 2 * count
     stats = np.concatenate(blocks, axis=1) if blocks else np.zeros((scores.shape[0], 0))
