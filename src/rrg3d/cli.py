@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "model": "model",
     "generate": "generate",
     "train": "train",
+    "prefs": "prefs",
 }
 
 

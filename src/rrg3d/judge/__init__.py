@@ -2,12 +2,15 @@
 
 * :class:`~rrg3d.judge.http.OpenAIJudge` — any OpenAI-compatible chat-completions endpoint;
 * :class:`~rrg3d.judge.local.LocalLMJudge` — a local Hugging Face causal LM (default: the packaged SmolLM2);
-* :class:`~rrg3d.judge.rule.RuleJudge` — deterministic, from the abnormality labeler's agreement.
+* :class:`~rrg3d.judge.rule.RuleJudge` — deterministic, from the abnormality labeler's agreement;
+* :class:`~rrg3d.judge.label.LabelJudge` — deterministic and verifiable: the candidate's abnormality labels against
+  the study's truth labels (or the reference's), one point off per hallucinated or omitted abnormality.
 
 Prompts (:mod:`rrg3d.judge.prompts`): ``score`` (1–5 on accuracy, completeness, clarity, consistency) and ``green``
 (GREEN-style error counts). :func:`make_judge` builds a judge from a command-line spec::
 
     rule                      the labeler-agreement judge
+    label                     the truth-label judge (truth passed to evaluate(..., truths=...))
     http:MODEL@BASE_URL       e.g. http:gpt-4o@https://api.openai.com/v1 (key from $RRG3D_JUDGE_API_KEY)
     local                     the packaged SmolLM2-135M-Instruct
     local:PATH_OR_HUB_ID      any causal LM folder (or hub id where a hub is reachable)
@@ -38,6 +41,10 @@ def make_judge(spec: str, *, cache: JudgeCache | str | os.PathLike[str] | bool |
         from rrg3d.judge.rule import RuleJudge
 
         return RuleJudge(labeler)
+    if spec == "label":
+        from rrg3d.judge.label import LabelJudge
+
+        return LabelJudge(labeler)
     if spec.startswith("http:"):
         match = _HTTP_SPEC.match(spec)
         if not match:
@@ -52,4 +59,4 @@ def make_judge(spec: str, *, cache: JudgeCache | str | os.PathLike[str] | bool |
 
         target = spec.partition(":")[2] or None
         return LocalLMJudge(target, max_new_tokens=max_new_tokens, cache=resolved)
-    raise JudgeError(f"unknown judge spec {spec!r} (use rule, http:MODEL@BASE_URL, local or local:PATH)")
+    raise JudgeError(f"unknown judge spec {spec!r} (use label, rule, http:MODEL@BASE_URL, local or local:PATH)")

@@ -356,13 +356,22 @@ class ReportGenerator(nn.Module):
             visual = self.vision(volumes.to(self.device))
         return splice_visual(embeddings, input_ids, visual.to(embeddings.dtype), self.image_token_id)
 
-    def forward(self, volumes: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor | None = None, finding_labels: torch.Tensor | None = None) -> Any:
+    def forward(self, volumes: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor | None = None, finding_labels: torch.Tensor | None = None,
+                visual: torch.Tensor | None = None) -> Any:
         """The LM's outputs as a :class:`GeneratorOutput` (``.loss`` when labels are given); with a finding classifier
         also ``.finding_logits`` [B, L], and ``.classifier_loss`` when ``finding_labels`` [B, 18] (NaN: unknown)
-        are given."""
+        are given. ``visual`` [B, N, H]: visual embeddings computed before (a frozen tower's, reused for several
+        texts); the vision tower then does not run and ``volumes`` may be None."""
         device = self.device
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        if visual is not None:
+            output = GeneratorOutput(self.lm(inputs_embeds=self.embed(input_ids, visual=visual.to(device)),
+                                             attention_mask=attention_mask,
+                                             labels=None if labels is None else labels.to(device)))
+            return output
+        if volumes is None:
+            raise ValueError("forward() needs volumes or precomputed visual embeddings")
         visual, logits = self.vision.encode(volumes.to(device))
         inputs_embeds = self.embed(input_ids, visual=visual)
         output = GeneratorOutput(self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
@@ -376,14 +385,21 @@ class ReportGenerator(nn.Module):
     # -- generation -------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate_ids(self, volumes: torch.Tensor, settings: GenerationSettings | None = None,
-                     instructions: Sequence[str | None] | None = None) -> torch.Tensor:
-        """New token ids [B, T] for a batch of preprocessed volumes [B, C, D, H, W]."""
+                     instructions: Sequence[str | None] | None = None, num_samples: int = 1) -> torch.Tensor:
+        """New token ids [B × num_samples, T] for a batch of preprocessed volumes [B, C, D, H, W]: ``num_samples``
+        rows per volume, consecutive (one vision pass per volume; sampled rows differ by the decoder's random
+        stream)."""
         from rrg3d.models.generation import decode
 
         settings = settings or self.config.generation
         volumes = volumes.to(self.device)
         visual, logits = self.vision.encode(volumes)
-        batch = self.prompt_batch(visual.shape[1], volumes.shape[0], self.finding_instructions(logits, instructions))
+        instructions = self.finding_instructions(logits, instructions)
+        if num_samples > 1:
+            visual = visual.repeat_interleave(num_samples, dim=0)
+            if instructions is not None:
+                instructions = [text for text in instructions for _ in range(num_samples)]
+        batch = self.prompt_batch(visual.shape[1], visual.shape[0], instructions)
         input_ids = batch["input_ids"].to(self.device)
         inputs_embeds = self.embed(input_ids, visual=visual)
         return decode(self.lm, inputs_embeds, batch["attention_mask"].to(self.device), settings,
@@ -422,6 +438,31 @@ class ReportGenerator(nn.Module):
         finally:
             self.train(was_training)
 
+    def sample_reports(self, volumes: torch.Tensor, num_samples: int, settings: GenerationSettings | None = None,
+                       instructions: Sequence[str | None] | None = None) -> list[list[str]]:
+        """``num_samples`` reports per volume (``settings`` decides sampling: temperature > 0 and its seed)."""
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        was_training = self.training
+        self.eval()
+        try:
+            texts = self.decode_text(self.generate_ids(volumes, settings, instructions, num_samples=num_samples))
+        finally:
+            self.train(was_training)
+        return [texts[i: i + num_samples] for i in range(0, len(texts), num_samples)]
+
+    def report_logprobs(self, reports: Sequence[str], visual: torch.Tensor, *,
+                        instructions: Sequence[str | None] | None = None, max_length: int | None = None,
+                        ids: Sequence[str] | None = None, model: nn.Module | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each report's log-probability given its visual embeddings [B, N, H] — the sum over the tokens SFT trains
+        on (the report and the end-of-turn token; :meth:`training_batch`'s labels) — and the count of those tokens,
+        both [B]. Differentiable; ``model`` is the module to call (a distributed wrapper of this one)."""
+        batch = self.training_batch(reports, visual.shape[1], max_length=max_length, instructions=instructions,
+                                    ids=ids)
+        output = (model or self)(None, batch["input_ids"], batch["attention_mask"], visual=visual)
+        return sequence_logprobs(output.logits, batch["labels"].to(output.logits.device))
+
 
 def splice_visual(embeddings: torch.Tensor, input_ids: torch.Tensor, visual: torch.Tensor,
                   image_token_id: int) -> torch.Tensor:
@@ -440,6 +481,18 @@ def splice_visual(embeddings: torch.Tensor, input_ids: torch.Tensor, visual: tor
         raise ValueError(f"{IMAGE_TOKEN} token count does not match the {expected} visual embeddings per sample "
                          f"({found}); build prompts with ReportGenerator.prompt_ids for this input size")
     return embeddings.masked_scatter(is_image.unsqueeze(-1), visual)
+
+
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probabilities of the labelled tokens of each row and their count, both [B]: ``logits`` [B, T, V]
+    predict the next token, ``labels`` [B, T] hold the token ids to score and −100 elsewhere (HF's convention,
+    shifted here as in the LM's own loss). Log-softmax runs in float32 on the labelled positions only."""
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    picked = torch.log_softmax(logits[:, :-1][mask].float(), dim=-1).gather(-1, targets[mask].unsqueeze(-1))
+    rows = mask.nonzero()[:, 0]
+    sums = torch.zeros(labels.shape[0], dtype=picked.dtype, device=picked.device).index_add(0, rows, picked[:, 0])
+    return sums, mask.sum(dim=1)
 
 
 def check_labels(labels: torch.Tensor, names: Sequence[str] | None = None) -> None:

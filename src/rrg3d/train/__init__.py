@@ -1,5 +1,5 @@
-"""Training: one readable file per stage (``clip``, ``align``, ``sft``) on a small shared loop (``loop``), driven by
-typed recipes (``recipe``), distributed through accelerate.
+"""Training: one readable file per stage (``clip``, ``align``, ``sft``, ``dpo``) on a small shared loop (``loop``),
+driven by typed recipes (``recipe``), distributed through accelerate; ``prefs`` builds DPO's preference pairs.
 
 From Python::
 
@@ -18,7 +18,8 @@ from typing import Any
 __all__ = ["STAGE_MODULES", "run_recipe", "train"]
 
 #: stage name → module whose ``run(recipe, resume=...)`` trains it.
-STAGE_MODULES = {"clip": "rrg3d.train.clip", "align": "rrg3d.train.align", "sft": "rrg3d.train.sft"}
+STAGE_MODULES = {"clip": "rrg3d.train.clip", "align": "rrg3d.train.align", "sft": "rrg3d.train.sft",
+                 "dpo": "rrg3d.train.dpo"}
 
 
 def train(recipe: str | Path | Mapping[str, Any] | Any, overrides: Sequence[str] = (), *,

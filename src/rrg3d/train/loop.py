@@ -101,6 +101,14 @@ class Stage:
     #: (model, phase-0 training dataset without augmentation, recipe, device) → fit data-dependent parts (PCA,
     #: feature standardisation) before training; deterministic, so every process and a resumed run agree.
     fit_statistics: Callable[[nn.Module, Any, Recipe, torch.device], None] | None = None
+    #: (recipe, presets, accelerator) → (one training dataset per phase, validation dataset or None); None: the
+    #: report datasets of ``data.manifest`` (:func:`_build_datasets`)
+    build_datasets: Callable[[Recipe, list[Any], Any], tuple[list[Any], Any]] | None = None
+    #: items → batch; None: :func:`rrg3d.train.data.collate_reports`
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None
+    #: extra columns of train_log.csv: named metrics the loss returns beside it (``loss`` may return
+    #: ``(loss, {name: tensor})``); averaged over the accumulated micro-batches and the processes
+    log_columns: tuple[str, ...] = ()
 
 
 @dataclass
@@ -207,12 +215,12 @@ class RunLog:
                 self.tensorboard_available = True
                 self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
 
-    def train(self, row: dict[str, Any]) -> None:
+    def train(self, row: dict[str, Any], extra: tuple[str, ...] = ()) -> None:
         if not self.enabled:
             return
-        _append_csv(self.run_dir / "train_log.csv", TRAIN_COLUMNS, row)
+        _append_csv(self.run_dir / "train_log.csv", (*TRAIN_COLUMNS, *extra), row)
         if self.writer is not None:
-            for key in ("loss", "lr", "grad_norm", "samples_per_s"):
+            for key in ("loss", "lr", "grad_norm", "samples_per_s", *extra):
                 if row.get(key) is not None:
                     self.writer.add_scalar(f"train/{key}", row[key], row["step"])
 
@@ -509,7 +517,8 @@ def fit(recipe: Recipe, stage: Stage, *, resume: bool = False) -> TrainResult:
 
         first_model_preset = _model_preset(recipe, load_model_config)
     presets = [load_preset(p.preset if p.preset is not None else first_model_preset) for p in recipe.phases]
-    datasets, val_dataset = _build_datasets(recipe, presets, accelerator)
+    datasets, val_dataset = (stage.build_datasets or _build_datasets)(recipe, presets, accelerator)
+    collate = stage.collate or collate_reports
     phase_steps = _phase_steps(recipe, datasets, world)
     total = sum(phase_steps)
     accumulation = recipe.train.gradient_accumulation_steps
@@ -597,15 +606,20 @@ def fit(recipe: Recipe, stage: Stage, *, resume: bool = False) -> TrainResult:
                     batches = epoch_batches(len(dataset), batch_size, seed=recipe.seed, phase=phase_index,
                                             epoch=epoch, world=world, rank=rank, multiple=accumulation, skip=skip)
                     loader = torch.utils.data.DataLoader(
-                        dataset, batch_sampler=batches, collate_fn=collate_reports,
+                        dataset, batch_sampler=batches, collate_fn=collate,
                         num_workers=recipe.data.workers, generator=torch.Generator().manual_seed(recipe.seed),
                         persistent_workers=False)
                     consumed = skip
                     step_losses: list[torch.Tensor] = []
+                    step_metrics: dict[str, list[torch.Tensor]] = {name: [] for name in stage.log_columns}
                     tick = time.perf_counter()
                     for batch in loader:
                         with accelerator.accumulate(model):
                             loss = stage.loss(model, raw, _to_device(batch, accelerator.device), recipe)
+                            if isinstance(loss, tuple):  # (loss, named metrics to log)
+                                loss, named = loss
+                                for name in stage.log_columns:
+                                    step_metrics[name].append(named[name].detach().float())
                             if not torch.isfinite(loss.detach()):
                                 raise RRG3DError(f"step {step + 1}: the loss is {loss.item()} (batch {batch['ids']})"
                                                  "; lower optim.lr or check the data")
@@ -626,6 +640,9 @@ def fit(recipe: Recipe, stage: Stage, *, resume: bool = False) -> TrainResult:
                         current = {"phase": phase_index, "epoch": epoch, "batches": consumed}
                         mean_loss = accelerator.reduce(torch.stack(step_losses).mean(), reduction="mean").item()
                         step_losses = []
+                        logged = {name: accelerator.reduce(torch.stack(values).mean(), reduction="mean").item()
+                                  for name, values in step_metrics.items() if values}
+                        step_metrics = {name: [] for name in stage.log_columns}
                         result.losses.append(mean_loss)
                         elapsed = time.perf_counter() - tick
                         tick = time.perf_counter()
@@ -636,7 +653,8 @@ def fit(recipe: Recipe, stage: Stage, *, resume: bool = False) -> TrainResult:
                         if step % recipe.train.log_every == 0 or step == total:
                             runlog.train({"step": step, "phase": phase_index, "epoch": epoch, "loss": mean_loss,
                                           "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
-                                          "samples_per_s": rate, "elapsed_s": time.perf_counter() - start_time})
+                                          "samples_per_s": rate, "elapsed_s": time.perf_counter() - start_time,
+                                          **logged}, stage.log_columns)
                         phase_done = step >= bounds[phase_index + 1]
                         if (recipe.train.eval_every and step % recipe.train.eval_every == 0) or phase_done:
                             validate(phase_index)
@@ -773,10 +791,12 @@ def dump_yaml(path: Path, data: Any) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
 
 
-def iterate_batches(dataset: Any, batch_size: int, workers: int = 0) -> Iterator[dict[str, Any]]:
-    """Validation batches in dataset order."""
+def iterate_batches(dataset: Any, batch_size: int, workers: int = 0,
+                    collate: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None
+                    ) -> Iterator[dict[str, Any]]:
+    """Validation batches in dataset order (``collate``: default :func:`rrg3d.train.data.collate_reports`)."""
     from rrg3d.train.data import collate_reports
 
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_reports,
-                                         num_workers=workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                         collate_fn=collate or collate_reports, num_workers=workers)
     yield from loader

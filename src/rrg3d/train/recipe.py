@@ -4,7 +4,7 @@ A recipe names the stage and everything the stage needs; every key has a default
 ``data.manifest``, which may be given on the command line)::
 
     name: tiny_sft
-    stage: sft                      # clip | align | sft
+    stage: sft                      # clip | align | sft | dpo
     seed: 0
     run_dir: null                   # default runs/<name>
     model:
@@ -17,6 +17,7 @@ A recipe names the stage and everything the stage needs; every key has a default
       true_findings_share: 0.0      # share of training prompts listing the true findings, not the classifier's
       clip: {pooling: mean, embed_dim: 512, text: null, ...}              # clip stage only
     data: {manifest: null, train_split: train, val_split: val, cache_dir: null, batch_size: 1, workers: 0, ...}
+    dpo: {loss: sigmoid, beta: 0.1, rpo_alpha: 1.0, val_fraction: 0.0}  # dpo stage only (data.pairs: the pairs)
     optim: {lr: 2.0e-4, weight_decay: 0.0, scheduler: cosine, warmup_ratio: 0.03, max_grad_norm: 1.0, ...}
     phases:                         # multi-scale progressive training; one phase with the model's preset by default
       - {preset: multiscale_64, steps: 1000}
@@ -48,7 +49,7 @@ from rrg3d.models.language import LoraSettings
 from rrg3d.models.registry import plain_data
 from rrg3d.train.augment import AugmentSettings
 
-STAGES = ("clip", "align", "sft")
+STAGES = ("clip", "align", "sft", "dpo")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 #: Keys that may differ between a run and its ``--resume`` (they do not change what is computed).
 VOLATILE_KEYS = ("train.stop_after", "train.progress", "train.keep_last", "train.save_every", "train.log_every",
@@ -137,6 +138,9 @@ class DataSection:
     fit_samples: int = 256
     #: training-time augmentation (translation, intensity jitter, noise; no flips), see rrg3d.train.augment
     augment: AugmentSettings = field(default_factory=AugmentSettings)
+    #: dpo: the preference pairs (``rrg3d prefs build``); their studies' volumes come from the manifest the pairs
+    #: were built on (recorded in every pair) unless data.manifest names another copy of it
+    pairs: str | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or (self.val_batch_size is not None and self.val_batch_size < 1):
@@ -145,6 +149,27 @@ class DataSection:
             raise ConfigError("data.fit_samples must be >= 2")
         if self.workers < 0 or self.preprocess_workers < 1:
             raise ConfigError("data.workers must be >= 0 and data.preprocess_workers >= 1")
+
+
+@dataclass
+class DPOSettings:
+    """The preference loss of the ``dpo`` stage (see :mod:`rrg3d.train.dpo`)."""
+
+    #: sigmoid: DPO (Rafailov et al.); ipo: the squared-hinge IPO loss; rpo: DPO + rpo_alpha × the chosen report's
+    #: per-token NLL
+    loss: Literal["sigmoid", "ipo", "rpo"] = "sigmoid"
+    beta: float = 0.1
+    rpo_alpha: float = 1.0
+    #: share of the pairs' studies held out (seeded, by study) to validate reward accuracy and margin; 0: none
+    val_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ConfigError(f"dpo.beta must be > 0, got {self.beta}")
+        if self.rpo_alpha < 0:
+            raise ConfigError(f"dpo.rpo_alpha must be >= 0, got {self.rpo_alpha}")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"dpo.val_fraction must be in [0, 1), got {self.val_fraction}")
 
 
 @dataclass
@@ -215,7 +240,7 @@ class TrainSection:
 
 @dataclass
 class Recipe:
-    stage: Literal["clip", "align", "sft"]
+    stage: Literal["clip", "align", "sft", "dpo"]
     name: str = "run"
     description: str = ""
     seed: int = 0
@@ -225,6 +250,7 @@ class Recipe:
     optim: OptimSection = field(default_factory=OptimSection)
     phases: list[Phase] = field(default_factory=lambda: [Phase(steps=100)])
     train: TrainSection = field(default_factory=TrainSection)
+    dpo: DPOSettings = field(default_factory=DPOSettings)
 
     def __post_init__(self) -> None:
         if not self.phases:
@@ -250,7 +276,12 @@ class Recipe:
 
 
 def resolved_trainable(stage: str, parts: TrainableParts, model: ModelSection) -> TrainableParts:
-    """The stage defaults filled in: align trains the projector (and compressor); sft adds LoRA (or the full LM)."""
+    """The stage defaults filled in: align trains the projector (and compressor); sft adds LoRA (or the full LM); dpo
+    trains the LM alone (LoRA; ``lm: full`` for every weight), the vision tower frozen."""
+    if stage == "dpo":
+        return TrainableParts(encoder=bool(parts.encoder), compressor=bool(parts.compressor),
+                              projector=bool(parts.projector), classifier=bool(parts.classifier),
+                              lm=parts.lm or "lora")
     if stage == "clip":
         return TrainableParts(encoder=True if parts.encoder is None else parts.encoder,
                               compressor=bool(parts.compressor), projector=bool(parts.projector),
@@ -270,6 +301,11 @@ def _strip_volatile(data: dict[str, Any]) -> dict[str, Any]:
     for key in VOLATILE_KEYS:
         section, name = key.split(".")
         data.get(section, {}).pop(name, None)
+    # keys added with the dpo stage: absent from other stages' fingerprints, so earlier runs still resume
+    if data.get("stage") != "dpo":
+        data.pop("dpo", None)
+        if data.get("data", {}).get("pairs") is None:
+            data.get("data", {}).pop("pairs", None)
     return data
 
 

@@ -1,0 +1,113 @@
+"""A verifiable judge: a candidate report's 18 abnormality labels against the study's truth.
+
+The candidate is labelled by the abnormality labeler (18 CT-RATE abnormalities). The truth is the study's own labels
+where the manifest has them (``truths``: the phantoms' labels are exact, CT-RATE's manual labels are close), and the
+reference report's labels otherwise. Labels the truth leaves unknown (NaN or missing) are not counted. Per candidate,
+``fp`` = abnormalities stated that the truth lacks (hallucinated), ``fn`` = true abnormalities not stated (omitted).
+
+* ``score``: ``max(1, 5 − (fp + fn))`` — 5 when every known label agrees, one point off per wrong abnormality,
+  1 from four errors on. With the usual preference threshold of 3, a candidate is preferred when it gets at most two
+  abnormalities wrong.
+* ``green``: as the rule judge's (matched = ``tp``, or 1 when both sides are normal; significant errors (a) false
+  finding = ``fp``, (b) missing finding = ``fn``).
+
+No model and no cache: the same answer every time, computed in microseconds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from rrg3d.judge.base import Judge, JudgeResult
+from rrg3d.judge.rule import RuleJudge
+
+#: the score of a candidate with no wrong abnormality; each error costs one point down to the floor
+TOP_SCORE, FLOOR = 5.0, 1.0
+
+
+def label_score(fp: int, fn: int) -> float:
+    """The 1–5 score of a candidate with ``fp`` hallucinated and ``fn`` omitted abnormalities."""
+    return max(FLOOR, TOP_SCORE - float(fp + fn))
+
+
+def truth_matrix(truths: Sequence[Sequence[float] | None], n_labels: int) -> np.ndarray:
+    """Rows of 0/1/NaN (NaN: unknown) from per-study vectors; a missing vector is a row of NaN."""
+    rows = np.full((len(truths), n_labels), np.nan)
+    for i, truth in enumerate(truths):
+        if truth is None:
+            continue
+        values = np.asarray([np.nan if v is None else float(v) for v in truth], dtype=float)
+        if values.shape != (n_labels,):
+            raise ValueError(f"truth {i}: expected {n_labels} labels, got {values.shape}")
+        rows[i] = values
+    return rows
+
+
+class LabelJudge(Judge):
+    """``LabelJudge(labeler=None)``; :meth:`evaluate` takes ``truths`` (per pair a vector of the labeler's labels,
+    0/1/NaN, or None for "use the reference's labels")."""
+
+    uses_truth = True
+
+    def __init__(self, labeler: Any = None) -> None:
+        if labeler is None:
+            from rrg3d.text.labeler import load_labeler
+
+            labeler = load_labeler(None)
+        self.labeler = labeler
+        self.id = f"label:errors-v1:{getattr(labeler, 'name', type(labeler).__name__)}"
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        from rrg3d.evaluate.clinical import label_names
+
+        return tuple(label_names(self.labeler))
+
+    def counts(self, references: Sequence[str], candidates: Sequence[str],
+               truths: Sequence[Sequence[float] | None] | None = None) -> np.ndarray:
+        """``[n, 3]`` counts (tp, fp, fn) per candidate over the labels the truth knows."""
+        if len(references) != len(candidates):
+            raise ValueError(f"{len(references)} references but {len(candidates)} candidates")
+        if truths is not None and len(truths) != len(candidates):
+            raise ValueError(f"{len(truths)} truth vectors but {len(candidates)} candidates")
+        if not candidates:
+            return np.zeros((0, 3), dtype=int)
+        predicted = np.asarray(self.labeler.predict(list(candidates))).astype(bool)
+        n_labels = predicted.shape[1]
+        truth = truth_matrix(truths or [None] * len(candidates), n_labels)
+        missing = np.isnan(truth).all(axis=1)
+        if missing.any():  # no truth for these: the reference report's labels stand in
+            index = np.flatnonzero(missing)
+            truth[index] = np.asarray(self.labeler.predict([references[i] or "" for i in index]), dtype=float)
+        known = ~np.isnan(truth)
+        positive = (truth == 1) & known
+        negative = (truth == 0) & known
+        tp = (predicted & positive).sum(axis=1)
+        fp = (predicted & negative).sum(axis=1)
+        fn = (~predicted & positive).sum(axis=1)
+        return np.stack([tp, fp, fn], axis=1)
+
+    def evaluate(self, references: Sequence[str], candidates: Sequence[str], kind: str = "score",
+                 progress: bool = False, truths: Sequence[Sequence[float] | None] | None = None
+                 ) -> list[JudgeResult]:
+        if kind not in ("score", "green"):
+            raise ValueError(f"unknown judge prompt {kind!r}")
+        results = []
+        for tp, fp, fn in self.counts(references, candidates, truths).tolist():
+            if kind == "green":
+                results.append(RuleJudge._one("green", tp, fp, fn))
+                continue
+            score = label_score(fp, fn)
+            explanation = f"{tp} true abnormalities stated, {fp} stated but absent, {fn} present but not stated"
+            results.append(JudgeResult(score, True, raw=f"Explanation: {explanation}.\nScore: {score:g}",
+                                       explanation=explanation, counts={"tp": tp, "fp": fp, "fn": fn}))
+        return results
+
+
+def labels_known(truth: Sequence[float] | None) -> bool:
+    """Whether a truth vector knows at least one label."""
+    return truth is not None and any(v is not None and not math.isnan(float(v)) for v in truth)
