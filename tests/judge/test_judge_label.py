@@ -1,0 +1,60 @@
+"""The label judge: a candidate's abnormality labels against the study's truth (or the reference's labels)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from rrg3d.data.adapters.ctrate import CTRATE_LABELS
+from rrg3d.judge import make_judge
+from rrg3d.judge.label import LabelJudge, label_score
+
+
+def _truth(**present):
+    """A truth vector: the named labels (keyword → 0/1/None), every other label 0."""
+    names = {"cardiomegaly": "Cardiomegaly", "effusion": "Pleural effusion", "nodule": "Lung nodule",
+             "emphysema": "Emphysema"}
+    vector = [0.0] * len(CTRATE_LABELS)
+    for key, value in present.items():
+        vector[CTRATE_LABELS.index(names[key])] = math.nan if value is None else float(value)
+    return vector
+
+
+def test_the_score_is_five_minus_the_wrong_abnormalities():
+    assert [label_score(0, 0), label_score(1, 0), label_score(0, 2), label_score(2, 1), label_score(3, 3)] == \
+        [5.0, 4.0, 3.0, 2.0, 1.0]
+
+
+def test_truth_labels_count_hallucinations_and_omissions(stub_labeler):
+    judge = LabelJudge(stub_labeler)
+    truth = _truth(cardiomegaly=1, effusion=1)
+    candidates = ["Cardiomegaly and effusion.", "Cardiomegaly.", "Cardiomegaly, effusion and a nodule.",
+                  "Nodule and emphysema."]
+    results = judge.evaluate(["(reference not read)"] * 4, candidates, "score", truths=[truth] * 4)
+    assert [r.score for r in results] == [5.0, 4.0, 4.0, 1.0]
+    assert [(r.counts["tp"], r.counts["fp"], r.counts["fn"]) for r in results] == \
+        [(2, 0, 0), (1, 0, 1), (2, 1, 0), (0, 2, 2)]
+    # the reference's text plays no part when the truth is known: it may even disagree with it
+    assert judge.evaluate(["Normal."], ["Cardiomegaly and effusion."], truths=[truth])[0].score == 5.0
+
+
+def test_unknown_truth_labels_are_not_counted_and_missing_truth_falls_back_to_the_reference(stub_labeler):
+    judge = LabelJudge(stub_labeler)
+    unsure = _truth(cardiomegaly=1, nodule=None)  # the nodule is unknown: stating it is no error
+    assert judge.evaluate(["x"], ["Cardiomegaly and a nodule."], truths=[unsure])[0].score == 5.0
+    # no truth: the reference report's labels stand in (as the rule judge's set, scored by errors)
+    results = judge.evaluate(["Cardiomegaly and effusion.", "Normal."], ["Cardiomegaly.", "Emphysema."])
+    assert [r.score for r in results] == [4.0, 4.0]
+    assert judge.evaluate(["Normal."], ["Nodule."], truths=[None])[0].counts["fp"] == 1
+    assert [r.score for r in judge.evaluate(["Nodule."], ["Normal."], "green")] == [0.0]
+    with pytest.raises(ValueError, match="truth vectors"):
+        judge.evaluate(["a", "b"], ["a", "b"], truths=[truth for truth in [_truth()]])
+    with pytest.raises(ValueError, match="18 labels"):
+        judge.evaluate(["a"], ["a"], truths=[[1.0, 0.0]])
+
+
+def test_make_judge_builds_it_and_it_needs_no_cache(stub_labeler):
+    judge = make_judge("label", labeler=stub_labeler, cache=False)
+    assert isinstance(judge, LabelJudge) and judge.id.startswith("label:") and judge.uses_truth
+    assert judge.label_names == tuple(CTRATE_LABELS)
