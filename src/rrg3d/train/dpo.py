@@ -193,8 +193,11 @@ def pair_logprobs(model: nn.Module, raw: nn.Module, batch: dict[str, Any], max_l
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The summed log-probs of the chosen and rejected reports of a batch and their token counts, each [B]; the
     visual embeddings (frozen tower, no gradient) are computed once for both reports."""
-    with torch.no_grad():
-        visual, finding_logits = raw.vision.encode(batch["volumes"].to(raw.device))
+    device = raw.device
+    # the frozen tower runs in float32 wherever this is called from (under the training autocast or not), so the
+    # reference and the policy see the same visual embeddings and classifier calls
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        visual, finding_logits = raw.vision.encode(batch["volumes"].to(device))
     instructions = raw.finding_instructions(finding_logits)
     n = len(batch["ids"])
     names = [f"{i} (chosen)" for i in batch["ids"]] + [f"{i} (rejected)" for i in batch["ids"]]

@@ -1,0 +1,297 @@
+"""Does DPO on judge-scored pairs make the reports more faithful? SFT vs DPO on held-out phantoms.
+
+Starts from an SFT checkpoint of the learnability benchmark (``--sft``; by default the ``small_resnet3d`` image arm
+with diagnosis prompting in ``--work``, trained by ``benchmarks/learnability.py``, whose command is below; its
+minutes are not in this script's budget). Then, timed:
+
+1. ``rrg3d prefs build`` on the first ``--prefs-studies`` training phantoms: ``--samples`` impressions per study at
+   temperature 1.0 (seeded per study), each scored by the label judge against the phantom's true labels
+   (``max(1, 5 − wrong abnormalities)``), paired by strategy 1 (``split``: a random candidate scoring ≥ 3 chosen, a
+   random one < 3 rejected) and, from the same candidates, strategy 2 (``best-worst``, the reference chosen when
+   nothing reaches 3);
+2. the ``dpo`` stage on each pair set (the recipe ``tiny_dpo`` with the overrides below: sigmoid DPO, β 0.1, one
+   epoch at batch 1, linear schedule with 10% warm-up, the LoRA adapter trains, the vision tower and the finding
+   classifier stay frozen);
+3. greedy reports for the test phantoms from the SFT model and from each DPO model with identical decoding, scored
+   against the phantoms' true labels — CE micro-F1 and precision, hallucinated findings per report (abnormalities the
+   report states that the truth lacks), omitted findings per report, the mean label-judge score — and against the
+   reference impressions (BLEU-4, ROUGE-L: pycocoevalcap's, through the evaluation suite); each DPO − SFT difference
+   with a paired bootstrap 95% interval over the test phantoms (2000 resamples, seeded).
+
+Targets (issue 21): hallucinated findings per report down by ≥ 25% with the interval of the difference below 0;
+CE micro-F1 not lower (the upper end of its interval ≥ 0); mean label-judge score up by ≥ 0.3; all within 60
+minutes (``budget_minutes``). Writes ``benchmarks/results/dpo.json``: ``sft``, ``dpo`` (strategy 1), ``delta``
+(``{NAME: {"value", "ci95": [lo, hi], "p_value"}}``), ``best_worst`` (strategy 2: its metrics and deltas), the pair
+summaries, minutes per step and ``targets``. Each step's outputs stay in ``--work``/dpo and are reused when
+present (the stage runs resume), so a rerun only redoes what is missing.
+
+The SFT checkpoint (learnability's setup 7, about 45 minutes here)::
+
+    python benchmarks/learnability.py --encoders small_resnet3d --clip-steps 1200 --clip-label-weight 1.0 \\
+        --findings-prompt --histogram-bins 16 --histogram-blocks 2 2 2 --true-findings-share 1.0 \\
+        --findings-order reports --max-new-tokens 128 --arms image --work /tmp/exp/p1200
+
+then::
+
+    python benchmarks/dpo.py --work /tmp/exp/p1200 [--prefs-studies 480] [--samples 6] [--lr 5e-5] [--beta 0.1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SFT_ARM = "small_resnet3d/image_labels1_findings_b222_ord_true100/sft/final"
+TARGETS = {"hallucinated_reduction": 0.25, "judge_gain": 0.3}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="/tmp/exp/p1200", help="the learnability work folder (phantoms, cache)")
+    parser.add_argument("--sft", default=None, help=f"SFT checkpoint (default WORK/{SFT_ARM})")
+    parser.add_argument("--field", default="impression", choices=("report", "findings", "impression"),
+                        help="the text the SFT model writes (learnability: impression)")
+    parser.add_argument("--prefs-studies", type=int, default=480, help="training phantoms sampled for pairs")
+    parser.add_argument("--samples", type=int, default=6)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--threshold", type=float, default=3.0)
+    parser.add_argument("--lr", type=float, default=5e-5, help="DPO learning rate (LoRA adapter)")
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--loss", default="sigmoid", choices=("sigmoid", "ipo", "rpo"))
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="greedy test reports and the samples")
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--strategies", nargs="+", default=["split", "best-worst"], choices=("split", "best-worst"))
+    parser.add_argument("--bootstrap", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--budget-minutes", type=float, default=60.0)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "dpo.json"))
+    return parser
+
+
+# -- scoring -----------------------------------------------------------------------------------------------------------
+def truth_scores(predictions: Path, references: Path, labeler: Any) -> dict[str, Any]:
+    """Per test study, in reference order: the report's labels against the phantom's true labels."""
+    from rrg3d.data.manifest import load_manifest
+    from rrg3d.judge.label import label_score
+    from rrg3d.train.data import labels_vector
+
+    refs = load_manifest(references)
+    predicted = {r["id"]: r.get("report") or "" for r in map(json.loads, Path(predictions).read_text().splitlines())}
+    missing = [r["id"] for r in refs if r["id"] not in predicted]
+    if missing:
+        raise SystemExit(f"{predictions}: no report for {len(missing)} test studies (first {missing[:3]})")
+    names = tuple(getattr(labeler, "labels", None) or labeler.label_names)
+    truth = np.array([labels_vector(r.get("labels"), names) for r in refs], dtype=float)
+    labels = np.asarray(labeler.predict([predicted[r["id"]] for r in refs])).astype(bool)
+    known = ~np.isnan(truth)
+    positive, negative = (truth == 1) & known, (truth == 0) & known
+    tp = (labels & positive).sum(1)
+    fp = (labels & negative).sum(1)
+    fn = (~labels & positive).sum(1)
+    judge = np.array([label_score(int(a), int(b)) for a, b in zip(fp, fn, strict=True)])
+    return {"ids": [r["id"] for r in refs], "tp": tp, "fp": fp, "fn": fn, "judge": judge}
+
+
+def statistics(scores: dict[str, Any]) -> dict[str, Any]:
+    """Bootstrap statistics (exact on every resample) of the truth-based metrics."""
+    from rrg3d.evaluate.bootstrap import Statistic, mean_statistic
+
+    def micro_f1(sums: np.ndarray, n: int) -> np.ndarray:
+        tp, fp, fn = sums[..., 0], sums[..., 1], sums[..., 2]
+        return np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp, dtype=float), where=(2 * tp + fp + fn) > 0)
+
+    def precision(sums: np.ndarray, n: int) -> np.ndarray:
+        tp, fp = sums[..., 0], sums[..., 1]
+        return np.divide(tp, tp + fp, out=np.zeros_like(tp, dtype=float), where=(tp + fp) > 0)
+
+    def recall(sums: np.ndarray, n: int) -> np.ndarray:
+        tp, fn = sums[..., 0], sums[..., 2]
+        return np.divide(tp, tp + fn, out=np.zeros_like(tp, dtype=float), where=(tp + fn) > 0)
+
+    counts = np.stack([scores["tp"], scores["fp"], scores["fn"]], axis=1).astype(float)
+    return {"ce_micro_f1": Statistic(counts, micro_f1), "ce_precision": Statistic(counts, precision),
+            "ce_recall": Statistic(counts, recall),
+            "hallucinated_per_report": mean_statistic(scores["fp"].astype(float)),
+            "omitted_per_report": mean_statistic(scores["fn"].astype(float)),
+            "label_judge_score": mean_statistic(scores["judge"].astype(float))}
+
+
+def suite_scores(predictions: Path, references: Path, out: Path, compare: Path | None, args: argparse.Namespace
+                 ) -> dict[str, Any]:
+    """BLEU-4 and ROUGE-L (pycocoevalcap's) from the evaluation suite, with its paired bootstrap against
+    ``compare``."""
+    from rrg3d.evaluate.runner import EvaluateOptions, evaluate_files
+
+    options = EvaluateOptions(bootstrap=args.bootstrap, seed=args.seed, progress=False,
+                              compare=str(compare) if compare else None)
+    metrics = evaluate_files(predictions, references, out, options)
+    result = {"bleu_4": metrics["coco"]["bleu_4"], "rouge_l": metrics["coco"]["rouge_l"],
+              "meteor": metrics["coco"]["meteor"]}
+    if compare is not None:
+        paired = metrics["compare"]["paired_bootstrap"]["metrics"]
+        result["paired"] = {name: paired[key] for name, key in (("bleu_4", "coco.bleu_4"), ("rouge_l", "coco.rouge_l"))
+                            if key in paired}
+    return result
+
+
+def compare(dpo: dict[str, Any], sft: dict[str, Any], suite: dict[str, Any], args: argparse.Namespace
+            ) -> dict[str, Any]:
+    from rrg3d.evaluate.bootstrap import paired_bootstrap
+
+    if dpo["ids"] != sft["ids"]:
+        raise SystemExit("the two systems were scored on different studies")
+    a, b = statistics(dpo), statistics(sft)
+    delta = {}
+    for name in a:
+        result = paired_bootstrap(a[name], b[name], args.bootstrap, args.seed)
+        delta[name] = {"value": result["delta"], "ci95": [result["low"], result["high"]],
+                       "p_value": result["p_value"]}
+    for name, result in suite.get("paired", {}).items():
+        delta[name] = {"value": result["delta"], "ci95": [result["low"], result["high"]],
+                       "p_value": result["p_value"]}
+    return delta
+
+
+def summarise(scores: dict[str, Any], suite: dict[str, Any]) -> dict[str, float]:
+    stats = statistics(scores)
+    return {**{name: float(stat.value()) for name, stat in stats.items()},
+            "bleu_4": suite["bleu_4"], "rouge_l": suite["rouge_l"], "meteor": suite["meteor"],
+            "studies": len(scores["ids"])}
+
+
+# -- steps -------------------------------------------------------------------------------------------------------------
+def generate(checkpoint: Path, references: Path, out: Path, settings: Any) -> Path:
+    from rrg3d.models.checkpoint import load_checkpoint
+    from rrg3d.models.inference import generate_reports
+
+    if out.is_file() and sum(1 for _ in out.open()) >= sum(1 for _ in references.open()):
+        return out
+    model = load_checkpoint(checkpoint, merge_lora=True)
+    generate_reports(model, [str(references)], out, settings=settings, batch_size=8, progress=True)
+    return out
+
+
+def train_dpo(pairs: Path, sft: Path, run_dir: Path, cache: Path, args: argparse.Namespace) -> Path:
+    from rrg3d.train import train
+    from rrg3d.train.recipe import load_recipe, recipe_from_yaml
+
+    overrides = [f"data.pairs={pairs}", f"model.init={sft}", f"run_dir={run_dir}", f"data.cache_dir={cache}",
+                 "data.batch_size=1", f"data.max_length={args.max_length}", f"optim.lr={args.lr}",
+                 f"phases.0.epochs={args.epochs}", f"dpo.beta={args.beta}", f"dpo.loss={args.loss}",
+                 "optim.scheduler=linear", "optim.warmup_ratio=0.1", "optim.weight_decay=0.0",
+                 "train.save_every=100", "train.progress=true", "train.tensorboard=false",
+                 f"train.threads={os.cpu_count() or 1}", f"seed={args.seed}", "train.mixed_precision=auto"]
+    recipe = load_recipe("tiny_dpo", overrides)
+    config = run_dir / "config.yaml"
+    same = config.is_file() and recipe_from_yaml(config.read_text()).fingerprint() == recipe.fingerprint()
+    if (run_dir / "final" / "rrg3d.yaml").is_file() and same:
+        print(f"reusing the finished run {run_dir}", flush=True)
+        return run_dir / "final"
+    return Path(train(recipe, resume=same).final)
+
+
+def minutes_since(tick: float) -> float:
+    return round((time.perf_counter() - tick) / 60, 2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from rrg3d.models.checkpoint import load_checkpoint
+    from rrg3d.text.labeler import load_labeler
+    from rrg3d.train.data import write_references
+    from rrg3d.train.prefs import build_preferences
+
+    start = time.perf_counter()
+    work = Path(args.work).resolve()
+    manifest = work / "phantoms" / "manifest.jsonl"
+    sft = Path(args.sft).resolve() if args.sft else work / SFT_ARM
+    if not (sft / "rrg3d.yaml").is_file():
+        raise SystemExit(f"no SFT checkpoint at {sft}: run benchmarks/learnability.py first (see --help)")
+    folder = work / "dpo"
+    folder.mkdir(parents=True, exist_ok=True)
+    cache = work / "cache"
+    references = write_references(manifest, folder / "test_references.jsonl", split="test", field=args.field)
+    settings = load_checkpoint(sft).config.generation.replace(max_new_tokens=args.max_new_tokens, temperature=0.0,
+                                                              num_beams=1)
+    labeler = load_labeler(None)
+    minutes: dict[str, float] = {}
+
+    tick = time.perf_counter()
+    candidates = folder / "candidates.jsonl"
+    summaries = {}
+    for strategy in args.strategies:
+        summary = build_preferences(manifest, sft, folder / f"pairs_{strategy}.jsonl", judge="label",
+                                    samples=args.samples, temperature=args.temperature, strategy=strategy,
+                                    threshold=args.threshold, field=args.field, max_new_tokens=args.max_new_tokens,
+                                    candidates=candidates, cache_dir=cache, limit=args.prefs_studies, seed=args.seed)
+        summaries[strategy] = summary.as_dict()
+        print(f"pairs ({strategy}): {summary.pairs} of {summary.studies} studies; dropped {summary.dropped}; "
+              f"scores {summary.score_histogram}", flush=True)
+    minutes["prefs"] = minutes_since(tick)
+
+    tick = time.perf_counter()
+    sft_predictions = generate(sft, references, folder / "predictions_sft.jsonl", settings)
+    sft_scores = truth_scores(sft_predictions, references, labeler)
+    sft_suite = suite_scores(sft_predictions, references, folder / "eval_sft", None, args)
+    minutes["sft_eval"] = minutes_since(tick)
+
+    arms: dict[str, Any] = {}
+    for strategy in args.strategies:
+        tick = time.perf_counter()
+        final = train_dpo(folder / f"pairs_{strategy}.jsonl", sft, folder / f"run_{strategy}", cache, args)
+        minutes[f"dpo_{strategy}"] = minutes_since(tick)
+        tick = time.perf_counter()
+        predictions = generate(final, references, folder / f"predictions_dpo_{strategy}.jsonl", settings)
+        scores = truth_scores(predictions, references, labeler)
+        suite = suite_scores(predictions, references, folder / f"eval_dpo_{strategy}", sft_predictions, args)
+        minutes[f"dpo_{strategy}_eval"] = minutes_since(tick)
+        arms[strategy] = {"metrics": summarise(scores, suite), "delta": compare(scores, sft_scores, suite, args)}
+
+    sft_metrics = summarise(sft_scores, sft_suite)
+    total = minutes_since(start)
+    main_arm = arms.get("split") or next(iter(arms.values()))
+    delta = main_arm["delta"]
+    hallucinated = delta["hallucinated_per_report"]
+    reduction = -hallucinated["value"] / sft_metrics["hallucinated_per_report"] \
+        if sft_metrics["hallucinated_per_report"] else 0.0
+    targets = {
+        "hallucinated_down_25pct": bool(reduction >= TARGETS["hallucinated_reduction"] and hallucinated["ci95"][1] < 0),
+        "ce_micro_f1_not_lower": bool(delta["ce_micro_f1"]["ci95"][1] >= 0),
+        "judge_up_0.3": bool(delta["label_judge_score"]["value"] >= TARGETS["judge_gain"]),
+        "within_budget": bool(total <= args.budget_minutes),
+    }
+    result = {"benchmark": "dpo", "args": vars(args), "sft_checkpoint": str(sft), "budget_minutes": args.budget_minutes,
+              "minutes": {**minutes, "total": total}, "pairs": summaries, "sft": sft_metrics,
+              "dpo": main_arm["metrics"], "delta": delta, "hallucinated_reduction": reduction,
+              "best_worst": arms.get("best-worst"), "targets": targets, "met": all(targets.values()),
+              "python": sys.version.split()[0]}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+    names = ["ce_micro_f1", "ce_precision", "hallucinated_per_report", "omitted_per_report", "label_judge_score",
+             "bleu_4", "rouge_l"]
+    header = f"{'metric':26s} {'SFT':>8s}" + "".join(f" {'DPO ' + s:>14s} {'Δ [95% CI]':>26s}" for s in arms)
+    print(header)
+    for name in names:
+        row = f"{name:26s} {sft_metrics[name]:8.3f}"
+        for arm in arms.values():
+            d = arm["delta"].get(name)
+            interval = f"{d['value']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d else "-"
+            row += f" {arm['metrics'][name]:14.3f} {interval:>26s}"
+        print(row)
+    print(f"hallucinated findings per report: {100 * reduction:.0f}% fewer; targets {targets}; "
+          f"{total:.1f} minutes (budget {args.budget_minutes:g}); minutes {minutes}")
+    print(f"-> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
