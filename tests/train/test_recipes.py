@@ -72,7 +72,7 @@ def test_overrides_are_typed(tmp_path):
     ("phases.x.steps=1", "is a list"),
     ("optim.lr.x=1", "is a value"),
     ("phases.0.epochs=2", "exactly one of 'steps' or 'epochs'"),
-    ("stage=dpo", "stage: must be one of"),
+    ("stage=ppo", "stage: must be one of"),
     ("no_equals_sign", "not key=value"),
 ])
 def test_bad_overrides_name_the_problem(override, message):
