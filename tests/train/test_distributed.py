@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -67,30 +66,13 @@ WORKER = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def test_two_ddp_processes_on_cpu_agree(tmp_path, base_overrides):
+def test_two_ddp_processes_on_cpu_agree(tmp_path, base_overrides, run_ddp):
     from safetensors.torch import load_file
 
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    port = str(_free_port())
     overrides = [*base_overrides, *QUICK, "phases.0.steps=2", "train.save_every=1", f"run_dir={tmp_path / 'run'}"]
-    processes = []
-    for rank in (0, 1):
-        env = _env()
-        env.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2", "RANK": str(rank),
-                    "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2", "ACCELERATE_USE_CPU": "true"})
-        processes.append(subprocess.Popen([sys.executable, str(script), str(tmp_path / f"rank{rank}.safetensors"),
-                                           *overrides], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                          text=True))
-    outputs = [p.communicate(timeout=240) for p in processes]
-    for process, (_, err) in zip(processes, outputs, strict=True):
-        assert process.returncode == 0, err[-3000:]
+    run_ddp(script, [str(tmp_path / "rank{rank}.safetensors"), *overrides], timeout=240)
     weights = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1)]
     assert weights[0].keys() == weights[1].keys() and weights[0]
     for key in weights[0]:

@@ -159,6 +159,34 @@ def test_dpo_raises_the_margin_on_fixed_pairs_and_resumes_bit_for_bit(tmp_path, 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+DDP_WORKER = """
+import sys
+from safetensors.torch import save_file
+from rrg3d.train import train
+from rrg3d.train.loop import trainable_state
+
+result = train("tiny_dpo", sys.argv[2:])
+save_file(trainable_state(result.model), sys.argv[1])
+"""
+
+
+def test_two_ddp_processes_share_the_reference_and_agree(tmp_path, pairs, sft_checkpoint, cache_dir, run_ddp):
+    from safetensors.torch import load_file
+
+    script = tmp_path / "worker.py"
+    script.write_text(DDP_WORKER)
+    run = tmp_path / "run"
+    run_ddp(script, [str(tmp_path / "rank{rank}.safetensors"), f"data.pairs={pairs}", f"model.init={sft_checkpoint}",
+                     f"data.cache_dir={cache_dir}", "data.batch_size=1", "phases.0.epochs=null", "phases.0.steps=2",
+                     "optim.warmup_ratio=0", f"run_dir={run}", *QUICK])
+    weights = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1)]
+    assert weights[0].keys() == weights[1].keys() and weights[0]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    rows = _log(run)
+    assert len(rows) == 2 and float(rows[0]["loss"]) == pytest.approx(math.log(2), abs=1e-4)
+    assert len(json.loads((run / "reference_logps.json").read_text())["values"]) == len(_jsonl(pairs))
+
+
 def test_dpo_refusals(tmp_path, pairs, sft_checkpoint, phantoms):
     with pytest.raises(ConfigError, match=r"model\.init"):
         train("tiny_dpo", [f"data.pairs={pairs}", *QUICK, f"run_dir={tmp_path / 'a'}"])
