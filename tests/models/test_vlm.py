@@ -180,6 +180,23 @@ def test_sampling_is_seeded_and_beam_search_runs(model, volumes):
     assert len(beams) == 1 and isinstance(beams[0], str)
 
 
+def test_samples_share_one_prefill_and_are_seeded(model, volumes):
+    greedy = model.generate_ids(volumes, GREEDY)
+    repeated = model.generate_ids(volumes, GREEDY, num_samples=3)
+    assert repeated.shape[0] == 6
+    for row in range(6):  # greedy continuations of a shared prefill are the prompt's own greedy report
+        expected = greedy[row // 3]
+        width = min(expected.shape[0], repeated.shape[1])
+        assert torch.equal(repeated[row, :width], expected[:width])
+    sample = GenerationSettings(max_new_tokens=8, temperature=1.0, seed=3)
+    drawn = model.sample_reports(volumes, 4, sample)
+    assert len(drawn) == 2 and all(len(group) == 4 for group in drawn)
+    assert drawn == model.sample_reports(volumes, 4, sample)
+    assert len(set(drawn[0])) > 1, "samples of one prompt differ"
+    with pytest.raises(ValueError, match="num_samples"):
+        model.sample_reports(volumes, 0, sample)
+
+
 def test_logit_processors_match_hf():
     from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor, TopPLogitsWarper
 

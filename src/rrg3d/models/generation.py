@@ -62,8 +62,14 @@ def next_tokens(logits: torch.Tensor, generated: torch.Tensor, settings: Generat
 
 @torch.inference_mode()
 def decode(lm: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, settings: GenerationSettings, *,
-           eos_ids: Sequence[int], pad_id: int, suppress_ids: Sequence[int] = ()) -> torch.Tensor:
-    """New token ids [B, T] (rows padded with ``pad_id`` after their end-of-sequence token)."""
+           eos_ids: Sequence[int], pad_id: int, suppress_ids: Sequence[int] = (), num_samples: int = 1
+           ) -> torch.Tensor:
+    """New token ids [B × num_samples, T] (rows padded with ``pad_id`` after their end-of-sequence token).
+
+    ``num_samples`` > 1 draws that many continuations of each prompt (rows ``i × n`` … ``i × n + n − 1``): the prompt
+    is prefilled once and its cache repeated, so the samples cost one prefill, not ``n``."""
+    if num_samples > 1 and settings.num_beams > 1:
+        raise ValueError("num_samples > 1 needs sampling or greedy decoding, not beam search")
     if settings.num_beams > 1:
         return _beam_search(lm, inputs_embeds, attention_mask, settings, eos_ids=eos_ids, pad_id=pad_id,
                             suppress_ids=suppress_ids)
@@ -82,6 +88,12 @@ def decode(lm: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, s
     positions = position_ids_from_mask(mask)
     out = lm(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions, past_key_values=cache,
              use_cache=True, logits_to_keep=1)
+    if num_samples > 1:
+        cache.batch_repeat_interleave(num_samples)
+        out.logits = out.logits.repeat_interleave(num_samples, dim=0)
+        mask = mask.repeat_interleave(num_samples, dim=0)
+        positions = positions.repeat_interleave(num_samples, dim=0)
+        batch = batch * num_samples
     last_position = positions[:, -1]
     active = torch.arange(batch, device=device)  # original row of each row still decoding
     generated = torch.empty(batch, 0, dtype=torch.long, device=device)  # tokens of the active rows

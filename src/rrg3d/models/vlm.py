@@ -387,23 +387,19 @@ class ReportGenerator(nn.Module):
     def generate_ids(self, volumes: torch.Tensor, settings: GenerationSettings | None = None,
                      instructions: Sequence[str | None] | None = None, num_samples: int = 1) -> torch.Tensor:
         """New token ids [B × num_samples, T] for a batch of preprocessed volumes [B, C, D, H, W]: ``num_samples``
-        rows per volume, consecutive (one vision pass per volume; sampled rows differ by the decoder's random
-        stream)."""
+        rows per volume, consecutive (one vision pass and one prompt prefill per volume; sampled rows differ by the
+        decoder's random stream)."""
         from rrg3d.models.generation import decode
 
         settings = settings or self.config.generation
         volumes = volumes.to(self.device)
         visual, logits = self.vision.encode(volumes)
-        instructions = self.finding_instructions(logits, instructions)
-        if num_samples > 1:
-            visual = visual.repeat_interleave(num_samples, dim=0)
-            if instructions is not None:
-                instructions = [text for text in instructions for _ in range(num_samples)]
-        batch = self.prompt_batch(visual.shape[1], visual.shape[0], instructions)
+        batch = self.prompt_batch(visual.shape[1], volumes.shape[0], self.finding_instructions(logits, instructions))
         input_ids = batch["input_ids"].to(self.device)
         inputs_embeds = self.embed(input_ids, visual=visual)
         return decode(self.lm, inputs_embeds, batch["attention_mask"].to(self.device), settings,
-                      eos_ids=self.eos_ids, pad_id=int(self.tokenizer.pad_token_id), suppress_ids=self.suppress_ids)
+                      eos_ids=self.eos_ids, pad_id=int(self.tokenizer.pad_token_id), suppress_ids=self.suppress_ids,
+                      num_samples=num_samples)
 
     @torch.inference_mode()
     def classify(self, volumes: torch.Tensor) -> list[dict[str, Any]] | None:
