@@ -6,9 +6,11 @@ minutes are not in this script's budget). Then, timed:
 
 1. ``rrg3d prefs build`` on the first ``--prefs-studies`` training phantoms: ``--samples`` impressions per study at
    temperature 1.0 (seeded per study), each scored by the label judge against the phantom's true labels
-   (``max(1, 5 − wrong abnormalities)``), paired by strategy 1 (``split``: a random candidate scoring ≥ 3 chosen, a
-   random one < 3 rejected) and, from the same candidates, strategy 2 (``best-worst``, the reference chosen when
-   nothing reaches 3);
+   (``max(1, 5 − wrong abnormalities)``), paired by strategy 1 (``split``: a random candidate scoring ≥ ``--threshold``
+   chosen, a random one below rejected) and, from the same candidates, strategy 2 (``best-worst``, the reference
+   chosen when nothing reaches the threshold). The threshold is 4 (at most one wrong abnormality): the paper's 3 is a
+   point on its LLM judge's scale; on the label judge's it would call two wrong abnormalities good, and few studies
+   would give a pair (``pairs_at_threshold_3`` counts them);
 2. the ``dpo`` stage on each pair set (the recipe ``tiny_dpo`` with the overrides below: sigmoid DPO, β 0.1, one
    epoch at batch 1, linear schedule with 10% warm-up, the LoRA adapter trains, the vision tower and the finding
    classifier stay frozen);
@@ -33,7 +35,8 @@ The SFT checkpoint (learnability's setup 7, about 45 minutes here)::
 
 then::
 
-    python benchmarks/dpo.py --work /tmp/exp/p1200 [--prefs-studies 480] [--samples 6] [--lr 5e-5] [--beta 0.1]
+    python benchmarks/dpo.py --work /tmp/exp/p1200 [--prefs-studies 200] [--threshold 4] [--samples 6] \\
+        [--lr 1e-4] [--beta 0.1]
 """
 
 from __future__ import annotations
@@ -58,11 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sft", default=None, help=f"SFT checkpoint (default WORK/{SFT_ARM})")
     parser.add_argument("--field", default="impression", choices=("report", "findings", "impression"),
                         help="the text the SFT model writes (learnability: impression)")
-    parser.add_argument("--prefs-studies", type=int, default=480, help="training phantoms sampled for pairs")
+    parser.add_argument("--prefs-studies", type=int, default=200, help="training phantoms sampled for pairs")
     parser.add_argument("--samples", type=int, default=6)
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--threshold", type=float, default=3.0)
-    parser.add_argument("--lr", type=float, default=5e-5, help="DPO learning rate (LoRA adapter)")
+    parser.add_argument("--threshold", type=float, default=4.0,
+                        help="good from this label-judge score: 4 = at most one wrong abnormality (the paper's 3 is "
+                             "on an LLM judge's scale; on this one it means two wrong)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="DPO learning rate (LoRA adapter)")
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--loss", default="sigmoid", choices=("sigmoid", "ipo", "rpo"))
     parser.add_argument("--epochs", type=int, default=1)
@@ -168,18 +173,24 @@ def summarise(scores: dict[str, Any], suite: dict[str, Any]) -> dict[str, float]
 
 
 # -- steps -------------------------------------------------------------------------------------------------------------
-def generate(checkpoint: Path, references: Path, out: Path, settings: Any) -> Path:
+def generate(checkpoint: Path, references: Path, out: Path, settings: Any) -> bool:
+    """Greedy reports of the test studies into ``out``; False when they were there already."""
     from rrg3d.models.checkpoint import load_checkpoint
     from rrg3d.models.inference import generate_reports
 
     if out.is_file() and sum(1 for _ in out.open()) >= sum(1 for _ in references.open()):
-        return out
+        return False
     model = load_checkpoint(checkpoint, merge_lora=True)
     generate_reports(model, [str(references)], out, settings=settings, batch_size=8, progress=True)
-    return out
+    return True
 
 
-def train_dpo(pairs: Path, sft: Path, run_dir: Path, cache: Path, args: argparse.Namespace) -> Path:
+def dpo_run_name(strategy: str, args: argparse.Namespace) -> str:
+    """A DPO run's folder: the strategy and the settings that change it (reruns with others keep both)."""
+    return f"run_{strategy}_{args.loss}_b{args.beta:g}_lr{args.lr:g}_e{args.epochs}"
+
+
+def train_dpo(pairs: Path, sft: Path, run_dir: Path, cache: Path, args: argparse.Namespace) -> tuple[Path, bool]:
     from rrg3d.train import train
     from rrg3d.train.recipe import load_recipe, recipe_from_yaml
 
@@ -194,12 +205,28 @@ def train_dpo(pairs: Path, sft: Path, run_dir: Path, cache: Path, args: argparse
     same = config.is_file() and recipe_from_yaml(config.read_text()).fingerprint() == recipe.fingerprint()
     if (run_dir / "final" / "rrg3d.yaml").is_file() and same:
         print(f"reusing the finished run {run_dir}", flush=True)
-        return run_dir / "final"
-    return Path(train(recipe, resume=same).final)
+        return run_dir / "final", False
+    return Path(train(recipe, resume=same).final), True
 
 
 def minutes_since(tick: float) -> float:
     return round((time.perf_counter() - tick) / 60, 2)
+
+
+class StepMinutes:
+    """Minutes of each step as measured when it was computed (``dpo/step_minutes.json``): a rerun that reuses a
+    step's outputs counts the minutes it took then, so the budget is that of a run from scratch."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.saved = json.loads(path.read_text()) if path.is_file() else {}
+        self.used: dict[str, float] = {}
+
+    def record(self, name: str, tick: float, computed: bool) -> None:
+        if computed or name not in self.saved:
+            self.saved[name] = minutes_since(tick)
+            self.path.write_text(json.dumps(self.saved, indent=2) + "\n")
+        self.used[name] = self.saved[name]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,41 +249,51 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_checkpoint(sft).config.generation.replace(max_new_tokens=args.max_new_tokens, temperature=0.0,
                                                               num_beams=1)
     labeler = load_labeler(None)
-    minutes: dict[str, float] = {}
+    minutes = StepMinutes(folder / "step_minutes.json")
 
     tick = time.perf_counter()
     candidates = folder / "candidates.jsonl"
     summaries = {}
+    sampled = 0
     for strategy in args.strategies:
         summary = build_preferences(manifest, sft, folder / f"pairs_{strategy}.jsonl", judge="label",
                                     samples=args.samples, temperature=args.temperature, strategy=strategy,
                                     threshold=args.threshold, field=args.field, max_new_tokens=args.max_new_tokens,
                                     candidates=candidates, cache_dir=cache, limit=args.prefs_studies, seed=args.seed)
         summaries[strategy] = summary.as_dict()
+        sampled += summary.sampled
         print(f"pairs ({strategy}): {summary.pairs} of {summary.studies} studies; dropped {summary.dropped}; "
               f"scores {summary.score_histogram}", flush=True)
-    minutes["prefs"] = minutes_since(tick)
+    minutes.record(f"prefs_{args.prefs_studies}x{args.samples}", tick, sampled > 0)
+    from rrg3d.train.prefs import pair_records
+
+    records = [json.loads(line) for line in candidates.read_text().splitlines() if line.strip()][: args.prefs_studies]
+    at_three = {strategy: len(pair_records(records, strategy=strategy, threshold=3.0, seed=args.seed,
+                                           judge="label")[0]) for strategy in args.strategies}
 
     tick = time.perf_counter()
-    sft_predictions = generate(sft, references, folder / "predictions_sft.jsonl", settings)
+    sft_predictions = folder / "predictions_sft.jsonl"
+    fresh = generate(sft, references, sft_predictions, settings)
     sft_scores = truth_scores(sft_predictions, references, labeler)
     sft_suite = suite_scores(sft_predictions, references, folder / "eval_sft", None, args)
-    minutes["sft_eval"] = minutes_since(tick)
+    minutes.record("sft_eval", tick, fresh)
 
     arms: dict[str, Any] = {}
     for strategy in args.strategies:
         tick = time.perf_counter()
-        final = train_dpo(folder / f"pairs_{strategy}.jsonl", sft, folder / f"run_{strategy}", cache, args)
-        minutes[f"dpo_{strategy}"] = minutes_since(tick)
+        name = dpo_run_name(strategy, args)
+        final, fresh = train_dpo(folder / f"pairs_{strategy}.jsonl", sft, folder / name, cache, args)
+        minutes.record(name, tick, fresh)
         tick = time.perf_counter()
-        predictions = generate(final, references, folder / f"predictions_dpo_{strategy}.jsonl", settings)
+        predictions = folder / f"predictions_{name}.jsonl"
+        fresh = generate(final, references, predictions, settings)
         scores = truth_scores(predictions, references, labeler)
-        suite = suite_scores(predictions, references, folder / f"eval_dpo_{strategy}", sft_predictions, args)
-        minutes[f"dpo_{strategy}_eval"] = minutes_since(tick)
+        suite = suite_scores(predictions, references, folder / f"eval_{name}", sft_predictions, args)
+        minutes.record(f"{name}_eval", tick, fresh)
         arms[strategy] = {"metrics": summarise(scores, suite), "delta": compare(scores, sft_scores, suite, args)}
 
     sft_metrics = summarise(sft_scores, sft_suite)
-    total = minutes_since(start)
+    total = round(sum(minutes.used.values()), 2)  # as from scratch: reused steps count the minutes they took
     main_arm = arms.get("split") or next(iter(arms.values()))
     delta = main_arm["delta"]
     hallucinated = delta["hallucinated_per_report"]
@@ -269,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         "within_budget": bool(total <= args.budget_minutes),
     }
     result = {"benchmark": "dpo", "args": vars(args), "sft_checkpoint": str(sft), "budget_minutes": args.budget_minutes,
-              "minutes": {**minutes, "total": total}, "pairs": summaries, "sft": sft_metrics,
+              "minutes": {**minutes.used, "total": total, "this_invocation": minutes_since(start)},
+              "pairs": summaries, "pairs_at_threshold_3": at_three, "sft": sft_metrics,
               "dpo": main_arm["metrics"], "delta": delta, "hallucinated_reduction": reduction,
               "best_worst": arms.get("best-worst"), "targets": targets, "met": all(targets.values()),
               "python": sys.version.split()[0]}
@@ -288,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             row += f" {arm['metrics'][name]:14.3f} {interval:>26s}"
         print(row)
     print(f"hallucinated findings per report: {100 * reduction:.0f}% fewer; targets {targets}; "
-          f"{total:.1f} minutes (budget {args.budget_minutes:g}); minutes {minutes}")
+          f"{total:.1f} minutes (budget {args.budget_minutes:g}); minutes {minutes.used}")
     print(f"-> {args.out}")
     return 0
 
