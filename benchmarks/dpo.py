@@ -9,8 +9,8 @@ minutes are not in this script's budget). Then, timed:
    (``max(1, 5 − wrong abnormalities)``), paired by strategy 1 (``split``: a random candidate scoring ≥ ``--threshold``
    chosen, a random one below rejected) and, from the same candidates, strategy 2 (``best-worst``, the reference
    chosen when nothing reaches the threshold). The threshold is 4 (at most one wrong abnormality): the paper's 3 is a
-   point on its LLM judge's scale; on the label judge's it would call two wrong abnormalities good, and few studies
-   would give a pair (``pairs_at_threshold_3`` counts them);
+   point on its LLM judge's scale; on the label judge's it calls two wrong abnormalities good (the pairs it would
+   give from the same candidates are counted in ``pairs_at_threshold_3``);
 2. the ``dpo`` stage on each pair set (the recipe ``tiny_dpo`` with the overrides below: sigmoid DPO, β 0.1, one
    epoch at batch 1, linear schedule with 10% warm-up, the LoRA adapter trains, the vision tower and the finding
    classifier stay frozen);
