@@ -83,9 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- scoring -----------------------------------------------------------------------------------------------------------
 def truth_scores(predictions: Path, references: Path, labeler: Any) -> dict[str, Any]:
-    """Per test study, in reference order: the report's labels against the phantom's true labels."""
+    """Per test study, in reference order: the report's labels against the phantom's true labels (the label judge's
+    counts and score)."""
     from rrg3d.data.manifest import load_manifest
-    from rrg3d.judge.label import label_score
+    from rrg3d.judge.label import LabelJudge, label_score
     from rrg3d.train.data import labels_vector
 
     refs = load_manifest(references)
@@ -93,16 +94,12 @@ def truth_scores(predictions: Path, references: Path, labeler: Any) -> dict[str,
     missing = [r["id"] for r in refs if r["id"] not in predicted]
     if missing:
         raise SystemExit(f"{predictions}: no report for {len(missing)} test studies (first {missing[:3]})")
-    names = tuple(getattr(labeler, "labels", None) or labeler.label_names)
-    truth = np.array([labels_vector(r.get("labels"), names) for r in refs], dtype=float)
-    labels = np.asarray(labeler.predict([predicted[r["id"]] for r in refs])).astype(bool)
-    known = ~np.isnan(truth)
-    positive, negative = (truth == 1) & known, (truth == 0) & known
-    tp = (labels & positive).sum(1)
-    fp = (labels & negative).sum(1)
-    fn = (~labels & positive).sum(1)
-    judge = np.array([label_score(int(a), int(b)) for a, b in zip(fp, fn, strict=True)])
-    return {"ids": [r["id"] for r in refs], "tp": tp, "fp": fp, "fn": fn, "judge": judge}
+    judge = LabelJudge(labeler)
+    counts = judge.counts([r["report"] for r in refs], [predicted[r["id"]] for r in refs],
+                          [labels_vector(r.get("labels"), judge.label_names) for r in refs])
+    tp, fp, fn = counts[:, 0], counts[:, 1], counts[:, 2]
+    scores = np.array([label_score(int(a), int(b)) for a, b in zip(fp, fn, strict=True)])
+    return {"ids": [r["id"] for r in refs], "tp": tp, "fp": fp, "fn": fn, "judge": scores}
 
 
 def statistics(scores: dict[str, Any]) -> dict[str, Any]:

@@ -310,14 +310,6 @@ def validate_dpo(model: nn.Module, dataset: Any, recipe: Recipe, context: RunCon
     return {f"val_{key}": value / max(1, count) for key, value in sums.items()}
 
 
-def build_dpo_model(recipe: Recipe, final_preset: Any) -> nn.Module:
-    return build_report_generator(recipe, final_preset)
-
-
-def fit_reference(model: nn.Module, dataset: Any, recipe: Recipe, device: torch.device) -> None:
-    compute_reference(model, dataset, recipe, device)
-
-
 def check(recipe: Recipe) -> None:
     """What the dpo stage needs and refuses."""
     if not recipe.model.init:
@@ -339,13 +331,13 @@ def check(recipe: Recipe) -> None:
 
 STAGE = Stage(
     name="dpo",
-    build_model=build_dpo_model,
+    build_model=build_report_generator,
     loss=dpo_loss,
     save=save_generator,
     validate=validate_dpo,
     set_preset=set_generator_preset,
     frozen_modules=generator_frozen_modules,
-    fit_statistics=fit_reference,
+    fit_statistics=compute_reference,
     build_datasets=build_pair_datasets,
     collate=collate_pairs,
     log_columns=LOG_COLUMNS,

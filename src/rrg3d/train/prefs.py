@@ -265,9 +265,6 @@ def build_preferences(manifest: str | os.PathLike[str], model_path: str | os.Pat
             scores, problems = _judge_scores(scorer, entry.report, texts, truth)
             if all(score is None for score in scores):
                 raise RRG3DError(f"the judge scored none of the {samples} candidates ({problems[0]})")
-            reference_score = None
-            if strategy == "best-worst":
-                reference_score = _judge_scores(scorer, entry.report, [entry.report], truth)[0][0]
         except RRG3DError as exc:
             append_jsonl(files["errors"], {"id": entry.id, "error": str(exc)})
             summary.failed += 1
@@ -275,7 +272,7 @@ def build_preferences(manifest: str | os.PathLike[str], model_path: str | os.Pat
             bar.update(1)
             continue
         done[entry.id] = {"id": entry.id, "split": entry.split, "settings": fingerprint, "reference": entry.report,
-                          "reference_score": reference_score, "candidates": texts, "scores": scores,
+                          "reference_score": None, "candidates": texts, "scores": scores,
                           "judge_problems": problems if any(problems) else None, "manifest": str(manifest),
                           "labels": record.get("labels")}
         append_jsonl(files["candidates"], done[entry.id])
@@ -304,7 +301,8 @@ def build_preferences(manifest: str | os.PathLike[str], model_path: str | os.Pat
 
 def _fill_reference_scores(records: list[dict[str, Any]], scorer: Any, label_names: Any, path: Path,
                            fingerprint: str) -> None:
-    """Score the references of candidates records made for ``split`` pairing (best-worst needs them)."""
+    """Score the references that have no score yet (best-worst may choose them) and keep the scores in the
+    candidates file."""
     from rrg3d.train.data import labels_vector
 
     missing = [r for r in records if r.get("reference_score") is None and r.get("reference")]
