@@ -102,6 +102,29 @@ def truth_scores(predictions: Path, references: Path, labeler: Any) -> dict[str,
     return {"ids": [r["id"] for r in refs], "tp": tp, "fp": fp, "fn": fn, "judge": scores}
 
 
+def hallucination_origin(predictions: Path, references: Path, labeler: Any) -> dict[str, Any]:
+    """Of the findings a system's reports state that the truth lacks: how many its finding classifier called (the
+    diagnosis line the prompt listed, recorded in each prediction's ``meta.findings_classifier``), by label."""
+    from collections import Counter
+
+    from rrg3d.data.manifest import load_manifest
+
+    refs = {r["id"]: r for r in load_manifest(references)}
+    records = [json.loads(line) for line in Path(predictions).read_text().splitlines() if line.strip()]
+    names = tuple(getattr(labeler, "labels", None) or labeler.label_names)
+    stated = np.asarray(labeler.predict([r.get("report") or "" for r in records])).astype(bool)
+    total, called, by_label = 0, 0, Counter()
+    for record, row in zip(records, stated, strict=True):
+        calls = set(((record.get("meta") or {}).get("findings_classifier") or {}).get("called") or [])
+        truth = refs[record["id"]].get("labels") or {}
+        for name, said in zip(names, row, strict=True):
+            if said and truth.get(name) == 0:
+                total += 1
+                called += name in calls
+                by_label[name] += 1
+    return {"hallucinated": total, "called_by_classifier": called, "by_label": dict(by_label.most_common())}
+
+
 def statistics(scores: dict[str, Any]) -> dict[str, Any]:
     """Bootstrap statistics (exact on every resample) of the truth-based metrics."""
     from rrg3d.evaluate.bootstrap import Statistic, mean_statistic
@@ -305,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"benchmark": "dpo", "args": vars(args), "sft_checkpoint": str(sft), "budget_minutes": args.budget_minutes,
               "minutes": {**minutes.used, "total": total, "this_invocation": minutes_since(start)},
               "pairs": summaries, "pairs_at_threshold_3": at_three, "sft": sft_metrics,
+              "sft_hallucination_origin": hallucination_origin(sft_predictions, references, labeler),
               "dpo": main_arm["metrics"], "delta": delta, "hallucinated_reduction": reduction,
               "best_worst": arms.get("best-worst"), "targets": targets, "met": all(targets.values()),
               "python": sys.version.split()[0]}
