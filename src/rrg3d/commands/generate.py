@@ -6,6 +6,12 @@ exactly the intensities and geometry training saw. Reports are appended to PRED.
 and printed; a scan that cannot be read gets a record with an "error" field and the rest go on. Re-running with the
 same --out resumes: scans already reported are skipped (--overwrite starts over).
 
+A region-guided model (Reg2RG) also reads each scan's anatomical label map: the manifest's "masks", --masks (a label
+map for one scan, or a folder of <scan name>.nii.gz label maps and/or the masks.jsonl of `rrg3d segment`), or
+--segment (segment each scan here: `rules` needs no weights). Its records gain "region_reports" ({region: text}),
+"regions" ({region: label value}) in the label map written to PRED.masks/ ("masks"), and "region_recognition" (the
+region the model named for each of them); "report" is the region reports merged.
+
 Without --model the default model is used: $RRG3D_MODEL, else the checkpoint `rrg3d demo` trains
 (~/.cache/rrg3d/models/demo). Exit 0 when every scan got a report, 1 when some failed, 2 when none could be read.
 """
@@ -34,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="language-model dtype (default: checkpoint's)")
     parser.add_argument("--no-merge-lora", action="store_true",
                         help="keep a LoRA adapter separate (default: fold it into the weights, faster decoding)")
+    parser.add_argument("--masks", metavar="DIR_OR_FILE",
+                        help="region-guided models: label map(s) of the scans (a file, or a folder / masks.jsonl)")
+    parser.add_argument("--segment", choices=("rules", "totalsegmentator"),
+                        help="region-guided models: segment each scan with this backend (see rrg3d segment)")
     parser.add_argument("--overwrite", action="store_true", help="start PRED.jsonl over instead of resuming")
     parser.add_argument("--quiet", action="store_true", help="do not print the reports")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -62,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
 
     summary = generate_reports(model, args.scans, args.out, settings=settings, batch_size=args.batch_size,
                                checkpoint=str(checkpoint), on_record=show, resume=not args.overwrite,
-                               progress=not args.no_progress and sys.stderr.isatty())
+                               progress=not args.no_progress and sys.stderr.isatty(), masks=args.masks,
+                               segment=args.segment)
     skipped = f", {summary.skipped} already done" if summary.skipped else ""
     print(f"{summary.written} reports, {summary.failed} failed{skipped} -> {args.out} ({summary.seconds:.1f} s)",
           file=sys.stderr)

@@ -248,6 +248,38 @@ def region_recognition(reference_sets: Sequence[set[str]], generated_sets: Seque
     return out
 
 
+def slot_recognition(recognitions: Sequence[Mapping[str, str | None] | None], regions: Sequence[str] | None = None,
+                     zero_division: float = 0.0) -> dict[str, Any]:
+    """Region recognition of a region-guided model from what it named each region it was shown (Reg2RG's
+    measure, per slot): for region ``r`` shown and named ``n``, ``n == r`` is a true positive of ``r``; otherwise a
+    false negative of ``r`` and (when it named something) a false positive of ``n``. P/R/F1 per region, micro,
+    macro; names compared in canonical form (whole names)."""
+    shown: list[str] = []
+    named: list[str | None] = []
+    for recognition in recognitions:
+        for region, name in (recognition or {}).items():
+            shown.append(canonical_region(region))
+            named.append(canonical_region(name) if isinstance(name, str) and name.strip() else None)
+    names = list(regions) if regions is not None else sorted(set(shown))
+    index = {name: i for i, name in enumerate(names)}
+    tp, fp, fn = (np.zeros(len(names)) for _ in range(3))
+    for truth, guess in zip(shown, named, strict=True):
+        if guess == truth:
+            if truth in index:
+                tp[index[truth]] += 1
+            continue
+        if truth in index:
+            fn[index[truth]] += 1
+        if guess is not None and guess in index:
+            fp[index[guess]] += 1
+    out = prf_from_counts(tp, fp, fn, names, zero_division)
+    out["per_region"] = out.pop("per_label")
+    out["n"] = sum(1 for r in recognitions if r)
+    out["slots"] = len(shown)
+    out["unnamed_slots"] = sum(1 for n in named if n is None)
+    return out
+
+
 def region_ce(reference_regions: Sequence[Mapping[str, str] | None], generated_regions: Sequence[Mapping[str, str]
               | None], labeler: Labeler, names: Sequence[str] | None = None,
               zero_division: float = 0.0) -> dict[str, Any]:

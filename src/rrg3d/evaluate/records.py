@@ -1,7 +1,10 @@
 """Loading predictions and references and pairing them by id — every mismatch counted, none dropped silently.
 
-* Predictions: JSONL ``{"id", "report", "regions"?: {...}, "error"?: "...", ...}``; a record with a non-empty
-  ``error`` (generation failed) is a failed prediction whatever its report says.
+* Predictions: JSONL ``{"id", "report", "region_reports"?: {region: text}, "region_recognition"?: {region: name},
+  "error"?: "...", ...}``; a record with a non-empty ``error`` (generation failed) is a failed prediction whatever its
+  report says. ``region_recognition`` (region-guided models) names, for each region the model was shown, the region
+  it recognised. Older predictions with ``regions`` mapping names to text are read as ``region_reports`` (a
+  ``regions`` mapping names to label values, as ``rrg3d generate`` writes it, is grounding, not text).
 * References: a manifest (:mod:`rrg3d.data.manifest`, detected by ``images`` in its records), a JSONL of
   ``{"id", "report", "region_reports"?}``, or a CSV with an id column (``id``, ``AccessionNo``, ``VolumeName``) and a
   report column (``report``, ``report_text``; else ``Findings_EN`` + ``Impressions_EN``).
@@ -48,6 +51,8 @@ class Prediction:
     regions: dict[str, str] | None = None
     error: str | None = None
     line: int | None = None
+    #: region shown → region the model named for it (None: it wrote nothing for that region)
+    recognition: dict[str, str | None] | None = None
 
 
 @dataclasses.dataclass
@@ -62,6 +67,7 @@ class Paired:
     candidate_regions: list[dict[str, str] | None]
     counts: dict[str, Any]
     problems: dict[str, list[str]]
+    candidate_recognition: list[dict[str, str | None] | None] = dataclasses.field(default_factory=list)
 
 
 def _read_jsonl(path: Path, what: str) -> list[tuple[int, dict[str, Any]]]:
@@ -122,7 +128,16 @@ def load_predictions(path: str | os.PathLike[str]) -> list[Prediction]:
             raise EvaluationError(f"{path}:{number} [report]: must be a string or null")
         error = record.get("error")
         error = str(error) if error not in (None, "", False) else None
-        out.append(Prediction(pid, report, _text_dict(path, number, record, "regions"), error, number))
+        regions = _text_dict(path, number, record, "region_reports")
+        legacy = record.get("regions")
+        if regions is None and isinstance(legacy, dict) and legacy and all(isinstance(v, str) for v in legacy.values()):
+            regions = _text_dict(path, number, record, "regions")
+        recognition = record.get("region_recognition")
+        if recognition is not None and (not isinstance(recognition, dict) or not all(
+                isinstance(v, str) or v is None for v in recognition.values())):
+            raise EvaluationError(f"{path}:{number} [region_recognition]: must map region names to a name or null")
+        out.append(Prediction(pid, report, regions, error, number,
+                              {str(k): v for k, v in recognition.items()} if recognition is not None else None))
     return out
 
 
@@ -232,7 +247,7 @@ def pair(references: Sequence[Reference], predictions: Sequence[Prediction], mis
         raise EvaluationError(f"{len(failed)} of {len(references)} references have no usable prediction "
                               f"({_examples(failed)}); use --missing score-empty or skip to evaluate anyway")
     keep = [i for i, s in enumerate(statuses) if missing == "score-empty" or s == "ok"]
-    ids, refs, cands, kept_status, ref_regions, cand_regions = [], [], [], [], [], []
+    ids, refs, cands, kept_status, ref_regions, cand_regions, recognitions = [], [], [], [], [], [], []
     for i in keep:
         reference = references[i]
         prediction = by_id.get(reference.id)
@@ -243,9 +258,10 @@ def pair(references: Sequence[Reference], predictions: Sequence[Prediction], mis
         kept_status.append(statuses[i])
         ref_regions.append(reference.region_reports)
         cand_regions.append(prediction.regions if usable and prediction else None)
+        recognitions.append(prediction.recognition if usable and prediction else None)
     counts = {"references": len(references), "predictions": len(predictions), "matched": len(matched_ids),
               "scored": len(ids), "ok": statuses.count("ok"), "missing_predictions": len(problems["missing"]),
               "empty_predictions": len(problems["empty"]), "errors": len(problems["error"]),
               "extra_predictions": len(problems["extra"]),
               "references_without_report": len(references_without_report), "missing_policy": missing}
-    return Paired(ids, refs, cands, kept_status, ref_regions, cand_regions, counts, problems)
+    return Paired(ids, refs, cands, kept_status, ref_regions, cand_regions, counts, problems, recognitions)

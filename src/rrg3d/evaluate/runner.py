@@ -26,6 +26,7 @@ from rrg3d.evaluate.clinical import (
     mentioned_regions,
     region_ce,
     region_recognition,
+    slot_recognition,
 )
 from rrg3d.evaluate.lengths import length_analysis, word_counts
 from rrg3d.evaluate.nlg import NLGResult, nlg_metrics
@@ -155,7 +156,12 @@ def score_system(name: str, paired: Paired, labeler: Any, judge: Any = None,
     per_sample.update(ce.per_sample)
     statistics.update(ce.statistics)
 
-    if any(paired.reference_regions):
+    if any(paired.candidate_recognition):  # a region-guided model named the region of each slot it was shown
+        recognition = slot_recognition(paired.candidate_recognition)
+        recognition["source"] = "region-guided model: the region named for each region shown (region_recognition)"
+        if any(paired.reference_regions):
+            metrics["ce_regions"] = region_ce(paired.reference_regions, paired.candidate_regions, labeler)
+    elif any(paired.reference_regions):
         metrics["ce_regions"] = region_ce(paired.reference_regions, paired.candidate_regions, labeler)
         recognition = region_recognition([covered_regions(r) for r in paired.reference_regions],
                                          [covered_regions(r) for r in paired.candidate_regions])

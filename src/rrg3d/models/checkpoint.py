@@ -4,7 +4,8 @@ Layout (DESIGN.md)::
 
     CKPT/rrg3d.yaml           format + version, kind, the full model config, the preprocessing preset (full
                               mapping + sha256), what lm/ holds, file checksums
-    CKPT/vision.safetensors   encoder, compressor (PCA included), projector, finding classifier (if any)
+    CKPT/vision.safetensors   encoder, compressor (PCA included), projector, finding classifier and region branches
+                              (if any)
     CKPT/lm/                  "full": HF weights (save_pretrained) | "adapter": a PEFT adapter | "base": empty —
                               the unchanged base model, named in rrg3d.yaml (lm.base)
     CKPT/tokenizer/           the tokenizer with rrg3d's special tokens and chat template
@@ -174,6 +175,10 @@ def _model_record(model: Any) -> dict[str, Any]:
         from rrg3d.models.registry import config_to_dict
 
         record["vision"]["classifier"] = config_to_dict(vision.classifier.config)
+    if vision.regions is not None:  # region-guided: the settings as resolved (names, sizes, branches, alignment)
+        from rrg3d.models.registry import config_to_dict
+
+        record["vision"]["regions"] = config_to_dict(vision.regions.settings)
     return record
 
 

@@ -38,6 +38,8 @@ class VisionConfig:
     projector: dict[str, Any] = field(default_factory=lambda: {"name": "mlp2x_gelu"})
     #: optional finding classifier on the encoder grid (:mod:`rrg3d.models.classifier`), e.g. ``{hidden: 0}``
     classifier: dict[str, Any] | None = None
+    #: region-guided generation (Reg2RG): texture + geometry tokens per region (:mod:`rrg3d.models.regions`)
+    regions: dict[str, Any] | None = None
 
 
 @dataclass
@@ -145,6 +147,16 @@ class ModelConfig:
 
             config_from_mapping(ClassifierConfig, vision.classifier, where=f"{source}: vision.classifier")
         lm_data = dict(data.get("lm") or {})
+        if vision.regions is not None:
+            if not isinstance(vision.regions, Mapping):
+                raise ConfigError(f"{source}: vision.regions must be a mapping ({{}}: Reg2RG's defaults) or null")
+            from rrg3d.models.regions import RegionSettings
+
+            regions = config_from_mapping(RegionSettings, vision.regions, where=f"{source}: vision.regions")
+            available = int(lm_data.get("num_region_tokens", LMConfig.num_region_tokens))
+            if len(regions.names) > available:
+                raise ConfigError(f"{source}: vision.regions names {len(regions.names)} regions, the LM reserves "
+                                  f"{available} region tokens (lm.num_region_tokens)")
         if lm_data.get("lora") is not None:
             lm_data["lora"] = config_from_mapping(LoraSettings, lm_data["lora"], where=f"{source}: lm.lora")
         preprocess = data.get("preprocess", "ctrate")

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from rrg3d.data.adapters.radgenome import RADGENOME_REGIONS
 from rrg3d.errors import RRG3DError
 from rrg3d.utils.files import append_jsonl, atomic_write_text
 
@@ -38,6 +39,10 @@ class Study:
     preprocessed_with: str | None = None  # sha256 of the preset a cache applied already
     error: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    #: the study's label map (a manifest's ``masks``; on the model grid when the study comes from a cache) and its
+    #: value → region name mapping: what a region-guided model reads
+    mask: Path | None = None
+    mask_labels: dict[str, str] | None = None
 
 
 def _stem(path: Path) -> str:
@@ -73,9 +78,13 @@ def resolve_studies(inputs: Sequence[str | os.PathLike[str]]) -> list[Study]:
                     continue
                 preprocessed = (record.get("preprocess") or {}).get("sha256")
                 overrides = (record.get("meta") or {}).get("header_overrides")
+                masks = record.get("masks") or {}
                 studies.append(Study(id=str(record["id"]), path=resolve(path, image), source=str(path),
                                      affine=record_affine(record, "images.ct"), preprocessed_with=preprocessed,
-                                     meta={"header_overrides": overrides} if overrides else {}))
+                                     meta={"header_overrides": overrides} if overrides else {},
+                                     mask=resolve(path, masks["path"]) if masks.get("path") else None,
+                                     mask_labels={str(k): str(v) for k, v in (masks.get("labels") or {}).items()}
+                                     or None))
         else:
             studies.append(Study(id=_stem(path), path=path, source=str(path)))
     seen: dict[str, int] = {}
@@ -125,6 +134,80 @@ def _batches(items: list[Study], size: int) -> Iterator[list[Study]]:
         yield items[start:start + size]
 
 
+#: Label values of a label map given without its own mapping (``--masks`` file or folder): rrg3d's 10-region
+#: numbering, the one ``rrg3d segment``, the phantoms and the RadGenome adapter write (1 = lung, ...).
+DEFAULT_MASK_LABELS: dict[str, str] = {str(i + 1): name for i, name in enumerate(RADGENOME_REGIONS)}
+
+
+def _masks_index(masks: str | os.PathLike[str] | None) -> tuple[Path | None, dict[str, tuple[Path, dict[str, str]]]]:
+    """``--masks``: a single label-map file (for one scan), or a folder of ``<scan stem>.nii.gz`` label maps and/or
+    the ``masks.jsonl`` that ``rrg3d segment`` writes (scan stem → (label map, labels))."""
+    if masks is None:
+        return None, {}
+    root = Path(masks)
+    if root.is_file() and root.suffix.lower() != ".jsonl":
+        return root, {}
+    index: dict[str, tuple[Path, dict[str, str]]] = {}
+    listing = root if root.is_file() else root / "masks.jsonl"
+    if listing.is_file():
+        for line in listing.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(record, dict) or not (record.get("masks") or {}).get("path"):
+                continue
+            entry = record["masks"]
+            index[_stem(Path(str(record.get("image", ""))))] = (
+                listing.parent / entry["path"], {str(k): str(v) for k, v in (entry.get("labels") or {}).items()})
+    if root.is_dir():
+        for file in sorted(root.iterdir()):
+            if file.name.lower().endswith(_VOLUME_SUFFIXES) and _stem(file) not in index:
+                index[_stem(file)] = (file, dict(DEFAULT_MASK_LABELS))
+    if not index:
+        raise RRG3DError(f"{root}: no label maps found (expected <scan name>.nii.gz files or a masks.jsonl)")
+    return None, index
+
+
+def study_label_map(study: Study, preset: Any, *, single_mask: Path | None = None,
+                    index: dict[str, tuple[Path, dict[str, str]]] | None = None, segment: str | None = None
+                    ) -> tuple[np.ndarray, dict[str, str], np.ndarray | None, str]:
+    """The label map of a study on the model grid, its labels, its affine (when known) and where it came from:
+    ``segment`` (run a segmenter on the scan), a ``--masks`` file or folder, or the manifest's ``masks``."""
+    from rrg3d.io import read_volume
+    from rrg3d.preprocess.regions import load_label_map
+
+    assert study.path is not None
+    if segment is not None:
+        if study.preprocessed_with is not None:
+            raise RRG3DError(f"{study.path}: a preprocessed cache tensor cannot be segmented (the segmenter reads HU); "
+                             "give the original scan or its label map")
+        from rrg3d.preprocess.ops import apply_header_overrides
+        from rrg3d.segment import segment_volume
+
+        volume = apply_header_overrides(read_volume(study.path), study.meta.get("header_overrides"))
+        result = segment_volume(volume, backend=segment)
+        on_grid = preset.apply_mask(result.label_map)
+        return np.asarray(on_grid.array).astype(np.int32), dict(result.labels), on_grid.affine, f"segment:{segment}"
+    path, labels, cached = None, None, False
+    if single_mask is not None:
+        path, labels = single_mask, dict(DEFAULT_MASK_LABELS)
+    elif index:
+        found = index.get(study.id) or (index.get(_stem(study.path)) if study.path else None)
+        if found is not None:
+            path, labels = found
+    if path is None and study.mask is not None:
+        path, labels, cached = study.mask, dict(study.mask_labels or DEFAULT_MASK_LABELS), \
+            study.preprocessed_with is not None
+    if path is None:
+        raise RRG3DError(f"{study.source}: study {study.id!r} has no label map; a region-guided model needs one "
+                         "(the manifest's masks, --masks DIR_OR_FILE, or --segment rules)")
+    array, affine = load_label_map(path, preset, cached=cached, header_overrides=study.meta.get("header_overrides"))
+    if affine is None and study.affine is not None:  # a cache's mask: the grid its record states
+        affine = np.asarray(study.affine)
+    return array, labels or dict(DEFAULT_MASK_LABELS), affine, str(path)
+
+
 @dataclass
 class GenerateSummary:
     written: int = 0
@@ -136,13 +219,25 @@ class GenerateSummary:
 def generate_reports(model: Any, inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *,
                      settings: Any | None = None, batch_size: int = 1, checkpoint: str | None = None,
                      on_record: Callable[[dict[str, Any]], None] | None = None, progress: bool = True,
-                     resume: bool = True) -> GenerateSummary:
-    """Generate a report for every study of ``inputs`` into the predictions JSONL ``out``."""
+                     resume: bool = True, masks: str | os.PathLike[str] | None = None,
+                     segment: str | None = None) -> GenerateSummary:
+    """Generate a report for every study of ``inputs`` into the predictions JSONL ``out``.
+
+    A region-guided model reads each study's label map (``segment``: made by that segmentation backend from the
+    scan; ``masks``: a label-map file for one scan or a folder of them; otherwise the manifest's ``masks``). Its
+    records gain ``region_reports`` (region → text), ``regions`` (region → label value in the label map written
+    beside the predictions, ``masks.path``), ``region_recognition`` (the region the model named for each slot) and
+    the merged ``report``."""
     import torch
     from tqdm import tqdm
 
     from rrg3d.preprocess.presets import load_preset
 
+    region_settings = getattr(model, "region_settings", None)
+    if region_settings is None and (masks is not None or segment is not None):
+        raise RRG3DError(f"--masks and --segment are for region-guided models; {model.config.name} reads the scan "
+                         "alone")
+    single_mask, mask_index = _masks_index(masks) if region_settings is not None else (None, {})
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     settings = settings or model.config.generation
@@ -164,13 +259,19 @@ def generate_reports(model: Any, inputs: Sequence[str | os.PathLike[str]], out: 
             on_record(record)
 
     bar = tqdm(total=len(todo), desc="generate", unit="scan", disable=not progress)
+    mask_dir = out_path.with_suffix(".masks")  # PRED.jsonl → PRED.masks/
     for batch in _batches(todo, max(1, batch_size)):
         arrays: list[np.ndarray] = []
         ready: list[Study] = []
+        grounding: list[dict[str, Any]] = []
         for study in batch:
             if study.error is None:
                 try:
-                    arrays.append(load_study(study, preset))
+                    array = load_study(study, preset)
+                    if region_settings is not None:
+                        grounding.append(_grounding(study, array, preset, region_settings, single_mask, mask_index,
+                                                    segment))
+                    arrays.append(array)
                     ready.append(study)
                     continue
                 except RRG3DError as exc:
@@ -184,19 +285,67 @@ def generate_reports(model: Any, inputs: Sequence[str | os.PathLike[str]], out: 
             continue
         tick = time.perf_counter()
         volumes = torch.from_numpy(np.stack(arrays))
-        reports = model.generate(volumes, settings)
+        grounded: list[dict[str, Any]] = [{} for _ in ready]
+        if region_settings is not None:
+            from rrg3d.models.regions import collate_regions
+
+            outputs = model.generate_regions(volumes, collate_regions([g["item"] for g in grounding]), settings)
+            reports = [o.report for o in outputs]
+            grounded = [_grounded_fields(study, g, o, mask_dir, out_path)
+                        for study, g, o in zip(ready, grounding, outputs, strict=True)]
+        else:
+            reports = model.generate(volumes, settings)
         seconds = (time.perf_counter() - tick) / len(ready)
         # with a finding classifier: its probabilities and the calls the diagnosis prompt listed
         classified = model.classify(volumes) if getattr(model.vision, "classifier", None) is not None else None
         for index, (study, report) in enumerate(zip(ready, reports, strict=True)):
             extra = {"findings_classifier": classified[index]} if classified is not None else {}
-            emit({"id": study.id, "report": report,
+            fields = dict(grounded[index])
+            extra.update(fields.pop("meta", {}))
+            emit({"id": study.id, "report": report, **fields,
                   "meta": {"source": study.source, **meta_common, "seconds": round(seconds, 3), **extra}})
             summary.written += 1
             bar.update(1)
     bar.close()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _grounding(study: Study, array: np.ndarray, preset: Any, settings: Any, single_mask: Path | None,
+               index: dict[str, tuple[Path, dict[str, str]]], segment: str | None) -> dict[str, Any]:
+    """A study's label map on the model grid and its region inputs (a model item's ``regions``)."""
+    import torch
+
+    from rrg3d.train.data import region_item
+
+    label_map, labels, affine, source = study_label_map(study, preset, single_mask=single_mask, index=index,
+                                                        segment=segment)
+    item = region_item(torch.from_numpy(array), label_map, labels, settings, preset, where=f"{study.id}: {source}")
+    if not item["names"]:
+        raise RRG3DError(f"{study.id}: {source}: none of the model's regions ({', '.join(settings.names)}) has a "
+                         "non-empty mask")
+    return {"item": item, "label_map": label_map, "labels": labels, "affine": affine, "source": source}
+
+
+def _grounded_fields(study: Study, grounding: dict[str, Any], output: Any, mask_dir: Path, out_path: Path
+                     ) -> dict[str, Any]:
+    """The grounded part of a prediction record; writes the label map the model read beside the predictions."""
+    from rrg3d.io import Volume, write_volume
+    from rrg3d.preprocess.batch import safe_name
+
+    item = grounding["item"]
+    masks = None
+    if grounding["affine"] is not None:
+        label_map = grounding["label_map"]
+        dtype = np.uint8 if label_map.max(initial=0) < 256 and label_map.min(initial=0) >= 0 else np.int16
+        path = write_volume(Volume(label_map.astype(dtype), grounding["affine"], modality="SEG"),
+                            mask_dir / f"{safe_name(study.id)}.nii.gz")
+        masks = {"path": os.path.relpath(path, out_path.parent), "labels": grounding["labels"]}
+    return {"region_reports": output.region_reports,
+            "regions": dict(zip(item["names"], item["label_ids"], strict=True)),
+            "region_recognition": output.recognized,
+            "masks": masks,
+            "meta": {"regions_dropped": item["dropped"], "mask_source": grounding["source"]}}
 
 
 def iter_predictions(path: str | os.PathLike[str]) -> Iterable[dict[str, Any]]:

@@ -27,10 +27,21 @@ from rrg3d.models.classifier import ClassifierConfig, FindingClassifier
 from rrg3d.models.config import GenerationSettings, ModelConfig, load_model_config
 from rrg3d.models.language import (
     IMAGE_TOKEN,
+    REGION_TOKEN,
     add_lora,
     base_model,
     load_language_model,
     special_token_ids,
+)
+from rrg3d.models.regions import (
+    RegionBatch,
+    RegionReport,
+    RegionSettings,
+    RegionTower,
+    parse_region_report,
+    region_block,
+    region_target,
+    splice_regions,
 )
 from rrg3d.models.registry import COMPRESSORS, ENCODERS, PROJECTORS, config_from_mapping
 
@@ -66,12 +77,14 @@ class VisionTower(nn.Module):
     finding from the same encoder pass: :meth:`encode`)."""
 
     def __init__(self, encoder: nn.Module, compressor: nn.Module, projector: nn.Module,
-                 classifier: FindingClassifier | None = None) -> None:
+                 classifier: FindingClassifier | None = None, regions: RegionTower | None = None) -> None:
         super().__init__()
         self.encoder = encoder
         self.compressor = compressor
         self.projector = projector
         self.classifier = classifier
+        #: region-guided models: the texture and geometry branches (:mod:`rrg3d.models.regions`)
+        self.regions = regions
 
     @classmethod
     def from_config(cls, vision: Any, lm_dim: int) -> VisionTower:
@@ -84,7 +97,17 @@ class VisionTower(nn.Module):
             settings = config_from_mapping(ClassifierConfig, vision.classifier, where="vision.classifier")
             channels = int(getattr(encoder, "in_channels", 1))
             classifier = FindingClassifier(encoder.out_dim, settings, in_channels=channels)
-        return cls(encoder, compressor, projector, classifier)
+        regions = None
+        if getattr(vision, "regions", None) is not None:
+            region_settings = config_from_mapping(RegionSettings, vision.regions, where="vision.regions")
+            regions = RegionTower(region_settings, int(encoder.out_dim), lm_dim)
+        return cls(encoder, compressor, projector, classifier, regions)
+
+    def region_embeddings(self, regions: RegionBatch) -> torch.Tensor:
+        """Embeddings [N, tokens per region, lm_dim] of a batch's region slots (texture, then geometry)."""
+        if self.regions is None:
+            raise ValueError("this vision tower is not region-guided (vision.regions)")
+        return self.regions(regions.to(next(self.parameters()).device), shared_encoder=self.encoder)
 
     def num_tokens(self, input_shape: Sequence[int]) -> int:
         """Visual embeddings per volume of spatial size ``(D, H, W)``."""
@@ -153,6 +176,8 @@ class ReportGenerator(nn.Module):
         self.lora_merged = False
         self.image_token_id = int(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
         self.suppress_ids = special_token_ids(tokenizer, config.lm.num_region_tokens)
+        self.region_token_ids = [int(tokenizer.convert_tokens_to_ids(REGION_TOKEN.format(k)))
+                                 for k in range(config.lm.num_region_tokens)]
         self.eos_ids = self._eos_ids()
 
     # -- construction ---------------------------------------------------------------------------------------------
@@ -209,6 +234,8 @@ class ReportGenerator(nn.Module):
         self.vision.projector.requires_grad_(projector)
         if self.vision.classifier is not None:
             self.vision.classifier.requires_grad_(classifier)
+        if self.vision.regions is not None:  # region branches: their adapters train with the compressor/projector
+            self.vision.regions.set_trainable(encoder=encoder, compressor=compressor, projector=projector)
         for name, parameter in self.lm.named_parameters():
             parameter.requires_grad_(lm == "full" or (lm == "lora" and "lora_" in name))
         if lm == "full":
@@ -220,10 +247,63 @@ class ReportGenerator(nn.Module):
                  "projector": self.vision.projector, "lm": self.lm}
         if self.vision.classifier is not None:
             parts["classifier"] = self.vision.classifier
+        if self.vision.regions is not None:
+            parts["regions"] = self.vision.regions
         return {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in parts.items()}
+
+    # -- regions (Reg2RG) -----------------------------------------------------------------------------------------
+    @property
+    def region_settings(self) -> RegionSettings | None:
+        """The region settings of a region-guided model (``vision.regions``), else None."""
+        return self.vision.regions.settings if self.vision.regions is not None else None
+
+    def region_tokens_per_slot(self, regions: RegionBatch) -> int:
+        """Embeddings per region slot for this batch's texture crops (0 without region tokens)."""
+        if self.vision.regions is None or not self.vision.regions.settings.has_region_tokens:
+            return 0
+        size = regions.texture.shape[-3:] if regions.texture is not None else (1, 1, 1)
+        return self.vision.regions.tokens_per_region(size, self.vision.encoder)
+
+    def region_instructions(self, instructions: Sequence[str | None] | None, regions: RegionBatch) -> list[str]:
+        """Each sample's instruction with its region slot lines after the image placeholder."""
+        settings = self.region_settings
+        if settings is None:
+            raise ValueError("this model is not region-guided (vision.regions)")
+        base = list(instructions) if instructions is not None else [None] * len(regions)
+        if len(base) != len(regions):
+            raise ValueError(f"{len(base)} instructions for {len(regions)} region sets")
+        out = []
+        for text, names in zip(base, regions.names, strict=True):
+            text = text or self.config.prompt.instruction
+            block = region_block(names, settings)
+            out.append(text.replace(IMAGE_TOKEN, f"{IMAGE_TOKEN}\n{block}", 1) if block else text)
+        return out
+
+    def _regions_required(self, regions: RegionBatch | None, batch_size: int) -> RegionBatch | None:
+        if self.region_settings is None:
+            if regions is not None:
+                raise ValueError("regions were given to a model that is not region-guided (vision.regions)")
+            return None
+        if regions is None:
+            raise ValueError("a region-guided model needs each study's regions (a label map: masks or --segment)")
+        if len(regions) != batch_size:
+            raise ValueError(f"{len(regions)} region sets for a batch of {batch_size}")
+        return regions
+
+    def _global_visual(self, volumes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Global visual embeddings and finding logits; a region model without global tokens gets [B, 0, H]."""
+        settings = self.region_settings
+        if settings is not None and not settings.global_tokens:
+            logits = self.vision.finding_logits(volumes) if self.vision.classifier is not None else None
+            hidden = int(base_model(self.lm).config.hidden_size)
+            return volumes.new_zeros((volumes.shape[0], 0, hidden)), logits
+        return self.vision.encode(volumes)
 
     # -- prompts and batches --------------------------------------------------------------------------------------
     def num_image_tokens(self, input_shape: Sequence[int]) -> int:
+        settings = self.region_settings
+        if settings is not None and not settings.global_tokens:
+            return 0
         return self.vision.num_tokens(input_shape)
 
     def prompt_text(self, instruction: str | None = None) -> str:
@@ -240,20 +320,26 @@ class ReportGenerator(nn.Module):
         system = f"{self.config.prompt.system}\n\n" if self.config.prompt.system else ""
         return f"{system}{instruction}\nReport:"
 
-    def prompt_ids(self, num_image_tokens: int, instruction: str | None = None) -> list[int]:
-        """Token ids of the prompt with ``<image>`` expanded to ``num_image_tokens`` ids."""
+    def prompt_ids(self, num_image_tokens: int, instruction: str | None = None, region_tokens: int = 0) -> list[int]:
+        """Token ids of the prompt with ``<image>`` expanded to ``num_image_tokens`` ids and each ``<region_k>`` to
+        ``region_tokens`` ids (region-guided models)."""
         before, after = self.prompt_text(instruction).split(IMAGE_TOKEN)
         encode = self.tokenizer.encode
-        return [*encode(before, add_special_tokens=False), *[self.image_token_id] * num_image_tokens,
-                *encode(after, add_special_tokens=False)]
+        ids = [*encode(before, add_special_tokens=False), *[self.image_token_id] * num_image_tokens,
+               *encode(after, add_special_tokens=False)]
+        if self.region_settings is None:
+            return ids
+        region_ids = set(self.region_token_ids)
+        return [t for token in ids for t in ([token] * region_tokens if token in region_ids else [token])]
 
     def prompt_batch(self, num_image_tokens: int, batch_size: int,
-                     instructions: Sequence[str | None] | None = None) -> dict[str, torch.Tensor]:
+                     instructions: Sequence[str | None] | None = None, region_tokens: int = 0
+                     ) -> dict[str, torch.Tensor]:
         """Left-padded prompt ids and attention mask for generation."""
         instructions = list(instructions) if instructions is not None else [None] * batch_size
         if len(instructions) != batch_size:
             raise ValueError(f"{len(instructions)} instructions for a batch of {batch_size}")
-        rows = [self.prompt_ids(num_image_tokens, text) for text in instructions]
+        rows = [self.prompt_ids(num_image_tokens, text, region_tokens) for text in instructions]
         width = max(len(r) for r in rows)
         pad = int(self.tokenizer.pad_token_id)
         ids = torch.full((batch_size, width), pad, dtype=torch.long)
@@ -289,11 +375,16 @@ class ReportGenerator(nn.Module):
 
     def report_batch(self, volumes: torch.Tensor, reports: Sequence[str], *, max_length: int | None = None,
                      instructions: Sequence[str | None] | None = None, ids: Sequence[str] | None = None,
-                     true_labels: torch.Tensor | None = None, true_share: float = 0.0) -> dict[str, torch.Tensor]:
+                     true_labels: torch.Tensor | None = None, true_share: float = 0.0,
+                     regions: RegionBatch | None = None) -> dict[str, torch.Tensor]:
         """:meth:`training_batch` for these volumes: with a diagnosis prompt, each instruction lists the findings
         the classifier calls in that volume (a gradient-free pass, as in generation). With ``true_labels`` [B, 18]
         and ``true_share`` > 0, that share of the samples (drawn from torch's RNG) lists its true findings instead
-        — teacher forcing of the prompt, which teaches the LM to write what the list says."""
+        — teacher forcing of the prompt, which teaches the LM to write what the list says. A region-guided model
+        needs ``regions`` (slots in the order given: shuffle them before for alignment); its prompt gains the slot
+        lines and its target is the region reports (:func:`~rrg3d.models.regions.region_target`), not
+        ``reports``."""
+        regions = self._regions_required(regions, len(volumes))
         classifier = self.vision.classifier
         if self.uses_findings_prompt and classifier is not None:
             calls: list[list[str] | None] = [None] * len(volumes)
@@ -310,12 +401,20 @@ class ReportGenerator(nn.Module):
                     found = self.vision.finding_logits(volumes.index_select(0, index).to(self.device))
                 logits[rest] = found.float().cpu()
             instructions = self.finding_instructions(logits, instructions, calls)
+        region_tokens = 0
+        if regions is not None and self.region_settings is not None:
+            names = list(ids) if ids is not None else [f"sample {i}" for i in range(len(volumes))]
+            reports = [region_target(slots, given or {}, self.region_settings, where=name)
+                       for slots, given, name in zip(regions.names, regions.reports or [None] * len(regions), names,
+                                                     strict=True)]
+            instructions = self.region_instructions(instructions, regions)
+            region_tokens = self.region_tokens_per_slot(regions)
         return self.training_batch(reports, self.num_image_tokens(volumes.shape[-3:]), max_length=max_length,
-                                   instructions=instructions, ids=ids)
+                                   instructions=instructions, ids=ids, region_tokens=region_tokens)
 
     def training_batch(self, reports: Sequence[str], num_image_tokens: int, *, max_length: int | None = None,
                        instructions: Sequence[str | None] | None = None,
-                       ids: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+                       ids: Sequence[str] | None = None, region_tokens: int = 0) -> dict[str, torch.Tensor]:
         """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (loss on report + end-of-turn only)."""
         instructions = list(instructions) if instructions is not None else [None] * len(reports)
         names = list(ids) if ids is not None else [f"sample {i}" for i in range(len(reports))]
@@ -323,7 +422,7 @@ class ReportGenerator(nn.Module):
         for name, report, instruction in zip(names, reports, instructions, strict=True):
             if not isinstance(report, str) or not report.strip():
                 raise ValueError(f"{name}: the report is empty; every training sample needs report text")
-            prompt = self.prompt_ids(num_image_tokens, instruction)
+            prompt = self.prompt_ids(num_image_tokens, instruction, region_tokens)
             target = self.tokenizer.encode(report.strip() + self.end_of_turn, add_special_tokens=False)
             if max_length is not None:
                 room = max_length - len(prompt)
@@ -347,33 +446,41 @@ class ReportGenerator(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor, volumes: torch.Tensor | None = None,
-              visual: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with every ``<image>`` embedding replaced by the visual embeddings of its sample."""
+              visual: torch.Tensor | None = None, regions: RegionBatch | None = None) -> torch.Tensor:
+        """Token embeddings with every ``<image>`` embedding replaced by the visual embeddings of its sample (and,
+        for a region-guided model, every ``<region_k>`` by the embeddings of that sample's slot ``k``)."""
         embeddings = base_model(self.lm).get_input_embeddings()(input_ids)
         if visual is None:
             if volumes is None:
                 raise ValueError("embed() needs volumes or precomputed visual embeddings")
-            visual = self.vision(volumes.to(self.device))
-        return splice_visual(embeddings, input_ids, visual.to(embeddings.dtype), self.image_token_id)
+            visual = self._global_visual(volumes.to(self.device))[0]
+        embeddings = splice_visual(embeddings, input_ids, visual.to(embeddings.dtype), self.image_token_id)
+        if regions is not None and self.region_tokens_per_slot(regions):
+            embeddings = splice_regions(embeddings, input_ids, self.vision.region_embeddings(regions), regions.counts,
+                                        self.region_token_ids)
+        return embeddings
 
     def forward(self, volumes: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor | None = None, finding_labels: torch.Tensor | None = None,
-                visual: torch.Tensor | None = None) -> Any:
+                visual: torch.Tensor | None = None, regions: RegionBatch | None = None) -> Any:
         """The LM's outputs as a :class:`GeneratorOutput` (``.loss`` when labels are given); with a finding classifier
         also ``.finding_logits`` [B, L], and ``.classifier_loss`` when ``finding_labels`` [B, 18] (NaN: unknown)
         are given. ``visual`` [B, N, H]: visual embeddings computed before (a frozen tower's, reused for several
-        texts); the vision tower then does not run and ``volumes`` may be None."""
+        texts); the vision tower then does not run and ``volumes`` may be None. ``regions``: the batch's region
+        slots, in the order the prompt lists them (region-guided models)."""
         device = self.device
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        regions = self._regions_required(regions, input_ids.shape[0])
         if visual is not None:
-            output = GeneratorOutput(self.lm(inputs_embeds=self.embed(input_ids, visual=visual.to(device)),
+            output = GeneratorOutput(self.lm(inputs_embeds=self.embed(input_ids, visual=visual.to(device),
+                                                                      regions=regions),
                                              attention_mask=attention_mask,
                                              labels=None if labels is None else labels.to(device)))
             return output
         if volumes is None:
             raise ValueError("forward() needs volumes or precomputed visual embeddings")
-        visual, logits = self.vision.encode(volumes.to(device))
-        inputs_embeds = self.embed(input_ids, visual=visual)
+        visual, logits = self._global_visual(volumes.to(device))
+        inputs_embeds = self.embed(input_ids, visual=visual, regions=regions)
         output = GeneratorOutput(self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                          labels=None if labels is None else labels.to(device)))
         if logits is not None and self.vision.classifier is not None:
@@ -385,18 +492,25 @@ class ReportGenerator(nn.Module):
     # -- generation -------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate_ids(self, volumes: torch.Tensor, settings: GenerationSettings | None = None,
-                     instructions: Sequence[str | None] | None = None, num_samples: int = 1) -> torch.Tensor:
+                     instructions: Sequence[str | None] | None = None, num_samples: int = 1,
+                     regions: RegionBatch | None = None) -> torch.Tensor:
         """New token ids [B × num_samples, T] for a batch of preprocessed volumes [B, C, D, H, W]: ``num_samples``
         rows per volume, consecutive (one vision pass and one prompt prefill per volume; sampled rows differ by the
-        decoder's random stream)."""
+        decoder's random stream). Region-guided models need ``regions`` (their slots in prompt order)."""
         from rrg3d.models.generation import decode
 
         settings = settings or self.config.generation
         volumes = volumes.to(self.device)
-        visual, logits = self.vision.encode(volumes)
-        batch = self.prompt_batch(visual.shape[1], volumes.shape[0], self.finding_instructions(logits, instructions))
+        regions = self._regions_required(regions, volumes.shape[0])
+        visual, logits = self._global_visual(volumes)
+        instructions = self.finding_instructions(logits, instructions)
+        region_tokens = 0
+        if regions is not None:
+            instructions = self.region_instructions(instructions, regions)
+            region_tokens = self.region_tokens_per_slot(regions)
+        batch = self.prompt_batch(visual.shape[1], volumes.shape[0], instructions, region_tokens)
         input_ids = batch["input_ids"].to(self.device)
-        inputs_embeds = self.embed(input_ids, visual=visual)
+        inputs_embeds = self.embed(input_ids, visual=visual, regions=regions)
         return decode(self.lm, inputs_embeds, batch["attention_mask"].to(self.device), settings,
                       eos_ids=self.eos_ids, pad_id=int(self.tokenizer.pad_token_id), suppress_ids=self.suppress_ids,
                       num_samples=num_samples)
@@ -425,14 +539,27 @@ class ReportGenerator(nn.Module):
         return [str(t).strip() for t in self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
 
     def generate(self, volumes: torch.Tensor, settings: GenerationSettings | None = None,
-                 instructions: Sequence[str | None] | None = None) -> list[str]:
-        """Reports for a batch of preprocessed volumes [B, C, D, H, W]."""
+                 instructions: Sequence[str | None] | None = None, regions: RegionBatch | None = None) -> list[str]:
+        """Reports for a batch of preprocessed volumes [B, C, D, H, W] (region-guided models: the raw text with its
+        region lines; :meth:`generate_regions` splits it)."""
         was_training = self.training
         self.eval()
         try:
-            return self.decode_text(self.generate_ids(volumes, settings, instructions))
+            return self.decode_text(self.generate_ids(volumes, settings, instructions, regions=regions))
         finally:
             self.train(was_training)
+
+    def generate_regions(self, volumes: torch.Tensor, regions: RegionBatch,
+                         settings: GenerationSettings | None = None,
+                         instructions: Sequence[str | None] | None = None) -> list[RegionReport]:
+        """Grounded reports of a region-guided model: each output split into region reports, the region recognised
+        for each slot and the merged report (:func:`~rrg3d.models.regions.parse_region_report`)."""
+        settings_regions = self.region_settings
+        if settings_regions is None:
+            raise ValueError("generate_regions needs a region-guided model (vision.regions)")
+        texts = self.generate(volumes, settings, instructions, regions=regions)
+        return [parse_region_report(text, slots, settings_regions) for text, slots in zip(texts, regions.names,
+                                                                                         strict=True)]
 
     def sample_reports(self, volumes: torch.Tensor, num_samples: int, settings: GenerationSettings | None = None,
                        instructions: Sequence[str | None] | None = None) -> list[list[str]]:

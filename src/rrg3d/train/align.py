@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from rrg3d.errors import ConfigError
 from rrg3d.train.generator import (
+    build_generator_datasets,
     build_report_generator,
     fit_generator_statistics,
     generator_frozen_modules,
@@ -43,6 +44,7 @@ STAGE = Stage(
     set_preset=set_generator_preset,
     frozen_modules=generator_frozen_modules,
     fit_statistics=fit_generator_statistics,
+    build_datasets=build_generator_datasets,
 )
 
 

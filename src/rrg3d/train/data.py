@@ -55,6 +55,11 @@ class Entry:
     cached_sha256: str | None = None
     header_overrides: dict[str, Any] | None = None
     split: str | None = None
+    #: region-guided models: the study's label map (on the preset grid when ``cached_sha256`` is set), its
+    #: value → region name mapping, and the reference region reports
+    mask: str | None = None
+    mask_labels: dict[str, str] | None = None
+    region_reports: dict[str, str] | None = None
 
 
 def labels_vector(labels: dict[str, Any] | None, names: Sequence[str] = LABEL_NAMES) -> tuple[float, ...]:
@@ -87,10 +92,12 @@ class ReportDataset(torch.utils.data.Dataset):
     def __init__(self, manifest: str | os.PathLike[str], preset: str | Preset, *,
                  split: str | Sequence[str] | None = None, cache_dir: str | os.PathLike[str] | None = None,
                  require_report: bool = True, workers: int = 1, progress: bool = False,
-                 report_field: str = "report", blank_images: bool = False) -> None:
+                 report_field: str = "report", blank_images: bool = False, regions: Any = None) -> None:
         if report_field not in REPORT_FIELDS:
             raise ValueError(f"report_field must be one of {REPORT_FIELDS}, got {report_field!r}")
         self.preset: Preset = load_preset(preset)
+        #: region-guided models (:class:`~rrg3d.models.regions.RegionSettings`): items also carry ``regions``
+        self.regions = regions
         self.require_report = require_report
         self.report_field = report_field
         #: a control for learnability: every volume is zeros (the model can only learn the text prior)
@@ -143,7 +150,20 @@ class ReportDataset(torch.utils.data.Dataset):
         for record in records:
             if splits is not None and record.get("split") not in splits:
                 continue
+            masks = record.get("masks") or {}
+            region_reports = None
+            if self.regions is not None:
+                if not masks.get("path") or not masks.get("labels"):
+                    self.skipped["no_masks"] = self.skipped.get("no_masks", 0) + 1
+                    continue
+                region_reports = {str(k): v for k, v in (record.get("region_reports") or {}).items()
+                                  if isinstance(v, str) and v.strip()}
+                if self.require_report and not region_reports:
+                    self.skipped["no_region_reports"] = self.skipped.get("no_region_reports", 0) + 1
+                    continue
             report = record_text(record, self.report_field)
+            if self.regions is not None and (not isinstance(report, str) or not report.strip()):
+                report = "\n".join(region_reports.values()) if region_reports else ""
             if not isinstance(report, str) or not report.strip():
                 if self.require_report:
                     self.skipped["no_report"] = self.skipped.get("no_report", 0) + 1
@@ -159,12 +179,16 @@ class ReportDataset(torch.utils.data.Dataset):
                 cached_sha256=(record.get("preprocess") or {}).get("sha256"),
                 header_overrides=(record.get("meta") or {}).get("header_overrides"),
                 split=record.get("split"),
+                mask=str(resolve(source, masks["path"])) if masks.get("path") else None,
+                mask_labels={str(k): str(v) for k, v in (masks.get("labels") or {}).items()} or None,
+                region_reports=region_reports,
             ))
-        for reason in ("no_report", "no_ct"):
+        reasons = {"no_report": "no report", "no_ct": "no images.ct", "no_masks": "no masks (a region model needs a "
+                   "label map)", "no_region_reports": "no region_reports"}
+        for reason, what in reasons.items():
             if self.skipped.get(reason):
                 log.warning("%s: %d stud%s skipped (%s)", source, self.skipped[reason],
-                            "y" if self.skipped[reason] == 1 else "ies",
-                            "no report" if reason == "no_report" else "no images.ct")
+                            "y" if self.skipped[reason] == 1 else "ies", what)
         return entries
 
     # -- access --------------------------------------------------------------------------------------
@@ -194,12 +218,29 @@ class ReportDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         entry = self.entries[i]
         volume = torch.zeros((1, *self.preset.shape)) if self.blank_images else torch.from_numpy(self.load_volume(i))
-        return {
+        item = {
             "id": entry.id,
             "volume": volume,
             "report": entry.report,
             "labels": torch.tensor(entry.labels, dtype=torch.float32),
         }
+        if self.regions is not None:
+            item["regions"] = self.region_item(i, volume)
+        return item
+
+    def region_item(self, i: int, volume: torch.Tensor) -> dict[str, Any]:
+        """Item ``i``'s region inputs (:func:`region_item`) from its label map on the preset grid."""
+        from rrg3d.preprocess.regions import load_label_map
+
+        entry = self.entries[i]
+        assert entry.mask is not None and entry.mask_labels is not None
+        try:
+            label_map, _ = load_label_map(entry.mask, self.preset, cached=entry.cached_sha256 is not None,
+                                       header_overrides=entry.header_overrides)
+        except RRG3DError as exc:
+            raise RRG3DError(f"study {entry.id!r}: {exc}") from exc
+        return region_item(volume, label_map, entry.mask_labels, self.regions, self.preset,
+                           reports=entry.region_reports, where=f"study {entry.id!r}: {entry.mask}")
 
     def label_matrix(self) -> torch.Tensor:
         """``[N, 18]`` labels of every item (NaN where unknown) without reading any volume."""
@@ -218,22 +259,44 @@ def record_text(record: dict[str, Any], field: str = "report") -> str | None:
     return (record.get("sections") or {}).get(field)
 
 
+def region_item(volume: torch.Tensor, label_map: np.ndarray, labels: dict[str, str], settings: Any, preset: Preset,
+                *, reports: dict[str, str] | None = None, where: str = "label map") -> dict[str, Any]:
+    """The ``regions`` entry of an item: :func:`rrg3d.preprocess.regions.region_inputs` as a dict (``names``,
+    ``label_ids``, ``texture``, ``geometry``, ``dropped``) plus the reference region ``reports`` (None at
+    inference). Texture crops are ``settings.texture_size`` (default the preset's shape), air outside the region."""
+    from rrg3d.preprocess.regions import air_value, region_inputs
+
+    texture_size = (settings.texture_size or tuple(preset.shape)) if settings.texture else None
+    inputs = region_inputs(volume, label_map, labels, settings.names, texture_size=texture_size,
+                           geometry_size=settings.geometry_size if settings.geometry else None,
+                           air=settings.air if settings.air is not None else air_value(preset),
+                           min_voxels=settings.min_voxels, where=where)
+    return {"names": inputs.names, "label_ids": inputs.label_ids, "texture": inputs.texture,
+            "geometry": inputs.geometry, "dropped": inputs.dropped, "reports": reports}
+
+
 def collate_reports(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Batch items: ``{"ids": [B], "volumes": [B, C, D, H, W], "reports": [B], "labels": [B, 18]}``."""
+    """Batch items: ``{"ids": [B], "volumes": [B, C, D, H, W], "reports": [B], "labels": [B, 18]}``, and
+    ``regions`` (a :class:`~rrg3d.models.regions.RegionBatch`) when the items carry region inputs."""
     if not items:
         raise ValueError("collate_reports needs at least one item")
-    return {
+    batch = {
         "ids": [item["id"] for item in items],
         "volumes": torch.stack([item["volume"] for item in items]),
         "reports": [item["report"] for item in items],
         "labels": torch.stack([item["labels"] for item in items]),
     }
+    if any("regions" in item for item in items):
+        from rrg3d.models.regions import collate_regions
+
+        batch["regions"] = collate_regions([item["regions"] for item in items])
+    return batch
 
 
 def build_dataset(manifest: str | os.PathLike[str], preset: str | Preset, *, split: str | Sequence[str] | None = None,
                   cache_dir: str | os.PathLike[str] | None = None, workers: int = 1, progress: bool = True,
                   require_report: bool = True, report_field: str = "report",
-                  blank_images: bool = False) -> ReportDataset:
+                  blank_images: bool = False, regions: Any = None) -> ReportDataset:
     """A :class:`ReportDataset` reading a cache when there is (or ``cache_dir`` allows) one, else on the fly.
 
     * ``manifest`` is a cache made with ``preset``: read as is (another preset's cache is refused);
@@ -244,7 +307,7 @@ def build_dataset(manifest: str | os.PathLike[str], preset: str | Preset, *, spl
     Under distributed training build it on the main process first (the cache writes are not concurrent-safe).
     """
     return ReportDataset(manifest, preset, split=split, cache_dir=cache_dir, require_report=require_report,
-                         report_field=report_field, blank_images=blank_images,
+                         report_field=report_field, blank_images=blank_images, regions=regions,
                          workers=workers, progress=progress)
 
 

@@ -112,6 +112,35 @@ def build_report_generator(recipe: Recipe, final_preset: Any) -> nn.Module:
     return model
 
 
+def recipe_model_config(recipe: Recipe) -> Any:
+    """The model config a generator stage trains: ``model.init``'s as saved, else ``model.config``."""
+    from rrg3d.models.config import ModelConfig, load_model_config
+
+    if recipe.model.init:
+        from rrg3d.models.checkpoint import read_manifest
+
+        folder = resolve_checkpoint_dir(recipe.model.init)
+        return ModelConfig.from_dict(read_manifest(folder)["model"], source=str(folder / "rrg3d.yaml"))
+    return load_model_config(recipe.model.config)
+
+
+def build_generator_datasets(recipe: Recipe, presets: list[Any], accelerator: Any) -> tuple[list[Any], Any]:
+    """The report datasets of align and sft; for a region-guided model (``vision.regions``) their items carry each
+    study's region inputs, made from its label map (``masks`` in the manifest)."""
+    from rrg3d.models.regions import RegionSettings
+    from rrg3d.models.registry import config_from_mapping
+    from rrg3d.train.loop import build_report_datasets
+
+    config = recipe_model_config(recipe)
+    regions = None
+    if config.vision.regions is not None:
+        regions = config_from_mapping(RegionSettings, config.vision.regions, where="vision.regions")
+        if recipe.data.augment.enabled:
+            raise ConfigError("data.augment moves the volume but not its label map: a region-guided model trains "
+                              "without augmentation (data.augment.enabled=false)")
+    return build_report_datasets(recipe, presets, accelerator, regions=regions)
+
+
 def fit_generator_statistics(model: nn.Module, dataset: Any, recipe: Recipe, device: torch.device) -> None:
     """Fit the vision tower's data-dependent parts that are not fitted yet (a PCA compressor, a standardising
     projector) on the first ``data.fit_samples`` training studies, before the first step; then start a finding
@@ -160,12 +189,17 @@ def set_generator_preset(model: nn.Module, preset: Any) -> None:
 def generator_loss(model: nn.Module, raw: nn.Module, batch: dict[str, Any], recipe: Recipe) -> torch.Tensor:
     """Next-token loss on the report tokens of a batch (visual tokens for this batch's input size)."""
     volumes = batch["volumes"]
+    regions = batch.get("regions")
+    if regions is not None and raw.region_settings is not None and raw.region_settings.alignment:
+        regions = regions.shuffled()  # region–report alignment: a new slot order at every step (torch's RNG)
     tokens = raw.report_batch(volumes, batch["reports"], max_length=recipe.data.max_length, ids=batch["ids"],
-                              true_labels=batch["labels"], true_share=recipe.model.true_findings_share)
+                              true_labels=batch["labels"], true_share=recipe.model.true_findings_share,
+                              regions=regions)
     classifier = raw.vision.classifier
     train_classifier = classifier is not None and any(p.requires_grad for p in classifier.parameters())
     output = model(volumes, tokens["input_ids"], tokens["attention_mask"], tokens["labels"],
-                   finding_labels=batch["labels"] if train_classifier else None)
+                   finding_labels=batch["labels"] if train_classifier else None,
+                   **({"regions": regions} if regions is not None else {}))
     if train_classifier:
         return output.loss + recipe.model.classifier_weight * output.classifier_loss
     return output.loss
@@ -175,6 +209,8 @@ def generator_frozen_modules(model: nn.Module) -> list[nn.Module]:
     parts = [model.vision.encoder, model.vision.compressor, model.vision.projector, model.lm]
     if model.vision.classifier is not None:
         parts.append(model.vision.classifier)
+    if model.vision.regions is not None:
+        parts += [m for m in model.vision.regions.children()]
     return [m for m in parts if not any(p.requires_grad for p in m.parameters())]
 
 
@@ -184,15 +220,19 @@ def image_conditioned_losses(model: nn.Module, dataset: Any, batch_size: int, ma
     """Mean report loss of ``dataset`` with each study's own volume (``loss``) and with its neighbour's
     (``loss_other_image``: item ``i`` gets item ``i − 1``'s, the first the last's), and their difference
     ``image_gain`` — how much the image tells the model about its report (about 0 when the image is ignored;
-    needs at least two studies, otherwise only ``loss``)."""
+    needs at least two studies, otherwise only ``loss``). Region-guided models: ``loss`` only, slots in the order
+    of the model's region names."""
     device = device if device is not None else model.device
     losses, other_losses, weights = [], [], []
-    carry = dataset[len(dataset) - 1]["volume"][None] if len(dataset) > 1 else None
+    region_model = getattr(model, "region_settings", None) is not None
+    carry = dataset[len(dataset) - 1]["volume"][None] if len(dataset) > 1 and not region_model else None
     for batch in iterate_batches(dataset, batch_size):
         volumes = batch["volumes"].to(device)
+        regions = {"regions": batch["regions"]} if region_model else {}
         with autocast():
-            tokens = model.report_batch(volumes, batch["reports"], max_length=max_length, ids=batch["ids"])
-            losses.append(float(model(volumes, tokens["input_ids"], tokens["attention_mask"], tokens["labels"]).loss))
+            tokens = model.report_batch(volumes, batch["reports"], max_length=max_length, ids=batch["ids"], **regions)
+            losses.append(float(model(volumes, tokens["input_ids"], tokens["attention_mask"], tokens["labels"],
+                                      **regions).loss))
             if carry is not None:  # the other study's image, and (with a diagnosis prompt) its classifier's calls
                 others = torch.cat([carry.to(device), volumes[:-1]])
                 tokens = model.report_batch(others, batch["reports"], max_length=max_length, ids=batch["ids"])
@@ -256,7 +296,12 @@ def validate_generator(model: nn.Module, dataset: Any, recipe: Recipe, context: 
         count = min(recipe.train.eval_samples, len(dataset))
         items = [dataset[i] for i in range(count)]
         volumes = torch.stack([item["volume"] for item in items]).to(device)
-        reports = model.generate(volumes)
+        if model.region_settings is not None:
+            from rrg3d.models.regions import collate_regions
+
+            reports = model.generate(volumes, regions=collate_regions([item["regions"] for item in items]))
+        else:
+            reports = model.generate(volumes)
         with open(context.run_dir / "samples.jsonl", "a", encoding="utf-8") as handle:
             for item, report in zip(items, reports, strict=True):
                 handle.write(json.dumps({"step": context.step, "phase": context.phase, "id": item["id"],

@@ -102,7 +102,7 @@ class Stage:
     #: feature standardisation) before training; deterministic, so every process and a resumed run agree.
     fit_statistics: Callable[[nn.Module, Any, Recipe, torch.device], None] | None = None
     #: (recipe, presets, accelerator) → (one training dataset per phase, validation dataset or None); None: the
-    #: report datasets of ``data.manifest`` (:func:`_build_datasets`)
+    #: report datasets of ``data.manifest`` (:func:`build_report_datasets`)
     build_datasets: Callable[[Recipe, list[Any], Any], tuple[list[Any], Any]] | None = None
     #: items → batch; None: :func:`rrg3d.train.data.collate_reports`
     collate: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None
@@ -404,15 +404,16 @@ def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list
     return keys
 
 
-def _build_datasets(recipe: Recipe, presets: list[Any], accelerator: Any) -> tuple[list[Any], Any]:
+def build_report_datasets(recipe: Recipe, presets: list[Any], accelerator: Any, **dataset_options: Any
+                    ) -> tuple[list[Any], Any]:
     """One training dataset per phase (a cache per preset, built on the main process first) and the validation
-    dataset at the last phase's preset."""
+    dataset at the last phase's preset; ``dataset_options`` go to :func:`rrg3d.train.data.build_dataset`."""
     from rrg3d.train.data import build_dataset
 
     if not recipe.data.manifest:
         raise ConfigError("data.manifest is not set: pass data.manifest=PATH (a manifest JSONL)")
     progress = recipe.train.progress and accelerator.is_main_process
-    options = {"report_field": recipe.data.report_field, "blank_images": recipe.data.blank_images}
+    options = {"report_field": recipe.data.report_field, "blank_images": recipe.data.blank_images, **dataset_options}
     datasets, val = [], None
     with accelerator.main_process_first():
         for preset in presets:
@@ -517,7 +518,7 @@ def fit(recipe: Recipe, stage: Stage, *, resume: bool = False) -> TrainResult:
 
         first_model_preset = _model_preset(recipe, load_model_config)
     presets = [load_preset(p.preset if p.preset is not None else first_model_preset) for p in recipe.phases]
-    datasets, val_dataset = (stage.build_datasets or _build_datasets)(recipe, presets, accelerator)
+    datasets, val_dataset = (stage.build_datasets or build_report_datasets)(recipe, presets, accelerator)
     collate = stage.collate or collate_reports
     phase_steps = _phase_steps(recipe, datasets, world)
     total = sum(phase_steps)
