@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 
 def parse_size(text: str) -> tuple[int, int, int]:
@@ -24,3 +28,47 @@ def vm_hwm_gb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def truth_scores(predictions: Path, references: Path, labeler: Any) -> dict[str, Any]:
+    """Per test study, in reference order: the report's labels against the phantom's true labels (the label judge's
+    counts and score)."""
+    from rrg3d.data.manifest import load_manifest
+    from rrg3d.judge.label import LabelJudge, label_score
+    from rrg3d.train.data import labels_vector
+
+    refs = load_manifest(references)
+    predicted = {r["id"]: r.get("report") or "" for r in map(json.loads, Path(predictions).read_text().splitlines())}
+    missing = [r["id"] for r in refs if r["id"] not in predicted]
+    if missing:
+        raise SystemExit(f"{predictions}: no report for {len(missing)} test studies (first {missing[:3]})")
+    judge = LabelJudge(labeler)
+    counts = judge.counts([r["report"] for r in refs], [predicted[r["id"]] for r in refs],
+                          [labels_vector(r.get("labels"), judge.label_names) for r in refs])
+    tp, fp, fn = counts[:, 0], counts[:, 1], counts[:, 2]
+    scores = np.array([label_score(int(a), int(b)) for a, b in zip(fp, fn, strict=True)])
+    return {"ids": [r["id"] for r in refs], "tp": tp, "fp": fp, "fn": fn, "judge": scores}
+
+
+def statistics(scores: dict[str, Any]) -> dict[str, Any]:
+    """Bootstrap statistics (exact on every resample) of the truth-based metrics."""
+    from rrg3d.evaluate.bootstrap import Statistic, mean_statistic
+
+    def micro_f1(sums: np.ndarray, n: int) -> np.ndarray:
+        tp, fp, fn = sums[..., 0], sums[..., 1], sums[..., 2]
+        return np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp, dtype=float), where=(2 * tp + fp + fn) > 0)
+
+    def precision(sums: np.ndarray, n: int) -> np.ndarray:
+        tp, fp = sums[..., 0], sums[..., 1]
+        return np.divide(tp, tp + fp, out=np.zeros_like(tp, dtype=float), where=(tp + fp) > 0)
+
+    def recall(sums: np.ndarray, n: int) -> np.ndarray:
+        tp, fn = sums[..., 0], sums[..., 2]
+        return np.divide(tp, tp + fn, out=np.zeros_like(tp, dtype=float), where=(tp + fn) > 0)
+
+    counts = np.stack([scores["tp"], scores["fp"], scores["fn"]], axis=1).astype(float)
+    return {"ce_micro_f1": Statistic(counts, micro_f1), "ce_precision": Statistic(counts, precision),
+            "ce_recall": Statistic(counts, recall),
+            "hallucinated_per_report": mean_statistic(scores["fp"].astype(float)),
+            "omitted_per_report": mean_statistic(scores["fn"].astype(float)),
+            "label_judge_score": mean_statistic(scores["judge"].astype(float))}

@@ -51,6 +51,9 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import statistics, truth_scores
+
 SFT_ARM = "small_resnet3d/image_labels1_findings_b222_ord_true100/sft/final"
 TARGETS = {"hallucinated_reduction": 0.25, "judge_gain": 0.3}
 
@@ -59,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="/tmp/exp/p1200", help="the learnability work folder (phantoms, cache)")
     parser.add_argument("--sft", default=None, help=f"SFT checkpoint (default WORK/{SFT_ARM})")
+    parser.add_argument("--folder", default="dpo", help="this run's folder under --work (one per SFT checkpoint)")
     parser.add_argument("--field", default="impression", choices=("report", "findings", "impression"),
                         help="the text the SFT model writes (learnability: impression)")
     parser.add_argument("--prefs-studies", type=int, default=200, help="training phantoms sampled for pairs")
@@ -82,26 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- scoring -----------------------------------------------------------------------------------------------------------
-def truth_scores(predictions: Path, references: Path, labeler: Any) -> dict[str, Any]:
-    """Per test study, in reference order: the report's labels against the phantom's true labels (the label judge's
-    counts and score)."""
-    from rrg3d.data.manifest import load_manifest
-    from rrg3d.judge.label import LabelJudge, label_score
-    from rrg3d.train.data import labels_vector
-
-    refs = load_manifest(references)
-    predicted = {r["id"]: r.get("report") or "" for r in map(json.loads, Path(predictions).read_text().splitlines())}
-    missing = [r["id"] for r in refs if r["id"] not in predicted]
-    if missing:
-        raise SystemExit(f"{predictions}: no report for {len(missing)} test studies (first {missing[:3]})")
-    judge = LabelJudge(labeler)
-    counts = judge.counts([r["report"] for r in refs], [predicted[r["id"]] for r in refs],
-                          [labels_vector(r.get("labels"), judge.label_names) for r in refs])
-    tp, fp, fn = counts[:, 0], counts[:, 1], counts[:, 2]
-    scores = np.array([label_score(int(a), int(b)) for a, b in zip(fp, fn, strict=True)])
-    return {"ids": [r["id"] for r in refs], "tp": tp, "fp": fp, "fn": fn, "judge": scores}
-
-
 def hallucination_origin(predictions: Path, references: Path, labeler: Any) -> dict[str, Any]:
     """Of the findings a system's reports state that the truth lacks: how many its finding classifier called (the
     diagnosis line the prompt listed, recorded in each prediction's ``meta.findings_classifier``), by label."""
@@ -123,30 +107,6 @@ def hallucination_origin(predictions: Path, references: Path, labeler: Any) -> d
                 called += name in calls
                 by_label[name] += 1
     return {"hallucinated": total, "called_by_classifier": called, "by_label": dict(by_label.most_common())}
-
-
-def statistics(scores: dict[str, Any]) -> dict[str, Any]:
-    """Bootstrap statistics (exact on every resample) of the truth-based metrics."""
-    from rrg3d.evaluate.bootstrap import Statistic, mean_statistic
-
-    def micro_f1(sums: np.ndarray, n: int) -> np.ndarray:
-        tp, fp, fn = sums[..., 0], sums[..., 1], sums[..., 2]
-        return np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp, dtype=float), where=(2 * tp + fp + fn) > 0)
-
-    def precision(sums: np.ndarray, n: int) -> np.ndarray:
-        tp, fp = sums[..., 0], sums[..., 1]
-        return np.divide(tp, tp + fp, out=np.zeros_like(tp, dtype=float), where=(tp + fp) > 0)
-
-    def recall(sums: np.ndarray, n: int) -> np.ndarray:
-        tp, fn = sums[..., 0], sums[..., 2]
-        return np.divide(tp, tp + fn, out=np.zeros_like(tp, dtype=float), where=(tp + fn) > 0)
-
-    counts = np.stack([scores["tp"], scores["fp"], scores["fn"]], axis=1).astype(float)
-    return {"ce_micro_f1": Statistic(counts, micro_f1), "ce_precision": Statistic(counts, precision),
-            "ce_recall": Statistic(counts, recall),
-            "hallucinated_per_report": mean_statistic(scores["fp"].astype(float)),
-            "omitted_per_report": mean_statistic(scores["fn"].astype(float)),
-            "label_judge_score": mean_statistic(scores["judge"].astype(float))}
 
 
 def suite_scores(predictions: Path, references: Path, out: Path, compare: Path | None, args: argparse.Namespace
@@ -262,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     sft = Path(args.sft).resolve() if args.sft else work / SFT_ARM
     if not (sft / "rrg3d.yaml").is_file():
         raise SystemExit(f"no SFT checkpoint at {sft}: run benchmarks/learnability.py first (see --help)")
-    folder = work / "dpo"
+    folder = work / args.folder
     folder.mkdir(parents=True, exist_ok=True)
     cache = work / "cache"
     references = write_references(manifest, folder / "test_references.jsonl", split="test", field=args.field)
