@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "generate": "generate",
     "train": "train",
     "prefs": "prefs",
+    "segment": "segment",
 }
 
 

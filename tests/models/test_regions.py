@@ -140,8 +140,8 @@ def test_parsing_strips_prefixes_keeps_whole_names_and_grounds_by_slot():
     parsed = parse_region_report(text, ["trachea and bronchi", "pleura", "heart"], settings)
     assert parsed.recognized == {"trachea and bronchi": "trachea and bronchi", "pleura": "lung", "heart": "heart"}
     # text follows the slot it was written for (the pleura's mask), whatever name the model gave it
-    assert parsed.region_reports == {"trachea and bronchi": "The trachea is patent.", "pleura": "Emphysema. It is mild.",
-                                     "heart": "Normal."}
+    assert parsed.region_reports == {"trachea and bronchi": "The trachea is patent.",
+                                     "pleura": "Emphysema. It is mild.", "heart": "Normal."}
     # merged in the model's region order, prefixes gone; a line for a slot that does not exist is grounded nowhere
     assert parsed.report == "out of range slot text The trachea is patent. Normal. Emphysema. It is mild."
     plain = parse_region_report("Trachea and bronchi: Patent.\nHeart: Normal.", ["heart", "trachea and bronchi"],

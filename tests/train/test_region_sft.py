@@ -77,7 +77,7 @@ def test_generate_reads_a_masks_folder_and_refuses_missing_masks(tmp_path, regio
     assert "has no label map" in _jsonl(out)[0]["error"]
     assert main(["generate", str(scan), "--model", str(region_checkpoint), "--out", str(out), "--quiet",
                  "--max-new-tokens", "4", "--no-progress", "--masks", str(Path(phantoms).parent / "seg")]) == 0
-    record = [r for r in _jsonl(out) if not r.get("error")][0]
+    record = next(r for r in _jsonl(out) if not r.get("error"))
     assert record["id"] == "phantom_00001" and record["regions"]["lung"] == 1
 
 
