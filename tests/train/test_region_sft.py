@@ -24,7 +24,7 @@ def _jsonl(path) -> list[dict]:
 @pytest.fixture(scope="module")
 def region_checkpoint(tmp_path_factory, base_overrides):
     run = tmp_path_factory.mktemp("region_sft") / "sft"
-    result = train("tiny_region_sft", [*base_overrides, "phases.0.steps=3", "data.max_val_samples=1",
+    result = train("tiny_region_sft", [*base_overrides, "phases.0.steps=3", "data.max_val_samples=3",
                                        "train.save_every=0", f"run_dir={run}"])
     return result.final
 
@@ -32,6 +32,9 @@ def region_checkpoint(tmp_path_factory, base_overrides):
 def test_region_model_trains_and_its_checkpoint_records_the_regions(region_checkpoint):
     rows = (Path(region_checkpoint).parent / "train_log.csv").read_text().splitlines()
     assert len(rows) == 4  # header + 3 steps
+    # validated over two batches (3 studies, batch 2), each with its own regions
+    evals = (Path(region_checkpoint).parent / "eval_log.csv").read_text().splitlines()
+    assert len(evals) == 2 and "val_loss" in evals[0] and "image_gain" not in evals[0]
     meta = read_manifest(region_checkpoint)
     regions = meta["model"]["vision"]["regions"]
     assert regions["alignment"] is True and len(regions["names"]) == 10 and regions["texture_size"] == [16, 32, 32]

@@ -238,7 +238,8 @@ def image_conditioned_losses(model: nn.Module, dataset: Any, batch_size: int, ma
                 tokens = model.report_batch(others, batch["reports"], max_length=max_length, ids=batch["ids"])
                 other_losses.append(float(model(others, tokens["input_ids"], tokens["attention_mask"],
                                                 tokens["labels"]).loss))
-        carry = batch["volumes"][-1:]
+        if carry is not None:
+            carry = batch["volumes"][-1:]
         weights.append(len(batch["ids"]))
 
     def mean(values: list[float]) -> float:
