@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shape", type=int, nargs=3, default=[64, 128, 128], help="phantom size when generated")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-new-tokens", type=int, default=400)
     parser.add_argument("--generate-batch", type=int, default=8)
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
@@ -105,6 +105,16 @@ def subset_manifest(source: Path, out: Path, args: argparse.Namespace) -> Path:
     return write_manifest(kept, out)
 
 
+def test_inputs(manifest: Path, out: Path) -> Path:
+    """What generation reads for each test study: its image and its label map, no report of any kind (so which
+    regions are reported cannot depend on the references)."""
+    from rrg3d.data.manifest import load_manifest, write_manifest
+
+    records = [{"id": r["id"], "split": "test", "images": r["images"], "masks": r["masks"]}
+               for r in load_manifest(manifest) if r.get("split") == "test"]
+    return write_manifest(records, out)
+
+
 def model_config(arm: str) -> dict[str, Any]:
     """The arm's architecture: ``tiny_reg2rg`` at learnability width with the arm's region switches."""
     from rrg3d.models.config import load_model_config
@@ -117,8 +127,9 @@ def model_config(arm: str) -> dict[str, Any]:
     vision["compressor"].update({"num_latents": 16, "dim": 128})
     vision["regions"].update({"texture_compressor": dict(vision["regions"]["texture_compressor"], num_latents=8,
                                                          dim=128), **ARMS[arm]})
-    config["lm"]["lora"] = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj",
-                                                                                      "o_proj"]}
+    config["lm"]["lora"] = {"r": 16, "alpha": 32, "dropout": 0.0,
+                            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                               "down_proj"]}
     return config
 
 
@@ -145,17 +156,22 @@ def train_arm(arm: str, manifest: Path, work: Path, args: argparse.Namespace) ->
     return Path(train("tiny_region_sft", items, resume=resume).final), True
 
 
-def generate(checkpoint: Path, references: Path, out: Path, args: argparse.Namespace) -> bool:
-    """Greedy grounded reports of the test studies; False when they were there already."""
+def generate(checkpoint: Path, inputs: Path, out: Path, args: argparse.Namespace) -> bool:
+    """Greedy grounded reports of the test studies (regions from their label maps alone); False when they were
+    there already. A study that fails stops the benchmark: a missing report would be scored as an empty one."""
     from rrg3d.models.checkpoint import load_checkpoint
     from rrg3d.models.inference import generate_reports, iter_predictions
 
     if out.is_file() and sum(1 for r in iter_predictions(out) if not r.get("error")) >= args.test:
         return False
+    out.unlink(missing_ok=True)
     model = load_checkpoint(checkpoint, merge_lora=True)
     settings = model.config.generation.replace(max_new_tokens=args.max_new_tokens, temperature=0.0,
                                                repetition_penalty=1.0)
-    generate_reports(model, [references], out, settings=settings, batch_size=args.generate_batch, progress=False)
+    generate_reports(model, [inputs], out, settings=settings, batch_size=args.generate_batch, progress=False)
+    errors = [r for r in iter_predictions(out) if r.get("error")]
+    if errors:
+        raise SystemExit(f"{out}: {len(errors)} test studies failed, e.g. {errors[0]['error']}")
     return True
 
 
@@ -282,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                                    work / "phantoms", workers=os.cpu_count() or 1, progress=False)
     manifest = subset_manifest(source, work / "manifest.jsonl", args)
     references = write_references(manifest, work / "test_references.jsonl", split="test")
+    inputs = test_inputs(manifest, work / "test_inputs.jsonl")
     labeler = load_labeler()
     minutes: dict[str, dict[str, float]] = {}
     arms: dict[str, Any] = {}
@@ -292,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         train_minutes = (time.perf_counter() - tick) / 60
         tick = time.perf_counter()
         predictions = work / "predictions" / f"{checkpoint.parent.name}.jsonl"
-        generated = generate(checkpoint, references, predictions, args)
+        generated = generate(checkpoint, inputs, predictions, args)
         generate_minutes = (time.perf_counter() - tick) / 60
         metrics, truths[arm] = score_arm(predictions, references, work / "eval" / arm, labeler, args)
         arms[arm] = {"settings": ARMS[arm], "checkpoint": str(checkpoint), **metrics}

@@ -148,3 +148,7 @@ def test_parsing_strips_prefixes_keeps_whole_names_and_grounds_by_slot():
                                 RegionSettings(alignment=False))
     assert plain.region_reports == {"trachea and bronchi": "Patent.", "heart": "Normal."}
     assert plain.report == "Patent. Normal."
+    # told the names, a region written is a region recognised; one the model skipped is not
+    assert plain.recognized == {"heart": "heart", "trachea and bronchi": "trachea and bronchi"}
+    skipped = parse_region_report("Heart: Normal.", ["heart", "lung"], RegionSettings(alignment=False))
+    assert skipped.recognized == {"heart": "heart", "lung": None}

@@ -339,7 +339,8 @@ def parse_region_report(text: str, slots: Sequence[str], settings: RegionSetting
                       if re.match(rf"^\s*{re.escape(n)}\s*:", line, flags=re.IGNORECASE)), None)
         if named is not None and not (settings.alignment and settings.has_region_tokens):
             current = named
-            recognized.setdefault(named, named)
+            if recognized.get(named) is None:  # told the names: the one written is the one recognised
+                recognized[named] = named
             region_texts.setdefault(named, []).append(line.split(":", 1)[1].strip())
             continue
         if current is None:
