@@ -120,3 +120,14 @@ def test_region_settings_refusals(tmp_path, base_overrides):
     with pytest.raises(ConfigError, match="each region once"):
         ModelConfig.from_dict(spec)
     torch.manual_seed(0)
+
+
+def test_generate_segments_the_scan_itself(tmp_path, region_checkpoint, phantoms):
+    """--segment rules: the label map comes from the weight-free segmenter run on the scan, and is written beside."""
+    scan = Path(phantoms).parent / "vols" / "phantom_00001.nii.gz"
+    out = tmp_path / "pred.jsonl"
+    assert main(["generate", str(scan), "--model", str(region_checkpoint), "--out", str(out), "--quiet",
+                 "--max-new-tokens", "4", "--no-progress", "--segment", "rules"]) == 0
+    record = _jsonl(out)[0]
+    assert record["meta"]["mask_source"] == "segment:rules"
+    assert "lung" in record["regions"] and (tmp_path / record["masks"]["path"]).is_file()
