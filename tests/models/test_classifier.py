@@ -168,8 +168,8 @@ def test_training_and_generation_prompts_carry_the_same_calls(model, monkeypatch
     assert f"calls: {expected}." in text
     seen = []
     original = model.prompt_batch
-    monkeypatch.setattr(model, "prompt_batch", lambda n, b, instructions=None: seen.append(instructions)
-                        or original(n, b, instructions))
+    monkeypatch.setattr(model, "prompt_batch", lambda n, b, instructions=None, region_tokens=0:
+                        seen.append(instructions) or original(n, b, instructions, region_tokens=region_tokens))
     model.generate_ids(volumes, model.config.generation.replace(max_new_tokens=2))
     assert seen[0] == model.finding_instructions(logits)
     assert seen[0][0].endswith(f"calls: {expected}.")

@@ -508,7 +508,7 @@ class ReportGenerator(nn.Module):
         if regions is not None:
             instructions = self.region_instructions(instructions, regions)
             region_tokens = self.region_tokens_per_slot(regions)
-        batch = self.prompt_batch(visual.shape[1], volumes.shape[0], instructions, region_tokens)
+        batch = self.prompt_batch(visual.shape[1], volumes.shape[0], instructions, region_tokens=region_tokens)
         input_ids = batch["input_ids"].to(self.device)
         inputs_embeds = self.embed(input_ids, visual=visual, regions=regions)
         return decode(self.lm, inputs_embeds, batch["attention_mask"].to(self.device), settings,
