@@ -163,7 +163,7 @@ def pretrain_encoder(manifest: Path, work: Path, args: argparse.Namespace) -> tu
                  "train.tensorboard": False}
     key = hashlib.sha256(json.dumps([config["vision"]["encoder"], overrides], sort_keys=True).encode()).hexdigest()
     run = work / "runs" / f"clip_{key[:12]}"
-    if (run / "final" / "rrg3d.yaml").is_file() or (run / "final").is_dir():
+    if (run / "final").is_dir():  # written atomically: there only when the run finished
         print(f"reusing {run}", flush=True)
         return run / "final", False
     items = [f"{k}={v}" for k, v in overrides.items()] + [f"model.config={config_file}", f"run_dir={run}"]
@@ -217,11 +217,10 @@ def generate(checkpoint: Path, inputs: Path, out: Path, args: argparse.Namespace
 
 
 # -- scores --------------------------------------------------------------------------------------------------------
-def recognition_counts(predictions: Path, ids: list[str], names: list[str]) -> np.ndarray:
+def recognition_counts(records: dict[str, dict[str, Any]], ids: list[str], names: list[str]) -> np.ndarray:
     """Per test study and region: [tp, fp, fn] of region recognition (the name given to each region shown)."""
     from rrg3d.preprocess.regions import region_key
 
-    records = {r["id"]: r for r in map(json.loads, predictions.read_text().splitlines())}
     index = {n: i for i, n in enumerate(names)}
     counts = np.zeros((len(ids), len(names), 3))
     for row, study in enumerate(ids):
@@ -264,7 +263,8 @@ def score_arm(predictions: Path, references: Path, out: Path, labeler: Any, args
     metrics["bleu_4"] = suite["coco"]["bleu_4"]
     metrics["region_ce_micro_f1"] = (suite.get("ce_regions") or {}).get("all_regions", {}).get("micro_f1")
     names = list(REGION_NAMES)
-    counts = recognition_counts(predictions, truth["ids"], names)
+    records = [json.loads(line) for line in predictions.read_text().splitlines()]
+    counts = recognition_counts({r["id"]: r for r in records}, truth["ids"], names)
     recognition = {}
     for i, name in enumerate(names):
         shown = int(counts[:, i, 0].sum() + counts[:, i, 2].sum())
@@ -275,7 +275,6 @@ def score_arm(predictions: Path, references: Path, out: Path, labeler: Any, args
         ci = bootstrap_ci(statistic, args.bootstrap, args.seed)
         recognition[name] = {"value": float(statistic.value()), "ci95": [ci["low"], ci["high"]], "shown": shown}
     metrics["region_recognition_f1"] = recognition
-    records = [json.loads(line) for line in predictions.read_text().splitlines()]
     metrics["words_per_report"] = float(np.mean([len((r.get("report") or "").split()) for r in records]))
     # a model that ignores its inputs writes one report for every study shown the same regions; its CE is then that
     # report's, not the image's: count the studies whose report differs from their region set's most common one
