@@ -29,6 +29,19 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 NUMPY_SUFFIXES = (".npy", ".npz")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+#: Every single-file suffix a reader knows, longest first (``.nii.gz`` before ``.nii``).
+VOLUME_SUFFIXES = tuple(sorted({*NIFTI_SUFFIXES, *ITK_SUFFIXES, *NUMPY_SUFFIXES, *DICOM_SUFFIXES}, key=len,
+                               reverse=True))
+
+
+def scan_stem(path: str | os.PathLike[str]) -> str:
+    """A scan's file or folder name without its volume suffix (``scans/a.nii.gz`` → ``a``, ``dicom/s1/`` → ``s1``):
+    the name a scan goes by in study ids and in the label maps written for it, never anything from its headers."""
+    name = Path(str(path).rstrip("/\\")).name
+    for suffix in VOLUME_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
 
 # LPS <-> RAS: flip x and y.
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])

@@ -22,12 +22,10 @@ import numpy as np
 
 from rrg3d.data.adapters.radgenome import RADGENOME_REGIONS
 from rrg3d.errors import RRG3DError
+from rrg3d.io.readers import VOLUME_SUFFIXES, scan_stem
 from rrg3d.utils.files import append_jsonl, atomic_write_text
 
 log = logging.getLogger(__name__)
-_VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".npy", ".npz", ".dcm")
-
-
 @dataclass
 class Study:
     """One scan to report on; ``error`` is set when it cannot be used (it is then recorded, not generated)."""
@@ -43,14 +41,6 @@ class Study:
     #: value → region name mapping: what a region-guided model reads
     mask: Path | None = None
     mask_labels: dict[str, str] | None = None
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in _VOLUME_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def resolve_studies(inputs: Sequence[str | os.PathLike[str]]) -> list[Study]:
@@ -86,7 +76,7 @@ def resolve_studies(inputs: Sequence[str | os.PathLike[str]]) -> list[Study]:
                                      mask_labels={str(k): str(v) for k, v in (masks.get("labels") or {}).items()}
                                      or None))
         else:
-            studies.append(Study(id=_stem(path), path=path, source=str(path)))
+            studies.append(Study(id=scan_stem(path), path=path, source=str(path)))
     seen: dict[str, int] = {}
     for study in studies:
         if study.id in seen:
@@ -158,12 +148,12 @@ def _masks_index(masks: str | os.PathLike[str] | None) -> tuple[Path | None, dic
             if not isinstance(record, dict) or not (record.get("masks") or {}).get("path"):
                 continue
             entry = record["masks"]
-            index[_stem(Path(str(record.get("image", ""))))] = (
+            index[scan_stem(Path(str(record.get("image", ""))))] = (
                 listing.parent / entry["path"], {str(k): str(v) for k, v in (entry.get("labels") or {}).items()})
     if root.is_dir():
         for file in sorted(root.iterdir()):
-            if file.name.lower().endswith(_VOLUME_SUFFIXES) and _stem(file) not in index:
-                index[_stem(file)] = (file, dict(DEFAULT_MASK_LABELS))
+            if file.name.lower().endswith(VOLUME_SUFFIXES) and scan_stem(file) not in index:
+                index[scan_stem(file)] = (file, dict(DEFAULT_MASK_LABELS))
     if not index:
         raise RRG3DError(f"{root}: no label maps found (expected <scan name>.nii.gz files or a masks.jsonl)")
     return None, index
@@ -193,7 +183,7 @@ def study_label_map(study: Study, preset: Any, *, single_mask: Path | None = Non
     if single_mask is not None:
         path, labels = single_mask, dict(DEFAULT_MASK_LABELS)
     elif index:
-        found = index.get(study.id) or (index.get(_stem(study.path)) if study.path else None)
+        found = index.get(study.id) or (index.get(scan_stem(study.path)) if study.path else None)
         if found is not None:
             path, labels = found
     if path is None and study.mask is not None:

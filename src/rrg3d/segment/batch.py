@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from rrg3d.errors import RRG3DError
+from rrg3d.io.readers import scan_stem
 from rrg3d.preprocess.batch import safe_name
 from rrg3d.utils.files import append_jsonl, atomic_write_text
 
@@ -46,17 +47,9 @@ class SegmentSummary:
                 f"{self.skipped_done} already done), {self.failed} failed, {self.seconds:.1f} s → {self.out_dir}")
 
 
-def _stem(path: str) -> str:
-    name = Path(path.rstrip("/\\")).name or "scan"
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".npz", ".npy", ".dcm", ".dicom", ".ima"):
-        if name.lower().endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def output_names(scans: list[str]) -> dict[str, str]:
     """Label-map file name per scan: the safe file/folder name, with a path hash where two scans would clash."""
-    stems = {scan: safe_name(_stem(scan)) for scan in scans}
+    stems = {scan: safe_name(scan_stem(scan) or "scan") for scan in scans}
     counts: dict[str, int] = {}
     for scan in dict.fromkeys(scans):
         counts[stems[scan]] = counts.get(stems[scan], 0) + 1
