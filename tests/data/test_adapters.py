@@ -57,10 +57,11 @@ def reasons(result: ConversionResult) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------------- registry
 
 
-def test_registry_lists_the_four_adapters_and_rejects_unknown_names() -> None:
-    assert set(ADAPTERS) == {"ctrate", "radgenome", "ctrg", "autopet"}
+def test_registry_lists_the_adapters_and_rejects_unknown_names() -> None:
+    assert set(ADAPTERS) == {"ctrate", "radgenome", "ctrg", "autopet", "autopet-rg-lym"}
     assert get_adapter("CT-RATE") is ADAPTERS["ctrate"]
-    with pytest.raises(RRG3DError, match="known: autopet, ctrate, ctrg, radgenome"):
+    assert get_adapter("AutoPET_RG_Lym") is ADAPTERS["autopet-rg-lym"]
+    with pytest.raises(RRG3DError, match="known: autopet, autopet-rg-lym, ctrate, ctrg, radgenome"):
         get_adapter("mimic")
 
 

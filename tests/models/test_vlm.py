@@ -36,19 +36,22 @@ def test_every_shipped_config_builds(name):
 
     config = load_model_config(name)
     tower = VisionTower.from_config(config.vision, lm_dim=64)
-    shape = load_preset(config.preprocess).shape
+    preset = load_preset(config.preprocess)
+    shape, channels = preset.shape, preset.channels
     tokens = tower.num_tokens(shape)
     assert tokens > 0
     if name.startswith(("tiny_", "small_")):  # test-size and learnability-size configs: run them
-        x = torch.rand(1, 1, *shape)
-        fitting = torch.rand(4, 1, *shape, generator=torch.Generator().manual_seed(1))
+        x = torch.rand(1, channels, *shape)
+        fitting = torch.rand(4, channels, *shape, generator=torch.Generator().manual_seed(1))
         tower.fit_statistics(lambda: [fitting])  # a PCA compressor, a standardising projector
         assert tower.unfitted_parts() == []
         assert tower(x).shape == (1, tokens, 64)
     else:
         assert f"tiny_{name}" in list_model_configs(), "every full-size architecture has a tiny sibling"
-        if config.vision.regions is None:  # region-guided models add their region tokens to a smaller global set
-            assert tokens == 512  # the shipped full-size architectures all give 512 visual tokens
+        if config.vision.branches:  # PETRG-3D: 128 CT + 128 PET tokens
+            assert tokens == 256
+        elif config.vision.regions is None:  # region-guided models add their region tokens to a smaller global set
+            assert tokens == 512  # the other shipped full-size architectures all give 512 visual tokens
 
 
 def test_config_errors_name_the_problem(tmp_path):

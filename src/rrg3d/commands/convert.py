@@ -1,5 +1,5 @@
 """Turn a public dataset's folder layout into an rrg3d manifest (CT-RATE, RadGenome-ChestCT,
-CTRG-Chest-548K, AutoPET-style PET/CT). Rows that cannot be used are listed with the reason and skipped.
+CTRG-Chest-548K, AutoPET-style PET/CT, AutoPET-RG-Lym). Rows that cannot be used are listed with the reason and skipped.
 
     rrg3d convert ctrate /data/CT-RATE --out ctrate.jsonl
 """

@@ -7,7 +7,15 @@ PRED.jsonl has one {"id", "report", ...} per line (a record with "error" counts 
 manifest, a JSONL of {"id", "report"} or a CSV with id and report columns. DIR receives metrics.json, metrics.md,
 per_sample.csv, lengths.png, report.html and, with --judge, judge.jsonl (every judge answer).
 
+--lang zh scores Chinese reports per character (BLEU, ROUGE, CIDEr, NLTK METEOR; see rrg3d.evaluate.nlg) and
+skips the English-rule parts (clinical efficacy, keyword region recognition); lengths are then in characters.
+
 Judge specs: rule | http:MODEL@BASE_URL (API key from $RRG3D_JUDGE_API_KEY) | local | local:PATH.
+
+--petrg adds PETRG-Score for PET/CT reports (PET-All, PET-Abnormal, CT-All, CT-Abnormal macro-F1 over patient x region
+statuses of 24 regions, per-region confusion matrices, DIR/petrg.jsonl); the statuses are read by rules or, with
+--petrg-extractor SPEC, by a language model (the judge specs above, with the judge cache). References carrying a
+"petrg" truth field (PET phantoms) also get the extractor's agreement with that truth.
 Exit 0 when the evaluation ran (missing or failed predictions are counted and reported, see --missing).
 """
 
@@ -34,6 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per HTTP judge call (default 60)")
     parser.add_argument("--judge-retries", type=int, default=3, help="retries per HTTP judge call (default 3)")
     parser.add_argument("--compare", metavar="B.jsonl", help="second predictions file: paired bootstrap A - B")
+    parser.add_argument("--petrg", action="store_true",
+                        help="also compute PETRG-Score (PET/CT region statuses; see rrg3d.evaluate.petrg)")
+    parser.add_argument("--petrg-extractor", default="rule", metavar="rule|SPEC",
+                        help="how region statuses are read: rule (default) or a language model judge spec "
+                             "(http:MODEL@BASE_URL, local, local:PATH); uses the judge cache and HTTP options")
     parser.add_argument("--labeler-model", metavar="DIR", help="learned labeler folder (default: the rule labeler)")
     parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                         help="bootstrap resamples for 95%% CIs (default 1000; 0 = none)")
@@ -44,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-java", action="store_true",
                         help="do not use Java (coco METEOR is then not computed; see extra.meteor_nltk)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--lang", choices=("en", "zh"), default="en",
+                        help="report language: en (PTB words, pycocoevalcap; default) or zh (per character; "
+                             "clinical efficacy and English keyword rules skipped)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,7 +80,9 @@ def run(args: argparse.Namespace) -> int:
                               judge_concurrency=max(1, args.judge_concurrency), judge_timeout=args.judge_timeout,
                               judge_retries=max(0, args.judge_retries), labeler_model=args.labeler_model,
                               bootstrap=args.bootstrap, seed=args.seed, missing=args.missing, java=not args.no_java,
-                              progress=not args.no_progress and sys.stderr.isatty(), compare=args.compare)
+                              progress=not args.no_progress and sys.stderr.isatty(), compare=args.compare,
+                              petrg=args.petrg or args.petrg_extractor != "rule", petrg_extractor=args.petrg_extractor,
+                              lang=args.lang)
     metrics = evaluate_files(args.predictions, args.refs, args.out, options)
     counts = metrics["counts"]
     print(f"{counts['scored']} of {counts['references']} references scored ({counts['ok']} usable predictions, "
@@ -75,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {label:<{width}}  {value:>8}  {ci}")
     for warning in metrics.get("warnings", []):
         print(f"warning: {warning}", file=sys.stderr)
-    extra = ", judge.jsonl" if args.judge else ""
+    extra = (", judge.jsonl" if args.judge else "") + (", petrg.jsonl" if args.petrg else "")
     print(f"outputs in {args.out}: metrics.json, metrics.md, per_sample.csv, lengths.png, report.html{extra}")
     if counts["ok"] < counts["references"]:
         print("unusable predictions are listed under 'problems' in metrics.json",

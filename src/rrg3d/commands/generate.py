@@ -12,6 +12,10 @@ map for one scan, or a folder of <scan name>.nii.gz label maps and/or the masks.
 "regions" ({region: label value}) in the label map written to PRED.masks/ ("masks"), and "region_recognition" (the
 region the model named for each of them); "report" is the region reports merged.
 
+A PET/CT model (PETRG-3D) reads each study's PET too (a manifest's images.pet, or --pet for one scan file), put on
+the CT's grid by their affines. A style-prompted model writes in each study's hospital style (the manifest's "style"
+and "sex"; --style/--sex for all scans); the style used is recorded in each record's meta.
+
 Without --model the default model is used: $RRG3D_MODEL, else the checkpoint `rrg3d demo` trains
 (~/.cache/rrg3d/models/demo). Exit 0 when every scan got a report, 1 when some failed, 2 when none could be read.
 """
@@ -44,6 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="region-guided models: label map(s) of the scans (a file, or a folder / masks.jsonl)")
     parser.add_argument("--segment", choices=("rules", "totalsegmentator"),
                         help="region-guided models: segment each scan with this backend (see rrg3d segment)")
+    parser.add_argument("--pet", metavar="PET", help="PET/CT models: the PET of the one SCAN given as a file (a "
+                                                      "manifest gives each study's images.pet)")
+    parser.add_argument("--pet-units", choices=("SUVbw",),
+                        help="--pet is already in body-weight SUV (NIfTI files carry no SUV factor)")
+    parser.add_argument("--style", metavar="HOSPITAL", help="style-prompted models: write every report in this "
+                                                            "hospital's style (default: each study's own)")
+    parser.add_argument("--sex", choices=("female", "male"), help="style-prompted models: the sex whose template "
+                                                                 "to use (default: each study's; unknown: any)")
     parser.add_argument("--overwrite", action="store_true", help="start PRED.jsonl over instead of resuming")
     parser.add_argument("--quiet", action="store_true", help="do not print the reports")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -73,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     summary = generate_reports(model, args.scans, args.out, settings=settings, batch_size=args.batch_size,
                                checkpoint=str(checkpoint), on_record=show, resume=not args.overwrite,
                                progress=not args.no_progress and sys.stderr.isatty(), masks=args.masks,
-                               segment=args.segment)
+                               segment=args.segment, pet=args.pet, style=args.style, sex=args.sex,
+                               pet_units=args.pet_units)
     skipped = f", {summary.skipped} already done" if summary.skipped else ""
     print(f"{summary.written} reports, {summary.failed} failed{skipped} -> {args.out} ({summary.seconds:.1f} s)",
           file=sys.stderr)

@@ -9,7 +9,9 @@ Schema (only ``id`` and one image are required)::
      "sections": {"findings": "...", "impression": "..."},
      "region_reports": {"lung": "...", "heart": "..."},
      "labels": {"Cardiomegaly": 1, "Emphysema": 0},
-     "style": "hospital_a", "meta": {"source": "CT-RATE"}}
+     "style": "hospital_a", "sex": null, "meta": {"source": "CT-RATE"}}
+
+``sex`` is ``"female"``, ``"male"`` or null (unknown).
 
 A preprocessed cache adds ``"preprocess": {"preset": ..., "sha256": ..., ...}`` to each record.
 """
@@ -38,8 +40,10 @@ KNOWN_FIELDS = (
     "region_reports",
     "labels",
     "style",
+    "sex",
     "meta",
     "preprocess",
+    "petrg",  # PETRG truth {region: {"pet": class, "ct": class}} (rrg3d.text.petrg), e.g. PET phantoms
 )
 KNOWN_SPLITS = ("train", "val", "valid", "validation", "test")
 
@@ -153,6 +157,8 @@ def check_record(record: Any) -> list[tuple[str | None, str, str]]:
     style = record.get("style")
     if style is not None and (not _is_text(style) or not style.strip()):
         problems.append(("style", "'style' must be a non-empty string", "error"))
+    if record.get("sex") not in (None, "female", "male"):
+        problems.append(("sex", f"unusual sex {record['sex']!r} (expected \"female\", \"male\" or null)", "warning"))
     for name in ("meta", "preprocess"):
         if record.get(name) is not None and not isinstance(record[name], dict):
             problems.append((name, f"'{name}' must be an object", "error"))

@@ -4,6 +4,7 @@
   rouge-score, sacreBLEU and NLTK METEOR under their own names; :mod:`~rrg3d.evaluate.meteor` runs the METEOR jar,
   :mod:`~rrg3d.evaluate.wordnet` provides WordNet offline;
 * :mod:`~rrg3d.evaluate.clinical` — clinical efficacy (CE) over labeler output, per region, region recognition;
+* :mod:`~rrg3d.evaluate.petrg` — PETRG-Score (PET/CT region statuses: PET-All, PET-Abnormal, CT-All, CT-Abnormal);
 * :mod:`~rrg3d.evaluate.lengths` — report-length KDE, KL divergence, PNG;
 * :mod:`~rrg3d.evaluate.bootstrap` — bootstrap CIs and the paired bootstrap;
 * :mod:`~rrg3d.evaluate.records`, :mod:`~rrg3d.evaluate.runner`, :mod:`~rrg3d.evaluate.render` — loading and

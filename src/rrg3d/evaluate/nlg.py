@@ -23,6 +23,21 @@ approximation of the tokenizer (``implementation["coco"]["tokenizer"]`` says so 
 is replaced by the same bit-parallel LCS), ``sacrebleu`` (corpus BLEU
 on the 0–100 scale, default 13a tokenisation, with its signature) and ``meteor_nltk`` (NLTK's METEOR with WordNet 3.0
 from :mod:`rrg3d.evaluate.wordnet`, on word/punctuation tokens, mean over samples).
+
+**Chinese** (``lang="zh"``; reports such as AutoPET-RG-Lym's) — scored per character with :func:`zh_tokens`: after
+NFKC normalisation (full-width letters, digits and punctuation become ASCII) and lower-casing, each CJK character is
+one token, each run of Latin letters/digits is one word (a decimal point between digits stays inside: ``12.3``,
+``suvmax``, ``3.2cm``), and punctuation (Unicode category P, ASCII and CJK: ``。，、；：（）【】“”/-`` ...) is
+dropped as the PTB punctuation list drops it on the English path, except ``%`` and ``‰``, which stay as tokens like the
+symbols (``×``, ``~``, ``±``, ``°``, ``+``, ``<``). Whitespace never matters. The pycocoevalcap scorers then run on the
+space-joined tokens: ``coco`` BLEU-1..4, ROUGE-L and CIDEr-D are pycocoevalcap's own scorers on character tokens (no
+Java, no PTB tokenizer). ``coco["meteor"]`` is ``None``: METEOR 1.5's resources are English. METEOR is reported as
+``extra.meteor_nltk``: NLTK's ``meteor_score`` on the same tokens with exact and Porter-stem matching only; its
+WordNet synonym stage is switched off, since WordNet synonymy does not apply to Chinese (one warning says so).
+``extra.rouge_score`` (ROUGE-1/2/L) uses the rouge-score package with the same character tokenizer (its own drops
+every non-ASCII character), and ``extra.sacrebleu`` uses sacreBLEU's ``zh`` tokenizer (signature ``tok:zh``). The
+English labeler, keyword region rules and word counts do not apply: :func:`language_plan` tells the runner what to
+skip and how to count report lengths.
 """
 
 from __future__ import annotations
@@ -36,6 +51,7 @@ import re
 import subprocess
 import tempfile
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -51,6 +67,8 @@ COCO_KEYS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider
 ROUGE_SCORE_KEYS = ("rouge1", "rouge2", "rougeL")
 _LINE_BREAKS = re.compile(r"[\r\n\v\f\x1c\x1d\x1e\x85\u2028\u2029]+")
 _BLEU_TINY, _BLEU_SMALL = 1e-15, 1e-9
+#: Languages :func:`nlg_metrics` scores: ``en`` (pycocoevalcap's PTB path) and ``zh`` (per character).
+LANGS = ("en", "zh")
 
 
 @dataclasses.dataclass
@@ -124,6 +142,68 @@ def approx_ptb_tokenize(texts: Sequence[str]) -> list[str]:
         tokens = (_APPROX_MAP.get(t, t) for t in _APPROX_TOKEN.findall(one_line(text).lower()))
         out.append(" ".join(t for t in tokens if t not in punctuation))
     return out
+
+
+#: CJK scripts scored one character per token: radicals, CJK symbols' iteration marks, kana, bopomofo, Hangul
+#: syllables, and the unified / compatibility ideographs with their extensions.
+_CJK_RANGES = ("\u2e80-\u2fdf\u3005-\u3007\u3021-\u3029\u3038-\u303b\u3040-\u30ff\u3100-\u312f\u31a0-\u31ff"
+               "\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\U00020000-\U0003134f")
+_ZH_TOKEN = re.compile(rf"[{_CJK_RANGES}]|(?:(?![{_CJK_RANGES}])[^\W_]|(?<=\d)\.(?=\d))+|\S")
+#: Punctuation kept as tokens on the Chinese path (they carry meaning in numbers, as PTB keeps them in English).
+_ZH_KEPT_PUNCTUATION = frozenset("%‰")
+
+
+def zh_tokens(text: str | None) -> list[str]:
+    """Character tokens of a Chinese report (see the module doc): CJK characters, Latin/digit words, symbols."""
+    normalized = unicodedata.normalize("NFKC", text or "").lower()
+    return [token for token in _ZH_TOKEN.findall(normalized)
+            if len(token) > 1 or token in _ZH_KEPT_PUNCTUATION or not unicodedata.category(token).startswith("P")]
+
+
+def zh_tokenize(texts: Sequence[str | None]) -> list[str]:
+    """:func:`zh_tokens` of each text, space-joined (the input of the pycocoevalcap scorers)."""
+    return [" ".join(zh_tokens(text)) for text in texts]
+
+
+def check_lang(lang: str) -> str:
+    """``lang`` lower-cased when it is one of :data:`LANGS`; otherwise an :class:`RRG3DError`."""
+    key = str(lang).strip().lower()
+    if key not in LANGS:
+        raise RRG3DError(f"unknown report language {lang!r} (known: {', '.join(LANGS)})")
+    return key
+
+
+@dataclasses.dataclass(frozen=True)
+class LanguagePlan:
+    """What an evaluation does for one report language beyond NLG (see :func:`language_plan`)."""
+
+    lang: str
+    #: whether the English-rule parts run: the 18-label labeler (CE, region CE, rule/label judges) and the region
+    #: keyword rules
+    english_rules: bool
+    #: unit of the report lengths: ``words`` (whitespace-separated) or ``characters`` (:func:`zh_tokens`)
+    length_unit: str
+    #: notes for ``metrics.json`` warnings about the parts left out
+    skipped: tuple[str, ...] = ()
+
+    def lengths(self, texts: Sequence[str | None]) -> np.ndarray:
+        """Length of each report in :attr:`length_unit`."""
+        if self.length_unit == "characters":
+            return np.array([len(zh_tokens(t)) for t in texts], dtype=np.float64)
+        return np.array([len((t or "").split()) for t in texts], dtype=np.float64)
+
+
+def language_plan(lang: str) -> LanguagePlan:
+    """The runner's plan for ``lang``: English keeps everything; Chinese skips the English-rule metrics."""
+    lang = check_lang(lang)
+    if lang == "en":
+        return LanguagePlan("en", english_rules=True, length_unit="words")
+    return LanguagePlan("zh", english_rules=False, length_unit="characters", skipped=(
+        "lang zh: clinical efficacy (CE) is not computed: the abnormality labeler reads English reports",
+        "lang zh: region CE and region recognition from report text are not computed (English labeler and keyword "
+        "rules); recognition from region reports or a region-guided model's slots is still scored",
+        "lang zh: report lengths are counted in characters (CJK characters, Latin/digit words, symbols)",
+    ))
 
 
 # --------------------------------------------------------------------------------------------------- coco scorers
@@ -281,15 +361,18 @@ def meteor_nltk_scores(references: Sequence[str], candidates: Sequence[str], pro
 
 def nlg_metrics(references: Sequence[str], candidates: Sequence[str], *, coco: bool = True, extra: bool = True,
                 java: str | bool | None = True, progress: bool = False,
-                meanwhile: Callable[[], Any] | None = None) -> NLGResult:
+                meanwhile: Callable[[], Any] | None = None, lang: str = "en") -> NLGResult:
     """All NLG metrics of ``candidates`` against ``references`` (one reference each, same order).
 
     ``java``: ``True`` finds ``java`` on PATH, a string is the executable, ``False``/``None`` runs without Java.
     METEOR 1.5 runs in its Java process while the Python metrics are computed; ``meanwhile`` (e.g. labelling for
     CE) is called after them, still before waiting for METEOR, and its return value lands in ``result.meanwhile``.
+    ``lang``: ``"en"`` (the pycocoevalcap path above) or ``"zh"`` (per character, no Java; see the module doc).
     """
     if len(references) != len(candidates):
         raise ValueError(f"{len(references)} references but {len(candidates)} candidates")
+    if check_lang(lang) == "zh":
+        return _nlg_zh(references, candidates, coco=coco, extra=extra, progress=progress, meanwhile=meanwhile)
     result = NLGResult()
     started = time.perf_counter()
     java_exe = find_java() if java is True else (java or None)
@@ -429,4 +512,118 @@ def _extras(result: NLGResult, references: Sequence[str], candidates: Sequence[s
         "rouge_score": "rouge-score package, F-measure, use_stemmer=False, mean over samples",
         "sacrebleu": signature + " (corpus BLEU, 0-100)",
         "meteor_nltk": "nltk.translate.meteor_score, WordNet 3.0, word/punctuation tokens, mean over samples",
+    }
+
+
+# ------------------------------------------------------------------------------------------------------- Chinese
+
+ZH_METEOR_NOTE = ("lang zh: coco METEOR (METEOR 1.5, English resources) is not computed; METEOR is reported as "
+                  "extra.meteor_nltk on character tokens with exact and stem matches only: WordNet synonymy does not "
+                  "apply to Chinese")
+
+
+class _NoSynonyms:
+    """A stand-in for NLTK's WordNet reader with no synsets: METEOR's synonym stage matches nothing."""
+
+    @staticmethod
+    def synsets(word: str) -> list[Any]:
+        return []
+
+
+class _ZhRougeTokenizer:
+    """rouge-score tokenizer interface over :func:`zh_tokens` (the package's default drops non-ASCII text)."""
+
+    @staticmethod
+    def tokenize(text: str) -> list[str]:
+        return zh_tokens(text)
+
+
+def _nlg_zh(references: Sequence[str], candidates: Sequence[str], *, coco: bool, extra: bool, progress: bool,
+            meanwhile: Callable[[], Any] | None) -> NLGResult:
+    """:func:`nlg_metrics` for Chinese reports: the pycocoevalcap scorers and the extras on character tokens."""
+    result = NLGResult()
+    started = time.perf_counter()
+    n = len(candidates)
+    result.implementation["lang"] = "zh"
+    if coco and n:
+        start = time.perf_counter()
+        tokens = zh_tokenize(list(references) + list(candidates))
+        result.timings["coco.tokenize"] = time.perf_counter() - start
+        result.implementation["coco"] = {
+            "tokenizer": "rrg3d zh: NFKC, lower case, one token per CJK character, Latin/digit runs as words, "
+                         "punctuation dropped except % and ‰",
+            "bleu": "pycocoevalcap BleuScorer (closest) on characters", "meteor": None,
+            "rouge_l": "pycocoevalcap Rouge (beta 1.2) on characters, bit-parallel LCS",
+            "cider": "pycocoevalcap CiderScorer (CIDEr-D, sigma 6) on characters"}
+        _coco_python(result, tokens[:n], tokens[n:])
+    elif coco:
+        result.coco = dict.fromkeys(COCO_KEYS)
+    if coco:
+        result.warnings.append(ZH_METEOR_NOTE)
+    if extra:
+        _extras_zh(result, references, candidates, progress)
+    if meanwhile is not None:
+        result.meanwhile = meanwhile()
+    result.timings["total"] = time.perf_counter() - started
+    return result
+
+
+def meteor_zh_scores(references: Sequence[str], candidates: Sequence[str], progress: bool = False) -> np.ndarray:
+    """NLTK's METEOR per sample on :func:`zh_tokens`: exact and Porter-stem matches, no WordNet synonyms."""
+    from nltk.translate.meteor_score import meteor_score
+
+    pairs = zip(references, candidates, strict=True)
+    if progress:
+        from tqdm import tqdm
+
+        pairs = tqdm(pairs, total=len(candidates), desc="METEOR (NLTK, zh)", unit="pair", leave=False)
+    return np.array([meteor_score([zh_tokens(r)], zh_tokens(c), wordnet=_NoSynonyms()) for r, c in pairs],
+                    dtype=np.float64)
+
+
+def _extras_zh(result: NLGResult, references: Sequence[str], candidates: Sequence[str], progress: bool) -> None:
+    refs = [one_line(r) for r in references]
+    cands = [one_line(c) for c in candidates]
+    if not cands:
+        result.extra = {"rouge_score": dict.fromkeys(ROUGE_SCORE_KEYS), "sacrebleu": None, "meteor_nltk": None}
+        return
+    from rouge_score import rouge_scorer
+    from sacrebleu.metrics.bleu import BLEU
+
+    start = time.perf_counter()
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_SCORE_KEYS), tokenizer=_ZhRougeTokenizer())
+    rouge = {key: np.zeros(len(cands)) for key in ROUGE_SCORE_KEYS}
+    for i, (reference, candidate) in enumerate(zip(refs, cands, strict=True)):
+        scores = scorer.score(reference, candidate)
+        for key in ROUGE_SCORE_KEYS:
+            rouge[key][i] = scores[key].fmeasure
+    result.timings["extra.rouge_score"] = time.perf_counter() - start
+    result.extra["rouge_score"] = {key: float(np.mean(values)) for key, values in rouge.items()}
+    for key, values in rouge.items():
+        result.per_sample[f"extra.rouge_score.{key}"] = values
+        result.statistics[f"extra.rouge_score.{key}"] = mean_statistic(values)
+
+    start = time.perf_counter()
+    bleu = BLEU(tokenize="zh")
+    result.extra["sacrebleu"] = float(bleu.corpus_score(cands, [refs]).score)
+    signature = bleu.get_signature().format()
+    try:
+        stats = np.asarray(bleu._extract_corpus_statistics(cands, [refs]), dtype=np.float64)
+        if stats.shape == (len(cands), 10):
+            result.statistics["extra.sacrebleu"] = Statistic(stats, _sacrebleu_reduce)
+    except Exception as exc:  # pragma: no cover - only if sacrebleu's internals change
+        log.warning("sacreBLEU statistics unavailable for bootstrap: %s", exc)
+    result.timings["extra.sacrebleu"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    meteor = meteor_zh_scores(refs, cands, progress)
+    result.timings["extra.meteor_nltk"] = time.perf_counter() - start
+    result.extra["meteor_nltk"] = float(np.mean(meteor))
+    result.per_sample["extra.meteor_nltk"] = meteor
+    result.statistics["extra.meteor_nltk"] = mean_statistic(meteor)
+    result.implementation["extra"] = {
+        "rouge_score": "rouge-score package, F-measure, rrg3d zh character tokenizer, mean over samples",
+        "sacrebleu": signature + " (corpus BLEU, 0-100)",
+        "meteor_nltk": "nltk.translate.meteor_score on rrg3d zh character tokens, exact + Porter-stem matches, "
+                       "no WordNet synonyms (WordNet is English), mean over samples",
     }

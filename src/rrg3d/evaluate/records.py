@@ -6,8 +6,10 @@
   it recognised. Older predictions with ``regions`` mapping names to text are read as ``region_reports`` (a
   ``regions`` mapping names to label values, as ``rrg3d generate`` writes it, is grounding, not text).
 * References: a manifest (:mod:`rrg3d.data.manifest`, detected by ``images`` in its records), a JSONL of
-  ``{"id", "report", "region_reports"?}``, or a CSV with an id column (``id``, ``AccessionNo``, ``VolumeName``) and a
-  report column (``report``, ``report_text``; else ``Findings_EN`` + ``Impressions_EN``).
+  ``{"id", "report", "region_reports"?, "petrg"?}``, or a CSV with an id column (``id``, ``AccessionNo``,
+  ``VolumeName``) and a report column (``report``, ``report_text``; else ``Findings_EN`` + ``Impressions_EN``). A
+  reference's ``petrg`` (``{region: {"pet": class, "ct": class}}``, e.g. PET phantoms) is the PETRG truth of its
+  study (:mod:`rrg3d.text.petrg`).
 
 Pairing (:func:`pair`) gives every reference a status: ``ok``, ``empty`` (blank report), ``error`` (the record
 carries an error) or ``missing`` (no prediction). ``missing="score-empty"`` (default) keeps them all and scores the
@@ -42,6 +44,7 @@ class Reference:
     id: str
     report: str
     region_reports: dict[str, str] | None = None
+    petrg: dict[str, dict[str, str]] | None = None
 
 
 @dataclasses.dataclass
@@ -68,6 +71,7 @@ class Paired:
     counts: dict[str, Any]
     problems: dict[str, list[str]]
     candidate_recognition: list[dict[str, str | None] | None] = dataclasses.field(default_factory=list)
+    reference_petrg: list[dict[str, dict[str, str]] | None] = dataclasses.field(default_factory=list)
 
 
 def _read_jsonl(path: Path, what: str) -> list[tuple[int, dict[str, Any]]]:
@@ -165,10 +169,25 @@ def load_references(path: str | os.PathLike[str]) -> tuple[list[Reference], list
         if not report or not report.strip():
             without.append(rid)
             continue
-        out.append(Reference(rid, report, _text_dict(path, number, record, "region_reports")))
+        out.append(Reference(rid, report, _text_dict(path, number, record, "region_reports"),
+                             _petrg_truth(path, number, record)))
     if not out:
         raise EvaluationError(f"{path}: no reference has a report")
     return out, without
+
+
+def _petrg_truth(path: Path, number: int, record: dict[str, Any]) -> dict[str, dict[str, str]] | None:
+    """A record's PETRG truth, checked: unknown regions or classes are errors (a truth must be exact)."""
+    value = record.get("petrg")
+    if value is None:
+        return None
+    from rrg3d.text.petrg import check_statuses
+
+    statuses, problems = check_statuses(value, fill=False)
+    if problems:
+        raise EvaluationError(f"{path}:{number} [petrg]: {problems[0]}" + (
+            f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    return statuses
 
 
 def _load_csv(path: Path) -> tuple[list[Reference], list[str]]:
@@ -248,6 +267,7 @@ def pair(references: Sequence[Reference], predictions: Sequence[Prediction], mis
                               f"({_examples(failed)}); use --missing score-empty or skip to evaluate anyway")
     keep = [i for i, s in enumerate(statuses) if missing == "score-empty" or s == "ok"]
     ids, refs, cands, kept_status, ref_regions, cand_regions, recognitions = [], [], [], [], [], [], []
+    truths: list[dict[str, dict[str, str]] | None] = []
     for i in keep:
         reference = references[i]
         prediction = by_id.get(reference.id)
@@ -259,9 +279,10 @@ def pair(references: Sequence[Reference], predictions: Sequence[Prediction], mis
         ref_regions.append(reference.region_reports)
         cand_regions.append(prediction.regions if usable and prediction else None)
         recognitions.append(prediction.recognition if usable and prediction else None)
+        truths.append(reference.petrg)
     counts = {"references": len(references), "predictions": len(predictions), "matched": len(matched_ids),
               "scored": len(ids), "ok": statuses.count("ok"), "missing_predictions": len(problems["missing"]),
               "empty_predictions": len(problems["empty"]), "errors": len(problems["error"]),
               "extra_predictions": len(problems["extra"]),
               "references_without_report": len(references_without_report), "missing_policy": missing}
-    return Paired(ids, refs, cands, kept_status, ref_regions, cand_regions, counts, problems, recognitions)
+    return Paired(ids, refs, cands, kept_status, ref_regions, cand_regions, counts, problems, recognitions, truths)

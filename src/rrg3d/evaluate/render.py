@@ -1,6 +1,7 @@
 """Evaluation outputs: ``metrics.json``, ``metrics.md``, ``per_sample.csv``, ``lengths.png`` and a self-contained
 ``report.html`` (the PNG inlined as base64, the tables, and the best and worst samples); with a judge also
-``judge.jsonl`` (every answer, parsed or not). Every file is written atomically."""
+``judge.jsonl`` (every answer, parsed or not), with PETRG-Score also ``petrg.jsonl`` (the non-normal region statuses
+read from each reference and generated report). Every file is written atomically."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ HEADLINE = (
     ("ce.micro_f1", "CE micro F1"), ("ce.macro_precision", "CE macro precision"),
     ("ce.macro_recall", "CE macro recall"), ("ce.macro_f1", "CE macro F1"),
     ("judge.score", "Judge score (1-5)"), ("judge.green", "Judge GREEN"),
+    ("petrg.pet_all", "PETRG PET-All (macro F1)"), ("petrg.pet_abnormal", "PETRG PET-Abnormal (macro F1)"),
+    ("petrg.ct_all", "PETRG CT-All (macro F1)"), ("petrg.ct_abnormal", "PETRG CT-Abnormal (macro F1)"),
     ("lengths.generated_mean", "Mean length, generated (words)"),
     ("lengths.reference_mean", "Mean length, reference (words)"),
 )
@@ -35,6 +38,7 @@ SAMPLE_COLUMNS = ("coco.bleu_1", "coco.bleu_2", "coco.bleu_3", "coco.bleu_4", "c
                   "coco.cider",
                   "extra.rouge_score.rouge1", "extra.rouge_score.rouge2", "extra.rouge_score.rougeL",
                   "extra.meteor_nltk", "ce.tp", "ce.fp", "ce.fn", "ce.f1", "judge.score", "judge.green",
+                  "petrg.pet_agreement", "petrg.ct_agreement",
                   "lengths.reference", "lengths.generated")
 
 
@@ -103,6 +107,61 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+_PETRG_SCORES = (("pet_all", "PET-All"), ("pet_abnormal", "PET-Abnormal"), ("ct_all", "CT-All"),
+                 ("ct_abnormal", "CT-Abnormal"))
+
+
+def _petrg_rows(petrg: dict[str, Any]) -> list[list[str]]:
+    """Score rows (name, value, CI) of a PETRG entry (the system's, or ``extractor_vs_truth``)."""
+    ci = petrg.get("ci") or {}
+    return [[label, _fmt(petrg.get(key)), f"[{_fmt(ci[key]['low'])}, {_fmt(ci[key]['high'])}]"
+             if ci.get(key) and ci[key].get("low") is not None else ""] for key, label in _PETRG_SCORES]
+
+
+def _petrg_class_rows(petrg: dict[str, Any], axis: str) -> list[list[str]]:
+    return [[name, _fmt(v["precision"]), _fmt(v["recall"]), _fmt(v["f1"]), str(v["support"]), str(v["predicted"])]
+            for name, v in (petrg.get("per_class") or {}).get(axis, {}).items()]
+
+
+def _confusion_rows(matrix: list[list[int]], classes: list[str]) -> list[list[str]]:
+    return [[name, *(str(x) for x in row)] for name, row in zip(classes, matrix, strict=True)]
+
+
+def _abnormal_regions(confusion: dict[str, Any]) -> list[str]:
+    """Regions whose matrices hold a non-normal status on either axis (reference or generated)."""
+    out = []
+    for axis in ("pet", "ct"):
+        entry = confusion.get(axis) or {}
+        last = len(entry.get("classes", [])) - 1
+        for region, matrix in (entry.get("per_region") or {}).items():
+            if region not in out and sum(v for i, row in enumerate(matrix) for j, v in enumerate(row)
+                                         if i != last or j != last):
+                out.append(region)
+    return out
+
+
+def _petrg_markdown(petrg: dict[str, Any]) -> list[str]:
+    parts = ["", f"## PETRG-Score (extractor `{petrg.get('extractor', '')}`; {petrg.get('n_patients', 0)} patients, "
+                 f"{petrg.get('n_region_pairs', 0)} patient x region pairs)", "",
+             _md_table(["score", "macro F1", "95% CI"], _petrg_rows(petrg))]
+    truth = petrg.get("extractor_vs_truth")
+    if truth:
+        parts += ["", f"Extractor against the references' truth ({truth.get('n_patients', 0)} studies, "
+                      f"{truth.get('n_region_pairs', 0)} region pairs):", "",
+                  _md_table(["score", "macro F1", "95% CI"], _petrg_rows(truth))]
+    confusion = petrg.get("confusion") or {}
+    for axis in ("pet", "ct"):
+        entry = confusion.get(axis)
+        if not entry:
+            continue
+        parts += ["", f"### {axis.upper()} classes", "",
+                  _md_table(["class", "precision", "recall", "F1", "support", "predicted"],
+                            _petrg_class_rows(petrg, axis)),
+                  "", "Pooled confusion (rows: reference, columns: generated):", "",
+                  _md_table([axis.upper(), *entry["classes"]], _confusion_rows(entry["pooled"], entry["classes"]))]
+    return parts
+
+
 def markdown(metrics: dict[str, Any]) -> str:
     """The ``metrics.md`` text."""
     counts = metrics.get("counts", {})
@@ -147,6 +206,8 @@ def markdown(metrics: dict[str, Any]) -> str:
                  str(v.get("errors")), str(v.get("cached"))] for kind, v in judge.get("prompts", {}).items()]
         parts += ["", f"## Judge `{judge.get('id')}`", "",
                   _md_table(["prompt", "mean", "scored", "parse failures", "errors", "cached"], rows)]
+    if metrics.get("petrg"):
+        parts += _petrg_markdown(metrics["petrg"])
     compare = metrics.get("compare")
     if compare:
         paired = compare.get("paired_bootstrap", {})
@@ -212,6 +273,41 @@ th{background:#f3f3f3}.sample{border:1px solid #ddd;padding:0.5em 1em;margin:0.5
 margin-bottom:0}.warn{color:#a33}img{max-width:100%}"""
 
 
+def _petrg_html(petrg: dict[str, Any]) -> str:
+    """PETRG-Score: the four scores, the extractor against truth, per-class F1, pooled and per-region confusion."""
+    parts = [f"<h2>PETRG-Score (extractor {html.escape(str(petrg.get('extractor', '')))})</h2>",
+             f"<p>{petrg.get('n_patients', 0)} patients, {petrg.get('n_region_pairs', 0)} patient &times; region "
+             "pairs; macro F1 over pooled pairs, classes absent from both sides left out.</p>",
+             _html_table(["score", "macro F1", "95% CI"], _petrg_rows(petrg))]
+    truth = petrg.get("extractor_vs_truth")
+    if truth:
+        parts += [f"<h3>Extractor against the references' truth ({truth.get('n_patients', 0)} studies)</h3>",
+                  _html_table(["score", "macro F1", "95% CI"], _petrg_rows(truth))]
+    confusion = petrg.get("confusion") or {}
+    for axis in ("pet", "ct"):
+        entry = confusion.get(axis)
+        if not entry:
+            continue
+        parts += [f"<h3>{axis.upper()} classes</h3>",
+                  _html_table(["class", "precision", "recall", "F1", "support", "predicted"],
+                              _petrg_class_rows(petrg, axis)),
+                  "<p>Pooled confusion (rows: reference, columns: generated)</p>",
+                  _html_table([axis.upper(), *entry["classes"]], _confusion_rows(entry["pooled"], entry["classes"]))]
+    regions = _abnormal_regions(confusion)
+    parts.append(f"<h3>Per-region confusion ({len(regions)} regions with a non-normal status; the others are all "
+                 "normal)</h3>")
+    for region in regions:
+        tables = []
+        for axis in ("pet", "ct"):
+            entry = confusion.get(axis) or {}
+            matrix = (entry.get("per_region") or {}).get(region)
+            if matrix is not None:
+                tables.append(_html_table([f"{axis.upper()}: {region}", *entry["classes"]],
+                                          _confusion_rows(matrix, entry["classes"])))
+        parts.append(f"<details><summary>{html.escape(region)}</summary>{''.join(tables)}</details>")
+    return "\n".join(parts)
+
+
 def report_html(metrics: dict[str, Any], system: Any, png: bytes | None) -> str:
     """The self-contained HTML report."""
     counts = metrics.get("counts", {})
@@ -240,6 +336,8 @@ def report_html(metrics: dict[str, Any], system: Any, png: bytes | None) -> str:
                      f"{base64.b64encode(png).decode('ascii')}'>")
     parts.append(f"<p>{html.escape(str(lengths.get('kl_direction', 'KL')))}: "
                  f"{_fmt(lengths.get('kl_divergence'))}</p>")
+    if metrics.get("petrg"):
+        parts.append(_petrg_html(metrics["petrg"]))
     compare = metrics.get("compare")
     if compare:
         paired = compare.get("paired_bootstrap", {})
@@ -275,3 +373,6 @@ def write_outputs(out_dir: Path, metrics: dict[str, Any], system: Any, other: An
         lines = [json.dumps(jsonable({"id": sample_id, "prompt": kind, **details[i]}), ensure_ascii=False)
                  for kind, details in system.judge_details.items() for i, sample_id in enumerate(system.paired.ids)]
         atomic_write_text(out_dir / "judge.jsonl", "\n".join(lines) + "\n")
+    if getattr(system, "petrg_details", None):
+        lines = [json.dumps(jsonable(detail), ensure_ascii=False) for detail in system.petrg_details]
+        atomic_write_text(out_dir / "petrg.jsonl", "\n".join(lines) + "\n")

@@ -29,7 +29,7 @@ from rrg3d.evaluate.clinical import (
     slot_recognition,
 )
 from rrg3d.evaluate.lengths import length_analysis, word_counts
-from rrg3d.evaluate.nlg import NLGResult, nlg_metrics
+from rrg3d.evaluate.nlg import NLGResult, language_plan, nlg_metrics
 from rrg3d.evaluate.records import Paired, load_predictions, load_references, pair
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,9 @@ class EvaluateOptions:
     java: bool = True
     progress: bool = True
     compare: str | os.PathLike[str] | None = None
+    petrg: bool = False  # PETRG-Score (PET/CT region statuses, rrg3d.evaluate.petrg)
+    petrg_extractor: str = "rule"  # rule, or a language-model judge spec
+    lang: str = "en"  # report language: "en" or "zh" (per-character NLG; English-rule metrics skipped)
 
 
 @dataclasses.dataclass
@@ -68,6 +71,8 @@ class SystemScores:
     implementation: dict[str, Any]
     timings: dict[str, float]
     judge_details: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    petrg_details: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    petrg_truth_statistics: dict[str, Statistic] = dataclasses.field(default_factory=dict)
 
 
 def _judge_summary(kind: str, values: np.ndarray, valid: np.ndarray, results: list[Any], sent: int,
@@ -132,58 +137,91 @@ def _run_judge(scores: SystemScores, judge: Any, prompts: tuple[str, ...], progr
     scores.metrics["judge"] = out
 
 
+def _run_petrg(scores: SystemScores, extractor: Any, progress: bool) -> None:
+    from rrg3d.evaluate.petrg import evaluate_petrg
+
+    paired = scores.paired
+    start = time.perf_counter()
+    result = evaluate_petrg(paired.ids, paired.references, paired.candidates, paired.status, extractor,
+                            paired.reference_petrg or None, progress=progress)
+    scores.metrics["petrg"] = result["metrics"]
+    scores.per_sample.update(result["per_sample"])
+    scores.statistics.update(result["statistics"])
+    scores.warnings.extend(result["warnings"])
+    scores.petrg_details = result["details"]
+    scores.petrg_truth_statistics = result["truth_statistics"]
+    scores.timings["petrg"] = time.perf_counter() - start
+
+
 def score_system(name: str, paired: Paired, labeler: Any, judge: Any = None,
-                 options: EvaluateOptions | None = None) -> SystemScores:
-    """All metrics of one system on paired texts."""
+                 options: EvaluateOptions | None = None, petrg: Any = None) -> SystemScores:
+    """All metrics of one system on paired texts (``petrg``: a PETRG status extractor, to add PETRG-Score)."""
     options = options or EvaluateOptions()
+    plan = language_plan(options.lang)
 
     def labelling() -> tuple[Any, float]:  # runs while METEOR 1.5 is still busy in Java
         start = time.perf_counter()
         return clinical_efficacy(paired.references, paired.candidates, labeler), time.perf_counter() - start
 
     nlg: NLGResult = nlg_metrics(paired.references, paired.candidates, java=options.java,
-                                 progress=options.progress, meanwhile=labelling)
+                                 progress=options.progress, meanwhile=labelling if plan.english_rules else None,
+                                 lang=plan.lang)
     metrics: dict[str, Any] = {"coco": nlg.coco, "extra": nlg.extra}
     per_sample = dict(nlg.per_sample)
     statistics = dict(nlg.statistics)
-    warnings = list(nlg.warnings)
+    warnings = list(nlg.warnings) + list(plan.skipped)
     timings = {f"nlg.{k}": v for k, v in nlg.timings.items()}
     implementation = dict(nlg.implementation)
 
-    ce, timings["ce"] = nlg.meanwhile
-    metrics["ce"] = ce.metrics
-    metrics["ce"]["labeler"] = getattr(labeler, "name", type(labeler).__name__)
-    per_sample.update(ce.per_sample)
-    statistics.update(ce.statistics)
+    if plan.english_rules:
+        ce, timings["ce"] = nlg.meanwhile
+        metrics["ce"] = ce.metrics
+        metrics["ce"]["labeler"] = getattr(labeler, "name", type(labeler).__name__)
+        per_sample.update(ce.per_sample)
+        statistics.update(ce.statistics)
 
     if any(paired.candidate_recognition):  # a region-guided model named the region of each slot it was shown
         recognition = slot_recognition(paired.candidate_recognition)
         recognition["source"] = "region-guided model: the region named for each region shown (region_recognition)"
-        if any(paired.reference_regions):
+        if any(paired.reference_regions) and plan.english_rules:
             metrics["ce_regions"] = region_ce(paired.reference_regions, paired.candidate_regions, labeler)
     elif any(paired.reference_regions):
-        metrics["ce_regions"] = region_ce(paired.reference_regions, paired.candidate_regions, labeler)
+        if plan.english_rules:
+            metrics["ce_regions"] = region_ce(paired.reference_regions, paired.candidate_regions, labeler)
         recognition = region_recognition([covered_regions(r) for r in paired.reference_regions],
                                          [covered_regions(r) for r in paired.candidate_regions])
         recognition["source"] = "region reports"
-    else:
+    elif plan.english_rules:
         recognition = region_recognition([mentioned_regions(t) for t in paired.references],
                                          [mentioned_regions(t) for t in paired.candidates], regions=REGIONS)
         recognition["source"] = "regions mentioned in the report text (keyword rules)"
-    metrics["region_recognition"] = recognition
+    else:
+        recognition = None
+    if recognition is not None:
+        metrics["region_recognition"] = recognition
 
-    ref_len, gen_len = word_counts(paired.references), word_counts(paired.candidates)
+    if plan.english_rules:
+        ref_len, gen_len = word_counts(paired.references), word_counts(paired.candidates)
+    else:
+        ref_len, gen_len = plan.lengths(paired.references), plan.lengths(paired.candidates)
     metrics["lengths"] = length_analysis(ref_len, gen_len)
+    if plan.length_unit != "words":
+        metrics["lengths"]["unit"] = plan.length_unit
     per_sample["lengths.reference"] = ref_len
     per_sample["lengths.generated"] = gen_len
     statistics["lengths.generated_mean"] = mean_statistic(gen_len)
     statistics["lengths.reference_mean"] = mean_statistic(ref_len)
 
     scores = SystemScores(name, paired, metrics, per_sample, statistics, warnings, implementation, timings)
+    if petrg is not None:
+        _run_petrg(scores, petrg, options.progress)
     if judge is not None:
         start = time.perf_counter()
         _run_judge(scores, judge, options.judge_prompts, options.progress)
         timings["judge"] = time.perf_counter() - start
+        if not plan.english_rules and str(getattr(judge, "id", "")).startswith(("rule:", "label:")):
+            scores.warnings.append(f"lang {plan.lang}: the {judge.id.split(':')[0]} judge reads reports with the "
+                                   "English labeler; its scores are not meaningful for this language")
     return scores
 
 
@@ -227,15 +265,24 @@ def evaluate_files(predictions: str | os.PathLike[str], references: str | os.Pat
         judge = make_judge(options.judge, cache=options.judge_cache, labeler=labeler,
                            concurrency=options.judge_concurrency, timeout=options.judge_timeout,
                            retries=options.judge_retries)
+    petrg = None
+    if options.petrg:
+        from rrg3d.evaluate.petrg import MemoExtractor, make_extractor
+
+        petrg = MemoExtractor(make_extractor(options.petrg_extractor, cache=options.judge_cache,
+                                             concurrency=options.judge_concurrency, timeout=options.judge_timeout,
+                                             retries=options.judge_retries))
     try:
-        system = score_system(Path(predictions).name, paired, labeler, judge, options)
+        system = score_system(Path(predictions).name, paired, labeler, judge, options, petrg)
         other = None
         if options.compare:
             paired_b = pair(refs, load_predictions(options.compare), options.missing, without)
-            other = score_system(Path(options.compare).name, paired_b, labeler, judge, options)
+            other = score_system(Path(options.compare).name, paired_b, labeler, judge, options, petrg)
     finally:
         if judge is not None:
             judge.close()
+        if petrg is not None:
+            petrg.close()
 
     start = time.perf_counter()
     ci = bootstrap_all(system.statistics, options.bootstrap, options.seed) if options.bootstrap > 0 else {}
@@ -251,6 +298,13 @@ def evaluate_files(predictions: str | os.PathLike[str], references: str | os.Pat
     }
     metrics["ci_settings"] = {"n_resamples": options.bootstrap, "seed": options.seed, "level": 0.95,
                               "method": "percentile bootstrap over samples"}
+    if "petrg" in metrics:
+        from rrg3d.evaluate.petrg import ci_entries
+
+        metrics["petrg"]["ci"] = ci_entries(ci, "petrg")
+        if system.petrg_truth_statistics and options.bootstrap > 0:
+            truth_ci = bootstrap_all(system.petrg_truth_statistics, options.bootstrap, options.seed)
+            metrics["petrg"]["extractor_vs_truth"]["ci"] = ci_entries(truth_ci, "petrg_truth")
     if other is not None:
         metrics["compare"] = {"predictions": str(options.compare), "counts": other.paired.counts,
                               **{k: v for k, v in other.metrics.items()},

@@ -175,6 +175,8 @@ def _model_record(model: Any) -> dict[str, Any]:
         from rrg3d.models.registry import config_to_dict
 
         record["vision"]["classifier"] = config_to_dict(vision.classifier.config)
+    if len(getattr(vision, "branches", {})):  # PET/CT: each modality branch as built (fitted state included)
+        record["vision"]["branches"] = {name: branch.describe() for name, branch in vision.branches.items()}
     if vision.regions is not None:  # region-guided: the settings as resolved (names, sizes, branches, alignment)
         from rrg3d.models.registry import config_to_dict
 

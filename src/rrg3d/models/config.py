@@ -40,6 +40,9 @@ class VisionConfig:
     classifier: dict[str, Any] | None = None
     #: region-guided generation (Reg2RG): texture + geometry tokens per region (:mod:`rrg3d.models.regions`)
     regions: dict[str, Any] | None = None
+    #: extra modality branches after the CT (PETRG-3D): ``{pet: {encoder: shared, compressor, projector}}``
+    #: (:mod:`rrg3d.models.branches`); the CT branch is ``encoder``/``compressor``/``projector`` above
+    branches: dict[str, Any] | None = None
 
 
 @dataclass
@@ -56,6 +59,14 @@ class PromptConfig:
     #: the order the diagnosis line lists findings in (label names, e.g. the order reports name them:
     #: ``rrg3d.text.labeler.mention_order``); findings it leaves out follow in label order. None: label order
     findings_order: list[str] | None = None
+    #: style-adaptive prompt (PETRG-3D): a block added to the instruction holding a normal-study report written in the
+    #: study's hospital style (``{template}``); None: no style prompt. See :mod:`rrg3d.text.styles`.
+    style: str | None = None
+    #: the templates: style (hospital) → {"female" | "male" | "any": normal report}; a training run fills them from
+    #: its training split when empty, and the checkpoint keeps them
+    style_templates: dict[str, dict[str, str]] | None = None
+    #: the style a study without one is written in; None: such a study is an error for a style-prompted model
+    default_style: str | None = None
 
     def __post_init__(self) -> None:
         if self.instruction.count(IMAGE_TOKEN) != 1:
@@ -63,6 +74,18 @@ class PromptConfig:
         if self.findings is not None and (self.findings.count("{findings}") != 1 or IMAGE_TOKEN in self.findings):
             raise ConfigError(f"prompt.findings must contain {{findings}} exactly once and no {IMAGE_TOKEN}: "
                               f"{self.findings!r}")
+        if self.style is not None and (self.style.count("{template}") != 1 or IMAGE_TOKEN in self.style):
+            raise ConfigError(f"prompt.style must contain {{template}} exactly once and no {IMAGE_TOKEN}: "
+                              f"{self.style!r}")
+        if self.style_templates is not None:
+            for style, by_sex in self.style_templates.items():
+                if not isinstance(by_sex, Mapping) or not by_sex or set(by_sex) - {"female", "male", "any"} \
+                        or not all(isinstance(t, str) and t.strip() for t in by_sex.values()):
+                    raise ConfigError(f"prompt.style_templates.{style} must map female / male / any to report text")
+        if self.default_style is not None and self.style_templates is not None \
+                and self.default_style not in self.style_templates:
+            raise ConfigError(f"prompt.default_style {self.default_style!r} has no template "
+                              f"(styles: {', '.join(sorted(self.style_templates))})")
         if self.findings_order is not None:
             from rrg3d.data.adapters.ctrate import CTRATE_LABELS
 
@@ -71,6 +94,16 @@ class PromptConfig:
             if unknown or len(set(order)) != len(order):
                 raise ConfigError(f"prompt.findings_order must name CT-RATE labels, each once: "
                                   f"{'unknown ' + ', '.join(unknown) if unknown else 'a label is named twice'}")
+
+    def with_style(self, instruction: str, style: str | None, sex: str | None, *, where: str = "study") -> str:
+        """``instruction`` followed by the style block with the template of ``style`` for ``sex`` (the style's
+        ``any`` template when there is none for that sex, or the sex is unknown); unchanged without a style prompt."""
+        if self.style is None:
+            return instruction
+        from rrg3d.text.styles import pick_template
+
+        template = pick_template(self.style_templates or {}, style or self.default_style, sex, where=where)
+        return f"{instruction}\n{self.style.replace('{template}', template)}"
 
     def with_findings(self, instruction: str, findings: list[str]) -> str:
         """``instruction`` followed by the diagnosis line for ``findings`` (unchanged without ``findings``)."""
@@ -135,7 +168,13 @@ class ModelConfig:
             raise ConfigError(f"{source}: unknown keys {unknown}; known keys: {list(SECTIONS)}")
         if "vision" not in data or "name" not in data:
             raise ConfigError(f"{source}: a model config needs 'name' and 'vision'")
-        vision = config_from_mapping(VisionConfig, data["vision"] or {}, where=f"{source}: vision")
+        from rrg3d.models.branches import normalize_branches
+
+        vision_data = data["vision"] or {}
+        if not isinstance(vision_data, Mapping):
+            raise ConfigError(f"{source}: vision must be a mapping")
+        vision = config_from_mapping(VisionConfig, normalize_branches(dict(vision_data), source),
+                                     where=f"{source}: vision")
         for part in ("encoder", "compressor", "projector"):
             value = getattr(vision, part)
             if not isinstance(value, Mapping) or "name" not in value:
@@ -166,6 +205,7 @@ class ModelConfig:
             from rrg3d.models.encoders.multiwindow import check_preset_window
 
             check_preset_window(dict(vision.encoder), preprocess, where=source)
+        check_input_channels(vision, preprocess, source)
         prompt = config_from_mapping(PromptConfig, data.get("prompt") or {}, where=f"{source}: prompt")
         if prompt.findings is not None and vision.classifier is None:
             raise ConfigError(f"{source}: prompt.findings (a diagnosis prompt) needs vision.classifier")
@@ -193,6 +233,28 @@ class ModelConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def check_input_channels(vision: VisionConfig, preprocess: str | Mapping[str, Any], source: str) -> None:
+    """The channels the vision tower reads (CT encoder + branches) must be those the preset gives: a PET/CT preset
+    gives 2 (CT, PET) — a ``pet`` branch, or a 2-channel encoder (early fusion) — a CT preset 1."""
+    from rrg3d.errors import PresetError
+    from rrg3d.preprocess.presets import load_preset
+
+    if vision.branches and vision.regions is not None:
+        raise ConfigError(f"{source}: vision.branches (PET/CT) and vision.regions (Reg2RG) cannot be combined yet")
+    if vision.encoder.get("name") == "multiwindow":
+        return  # the stem makes its channels from one CT window (checked by check_preset_window)
+    try:
+        preset = load_preset(dict(preprocess) if isinstance(preprocess, Mapping) else preprocess)
+    except (PresetError, OSError):
+        return  # an unknown preset name is reported where the preset is used
+    reads = int(vision.encoder.get("in_channels", 1))
+    reads += sum(int(b.get("channels", 1)) for b in (vision.branches or {}).values())
+    if reads != preset.channels:
+        what = "CT and PET (a PET/CT preset)" if preset.pet is not None else "one CT channel"
+        raise ConfigError(f"{source}: preset {preset.name!r} gives {what}, {preset.channels} channel(s); the vision "
+                          f"tower reads {reads} (vision.encoder.in_channels + vision.branches)")
 
 
 def _builtin_dir() -> Any:

@@ -41,11 +41,17 @@ class Study:
     #: value → region name mapping: what a region-guided model reads
     mask: Path | None = None
     mask_labels: dict[str, str] | None = None
+    #: PET/CT models: the study's PET (a manifest's ``images.pet``, or ``--pet`` for one scan)
+    pet: Path | None = None
+    #: the reporting style (hospital) and sex a style-prompted model writes for
+    style: str | None = None
+    sex: str | None = None
 
 
 def resolve_studies(inputs: Sequence[str | os.PathLike[str]]) -> list[Study]:
     """Expand files, DICOM folders and manifests into studies with unique ids (input order kept)."""
     from rrg3d.data.manifest import check_manifest, record_affine, resolve
+    from rrg3d.train.data import normalize_sex
 
     studies: list[Study] = []
     for item in inputs:
@@ -67,14 +73,19 @@ def resolve_studies(inputs: Sequence[str | os.PathLike[str]]) -> list[Study]:
                                          error=f"{path}:{record.get('_line')}: no images.ct to report on"))
                     continue
                 preprocessed = (record.get("preprocess") or {}).get("sha256")
-                overrides = (record.get("meta") or {}).get("header_overrides")
+                record_meta = record.get("meta") or {}
+                meta = {k: record_meta[k] for k in ("header_overrides", "pet_units") if record_meta.get(k)}
                 masks = record.get("masks") or {}
+                pet = (record.get("images") or {}).get("pet")
+                style = record.get("style")
                 studies.append(Study(id=str(record["id"]), path=resolve(path, image), source=str(path),
                                      affine=record_affine(record, "images.ct"), preprocessed_with=preprocessed,
-                                     meta={"header_overrides": overrides} if overrides else {},
+                                     meta=meta,
                                      mask=resolve(path, masks["path"]) if masks.get("path") else None,
                                      mask_labels={str(k): str(v) for k, v in (masks.get("labels") or {}).items()}
-                                     or None))
+                                     or None, pet=resolve(path, pet) if pet else None,
+                                     style=style if isinstance(style, str) and style else None,
+                                     sex=normalize_sex(record.get("sex"))))
         else:
             studies.append(Study(id=scan_stem(path), path=path, source=str(path)))
     seen: dict[str, int] = {}
@@ -88,10 +99,15 @@ def resolve_studies(inputs: Sequence[str | os.PathLike[str]]) -> list[Study]:
 
 
 def load_study(study: Study, preset: Any) -> np.ndarray:
-    """The model-ready array [C, D, H, W] of a study (read + preprocess, or the cache's array as is)."""
-    from rrg3d.preprocess.batch import load_model_input
+    """The model-ready array [C, D, H, W] of a study (read + preprocess, or the cache's array as is); a PET/CT
+    preset reads the study's PET too and puts it on the CT's grid (C = 2)."""
+    from rrg3d.preprocess.batch import load_model_input, load_petct_input
 
     assert study.path is not None
+    if preset.pet is not None:
+        return load_petct_input(study.path, study.pet, preset, cached_sha256=study.preprocessed_with,
+                                header_overrides=study.meta.get("header_overrides"),
+                                pet_units=study.meta.get("pet_units"))
     return load_model_input(study.path, preset, cached_sha256=study.preprocessed_with,
                             header_overrides=study.meta.get("header_overrides"))[None]
 
@@ -210,14 +226,21 @@ def generate_reports(model: Any, inputs: Sequence[str | os.PathLike[str]], out: 
                      settings: Any | None = None, batch_size: int = 1, checkpoint: str | None = None,
                      on_record: Callable[[dict[str, Any]], None] | None = None, progress: bool = True,
                      resume: bool = True, masks: str | os.PathLike[str] | None = None,
-                     segment: str | None = None) -> GenerateSummary:
+                     segment: str | None = None, pet: str | os.PathLike[str] | None = None,
+                     style: str | None = None, sex: str | None = None,
+                     pet_units: str | None = None) -> GenerateSummary:
     """Generate a report for every study of ``inputs`` into the predictions JSONL ``out``.
 
     A region-guided model reads each study's label map (``segment``: made by that segmentation backend from the
     scan; ``masks``: a label-map file for one scan or a folder of them; otherwise the manifest's ``masks``). Its
     records gain ``region_reports`` (region → text), ``regions`` (region → label value in the label map written
     beside the predictions, ``masks.path``), ``region_recognition`` (the region the model named for each slot) and
-    the merged ``report``."""
+    the merged ``report``.
+
+    A PET/CT model reads each study's PET (a manifest's ``images.pet``; ``pet``: the PET of a single scan given as a
+    file, ``pet_units`` ``"SUVbw"`` when that file is already in SUV). A style-prompted model writes in each study's
+    ``style`` for its ``sex``; ``style``/``sex`` override them for every study (e.g. a hospital's style for scans
+    from elsewhere)."""
     import torch
     from tqdm import tqdm
 
@@ -233,6 +256,22 @@ def generate_reports(model: Any, inputs: Sequence[str | os.PathLike[str]], out: 
     settings = settings or model.config.generation
     preset = load_preset(model.config.preprocess)
     studies = resolve_studies(inputs)
+    if pet is not None:
+        scans = [s for s in studies if s.error is None and s.source == str(s.path)]
+        if len(studies) != 1 or len(scans) != 1:
+            raise RRG3DError("--pet gives the PET of one scan file: give exactly one SCAN (a manifest carries each "
+                             "study's PET in images.pet)")
+        scans[0].pet = Path(pet)
+        if pet_units:
+            scans[0].meta["pet_units"] = pet_units
+    if pet is not None and preset.pet is None:
+        raise RRG3DError(f"--pet: {model.config.name} reads CT alone (its preset {preset.name!r} is not PET/CT)")
+    styled = getattr(model.config.prompt, "style", None) is not None
+    if (style is not None or sex is not None) and not styled:
+        raise RRG3DError(f"--style/--sex are for style-prompted models; {model.config.name} has no style prompt")
+    for study in studies:
+        study.style = style or study.style
+        study.sex = sex or study.sex
     finished = done_ids(out_path) if resume else set()
     if not resume and out_path.exists():
         out_path.unlink()
@@ -279,17 +318,21 @@ def generate_reports(model: Any, inputs: Sequence[str | os.PathLike[str]], out: 
         if region_settings is not None:
             from rrg3d.models.regions import collate_regions
 
-            outputs = model.generate_regions(volumes, collate_regions([g["item"] for g in grounding]), settings)
+            outputs = model.generate_regions(volumes, collate_regions([g["item"] for g in grounding]), settings,
+                                             styles=[(s.style, s.sex) for s in ready] if styled else None)
             reports = [o.report for o in outputs]
             grounded = [_grounded_fields(study, g, o, mask_dir, out_path)
                         for study, g, o in zip(ready, grounding, outputs, strict=True)]
         else:
-            reports = model.generate(volumes, settings)
+            reports = model.generate(volumes, settings,
+                                     styles=[(s.style, s.sex) for s in ready] if styled else None)
         seconds = (time.perf_counter() - tick) / len(ready)
         # with a finding classifier: its probabilities and the calls the diagnosis prompt listed
         classified = model.classify(volumes) if getattr(model.vision, "classifier", None) is not None else None
         for index, (study, report) in enumerate(zip(ready, reports, strict=True)):
             extra = {"findings_classifier": classified[index]} if classified is not None else {}
+            if styled:
+                extra["style"] = {"style": study.style or model.config.prompt.default_style, "sex": study.sex}
             fields = dict(grounded[index])
             extra.update(fields.pop("meta", {}))
             emit({"id": study.id, "report": report, **fields,

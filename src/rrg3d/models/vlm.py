@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from rrg3d.errors import ConfigError
+from rrg3d.models.branches import BranchSettings, ModalityBranch
 from rrg3d.models.classifier import ClassifierConfig, FindingClassifier
 from rrg3d.models.config import GenerationSettings, ModelConfig, load_model_config
 from rrg3d.models.language import (
@@ -77,7 +78,8 @@ class VisionTower(nn.Module):
     finding from the same encoder pass: :meth:`encode`)."""
 
     def __init__(self, encoder: nn.Module, compressor: nn.Module, projector: nn.Module,
-                 classifier: FindingClassifier | None = None, regions: RegionTower | None = None) -> None:
+                 classifier: FindingClassifier | None = None, regions: RegionTower | None = None,
+                 branches: dict[str, ModalityBranch] | None = None) -> None:
         super().__init__()
         self.encoder = encoder
         self.compressor = compressor
@@ -85,6 +87,8 @@ class VisionTower(nn.Module):
         self.classifier = classifier
         #: region-guided models: the texture and geometry branches (:mod:`rrg3d.models.regions`)
         self.regions = regions
+        #: PET/CT models: the modality branches after the CT (:mod:`rrg3d.models.branches`), in channel order
+        self.branches = nn.ModuleDict(branches or {})
 
     @classmethod
     def from_config(cls, vision: Any, lm_dim: int) -> VisionTower:
@@ -101,7 +105,47 @@ class VisionTower(nn.Module):
         if getattr(vision, "regions", None) is not None:
             region_settings = config_from_mapping(RegionSettings, vision.regions, where="vision.regions")
             regions = RegionTower(region_settings, int(encoder.out_dim), lm_dim)
-        return cls(encoder, compressor, projector, classifier, regions)
+        branches = {name: ModalityBranch(name, config_from_mapping(BranchSettings, data,
+                                                                   where=f"vision.branches.{name}"), encoder, lm_dim)
+                    for name, data in (getattr(vision, "branches", None) or {}).items()}
+        return cls(encoder, compressor, projector, classifier, regions, branches)
+
+    # -- modalities ---------------------------------------------------------------------------------------------------
+    @property
+    def ct_channels(self) -> int:
+        """Input channels the CT branch reads (the first ones of the volume)."""
+        return int(getattr(self.encoder, "in_channels", 1))
+
+    @property
+    def modality_labels(self) -> list[str]:
+        """The prompt label of each modality's run of image tokens (``["CT", "PET"]``); ``[]`` for a CT-only tower."""
+        return ["CT", *[branch.label for branch in self.branches.values()]] if len(self.branches) else []
+
+    def ct_volumes(self, volumes: torch.Tensor) -> torch.Tensor:
+        """The channels of ``volumes`` [B, C, D, H, W] the CT branch reads (all of them for a CT-only tower)."""
+        return volumes[:, : self.ct_channels] if len(self.branches) else volumes
+
+    def _branch_tokens(self, volumes: torch.Tensor, ct_tokens: torch.Tensor,
+                       project: bool = True) -> torch.Tensor:
+        """The CT tokens followed by each branch's tokens for its channels of ``volumes`` (counts checked)."""
+        if not len(self.branches):
+            return ct_tokens
+        parts, start = [ct_tokens], self.ct_channels
+        for name, branch in self.branches.items():
+            channels = volumes[:, start: start + branch.settings.channels]
+            start += branch.settings.channels
+            encoder = branch.encoder if branch.encoder is not None else self.encoder
+            tokens = branch.compressor(encoder(channels))
+            tokens = branch.projector(tokens) if project else tokens
+            if tokens.shape[1] != ct_tokens.shape[1]:
+                raise ValueError(f"the {name} branch gives {tokens.shape[1]} tokens, the CT branch "
+                                 f"{ct_tokens.shape[1]}: every modality must give as many tokens (compressors with "
+                                 "the same output count)")
+            parts.append(tokens)
+        if start != volumes.shape[1]:
+            raise ValueError(f"the vision tower reads {start} channels (CT + {', '.join(self.branches)}), the volumes "
+                             f"have {volumes.shape[1]}; use the model's PET/CT preset")
+        return torch.cat(parts, dim=1)
 
     def region_embeddings(self, regions: RegionBatch) -> torch.Tensor:
         """Embeddings [N, tokens per region, lm_dim] of a batch's region slots (texture, then geometry)."""
@@ -110,28 +154,33 @@ class VisionTower(nn.Module):
         return self.regions(regions.to(next(self.parameters()).device), shared_encoder=self.encoder)
 
     def num_tokens(self, input_shape: Sequence[int]) -> int:
-        """Visual embeddings per volume of spatial size ``(D, H, W)``."""
-        return int(self.compressor.num_tokens(self.encoder.grid_shape(tuple(int(s) for s in input_shape[-3:]))))
+        """Visual embeddings per volume of spatial size ``(D, H, W)`` (all modalities together)."""
+        ct = int(self.compressor.num_tokens(self.encoder.grid_shape(tuple(int(s) for s in input_shape[-3:]))))
+        return ct * (1 + len(self.branches))
 
     def features(self, volumes: torch.Tensor) -> torch.Tensor:
-        """Compressed encoder tokens before the projector [B, N, C]."""
-        return self.compressor(self.encoder(volumes))
+        """Compressed encoder tokens before the projector [B, N, C] (the CT branch's: PET/CT towers have one
+        projector per modality, so only the CT branch has features in this sense)."""
+        return self.compressor(self.encoder(self.ct_volumes(volumes)))
 
     def forward(self, volumes: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.features(volumes))
+        return self.encode(volumes)[0]
 
     def finding_logits(self, volumes: torch.Tensor) -> torch.Tensor:
-        """The finding classifier's logits [B, L] (encoder + classifier; the compressor and projector are skipped)."""
+        """The finding classifier's logits [B, L] (encoder + classifier; the compressor and projector are skipped).
+        A PET/CT tower's classifier reads the CT branch."""
         if self.classifier is None:
             raise ValueError("this vision tower has no finding classifier (vision.classifier)")
-        return self.classifier(self.encoder(volumes), volumes)
+        ct = self.ct_volumes(volumes)
+        return self.classifier(self.encoder(ct), ct)
 
     def encode(self, volumes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Visual embeddings [B, N, lm_dim] and finding logits [B, L] (None without a classifier), one encoder
-        pass for both."""
-        grid = self.encoder(volumes)
-        logits = self.classifier(grid, volumes) if self.classifier is not None else None
-        return self.projector(self.compressor(grid)), logits
+        """Visual embeddings [B, N, lm_dim] (a PET/CT tower: the CT tokens, then each branch's) and finding logits
+        [B, L] (None without a classifier), one CT encoder pass for both."""
+        ct = self.ct_volumes(volumes)
+        grid = self.encoder(ct)
+        logits = self.classifier(grid, ct) if self.classifier is not None else None
+        return self._branch_tokens(volumes, self.projector(self.compressor(grid))), logits
 
     def unfitted_parts(self) -> list[str]:
         """Parts with data-dependent statistics not fitted yet: a PCA compressor, a standardising projector."""
@@ -140,6 +189,11 @@ class VisionTower(nn.Module):
             parts.append("compressor")
         if getattr(self.projector, "needs_fit", False):
             parts.append("projector")
+        for name, branch in self.branches.items():
+            if (hasattr(branch.compressor, "is_fitted") and not branch.compressor.is_fitted) \
+                    or getattr(branch.projector, "needs_fit", False):
+                raise ConfigError(f"vision.branches.{name}: a compressor or projector fitted on data (PCA, "
+                                  "standardising) is not supported in a modality branch yet")
         return parts
 
     @torch.no_grad()
@@ -152,7 +206,7 @@ class VisionTower(nn.Module):
         self.eval()  # no dropout; BatchNorm uses its running statistics
         try:
             if "compressor" in parts:
-                self.compressor.fit(self.encoder(v) for v in volume_batches())
+                self.compressor.fit(self.encoder(self.ct_volumes(v)) for v in volume_batches())
             if "projector" in parts:
                 self.projector.fit(self.features(v) for v in volume_batches())
         finally:
@@ -325,12 +379,47 @@ class ReportGenerator(nn.Module):
         ``region_tokens`` ids (region-guided models)."""
         before, after = self.prompt_text(instruction).split(IMAGE_TOKEN)
         encode = self.tokenizer.encode
-        ids = [*encode(before, add_special_tokens=False), *[self.image_token_id] * num_image_tokens,
+        ids = [*encode(before, add_special_tokens=False), *self.image_ids(num_image_tokens),
                *encode(after, add_special_tokens=False)]
         if self.region_settings is None:
             return ids
         region_ids = set(self.region_token_ids)
         return [t for token in ids for t in ([token] * region_tokens if token in region_ids else [token])]
+
+    def image_ids(self, num_image_tokens: int) -> list[int]:
+        """What ``<image>`` becomes: ``num_image_tokens`` image ids; for a PET/CT model one labelled run per modality
+        (``CT: <image>×n\nPET: <image>×n``), the tokens split evenly in the tower's modality order."""
+        labels = self.vision.modality_labels
+        if not labels:
+            return [self.image_token_id] * num_image_tokens
+        if num_image_tokens % len(labels):
+            raise ValueError(f"{num_image_tokens} image tokens cannot be split evenly between the modalities "
+                             f"{', '.join(labels)}")
+        each = num_image_tokens // len(labels)
+        ids: list[int] = []
+        for i, label in enumerate(labels):
+            prefix = ("\n" if i else "") + f"{label}: "
+            ids += [*self.tokenizer.encode(prefix, add_special_tokens=False), *[self.image_token_id] * each]
+        return ids
+
+    def style_instructions(self, instructions: Sequence[str | None] | None,
+                           styles: Sequence[tuple[str | None, str | None]] | None, batch_size: int,
+                           ids: Sequence[str] | None = None) -> list[str | None] | None:
+        """Each sample's instruction with its style block (``prompt.style``: the normal-report template of its
+        hospital and sex); ``instructions`` unchanged for a model without a style prompt. ``styles``: one
+        ``(style, sex)`` per sample, required by a style-prompted model."""
+        prompt = self.config.prompt
+        if prompt.style is None:
+            return list(instructions) if instructions is not None else None
+        if styles is None:
+            raise ValueError("this model writes in the style of a hospital (prompt.style): give each study's "
+                             "(style, sex)")
+        if len(styles) != batch_size:
+            raise ValueError(f"{len(styles)} styles for a batch of {batch_size}")
+        base = list(instructions) if instructions is not None else [None] * batch_size
+        names = list(ids) if ids is not None else [f"sample {i}" for i in range(batch_size)]
+        return [prompt.with_style(text or prompt.instruction, style, sex, where=name)
+                for text, (style, sex), name in zip(base, styles, names, strict=True)]
 
     def prompt_batch(self, num_image_tokens: int, batch_size: int,
                      instructions: Sequence[str | None] | None = None, region_tokens: int = 0
@@ -376,15 +465,17 @@ class ReportGenerator(nn.Module):
     def report_batch(self, volumes: torch.Tensor, reports: Sequence[str], *, max_length: int | None = None,
                      instructions: Sequence[str | None] | None = None, ids: Sequence[str] | None = None,
                      true_labels: torch.Tensor | None = None, true_share: float = 0.0,
-                     regions: RegionBatch | None = None) -> dict[str, torch.Tensor]:
+                     regions: RegionBatch | None = None,
+                     styles: Sequence[tuple[str | None, str | None]] | None = None) -> dict[str, torch.Tensor]:
         """:meth:`training_batch` for these volumes: with a diagnosis prompt, each instruction lists the findings
         the classifier calls in that volume (a gradient-free pass, as in generation). With ``true_labels`` [B, 18]
         and ``true_share`` > 0, that share of the samples (drawn from torch's RNG) lists its true findings instead
         — teacher forcing of the prompt, which teaches the LM to write what the list says. A region-guided model
         needs ``regions`` (slots in the order given: shuffle them before for alignment); its prompt gains the slot
         lines and its target is the region reports (:func:`~rrg3d.models.regions.region_target`), not
-        ``reports``."""
+        ``reports``. A style-prompted model needs each sample's ``styles`` ``(style, sex)``."""
         regions = self._regions_required(regions, len(volumes))
+        instructions = self.style_instructions(instructions, styles, len(volumes), ids)
         classifier = self.vision.classifier
         if self.uses_findings_prompt and classifier is not None:
             calls: list[list[str] | None] = [None] * len(volumes)
@@ -493,7 +584,8 @@ class ReportGenerator(nn.Module):
     @torch.inference_mode()
     def generate_ids(self, volumes: torch.Tensor, settings: GenerationSettings | None = None,
                      instructions: Sequence[str | None] | None = None, num_samples: int = 1,
-                     regions: RegionBatch | None = None) -> torch.Tensor:
+                     regions: RegionBatch | None = None,
+                     styles: Sequence[tuple[str | None, str | None]] | None = None) -> torch.Tensor:
         """New token ids [B × num_samples, T] for a batch of preprocessed volumes [B, C, D, H, W]: ``num_samples``
         rows per volume, consecutive (one vision pass and one prompt prefill per volume; sampled rows differ by the
         decoder's random stream). Region-guided models need ``regions`` (their slots in prompt order)."""
@@ -502,6 +594,7 @@ class ReportGenerator(nn.Module):
         settings = settings or self.config.generation
         volumes = volumes.to(self.device)
         regions = self._regions_required(regions, volumes.shape[0])
+        instructions = self.style_instructions(instructions, styles, volumes.shape[0])
         visual, logits = self._global_visual(volumes)
         instructions = self.finding_instructions(logits, instructions)
         region_tokens = 0
@@ -539,37 +632,42 @@ class ReportGenerator(nn.Module):
         return [str(t).strip() for t in self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
 
     def generate(self, volumes: torch.Tensor, settings: GenerationSettings | None = None,
-                 instructions: Sequence[str | None] | None = None, regions: RegionBatch | None = None) -> list[str]:
+                 instructions: Sequence[str | None] | None = None, regions: RegionBatch | None = None,
+                 styles: Sequence[tuple[str | None, str | None]] | None = None) -> list[str]:
         """Reports for a batch of preprocessed volumes [B, C, D, H, W] (region-guided models: the raw text with its
         region lines; :meth:`generate_regions` splits it)."""
         was_training = self.training
         self.eval()
         try:
-            return self.decode_text(self.generate_ids(volumes, settings, instructions, regions=regions))
+            return self.decode_text(self.generate_ids(volumes, settings, instructions, regions=regions,
+                                                      styles=styles))
         finally:
             self.train(was_training)
 
     def generate_regions(self, volumes: torch.Tensor, regions: RegionBatch,
                          settings: GenerationSettings | None = None,
-                         instructions: Sequence[str | None] | None = None) -> list[RegionReport]:
+                         instructions: Sequence[str | None] | None = None,
+                         styles: Sequence[tuple[str | None, str | None]] | None = None) -> list[RegionReport]:
         """Grounded reports of a region-guided model: each output split into region reports, the region recognised
         for each slot and the merged report (:func:`~rrg3d.models.regions.parse_region_report`)."""
         settings_regions = self.region_settings
         if settings_regions is None:
             raise ValueError("generate_regions needs a region-guided model (vision.regions)")
-        texts = self.generate(volumes, settings, instructions, regions=regions)
+        texts = self.generate(volumes, settings, instructions, regions=regions, styles=styles)
         return [parse_region_report(text, slots, settings_regions) for text, slots in zip(texts, regions.names,
                                                                                          strict=True)]
 
     def sample_reports(self, volumes: torch.Tensor, num_samples: int, settings: GenerationSettings | None = None,
-                       instructions: Sequence[str | None] | None = None) -> list[list[str]]:
+                       instructions: Sequence[str | None] | None = None,
+                       styles: Sequence[tuple[str | None, str | None]] | None = None) -> list[list[str]]:
         """``num_samples`` reports per volume (``settings`` decides sampling: temperature > 0 and its seed)."""
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         was_training = self.training
         self.eval()
         try:
-            texts = self.decode_text(self.generate_ids(volumes, settings, instructions, num_samples=num_samples))
+            texts = self.decode_text(self.generate_ids(volumes, settings, instructions, num_samples=num_samples,
+                                                       styles=styles))
         finally:
             self.train(was_training)
         return [texts[i: i + num_samples] for i in range(0, len(texts), num_samples)]

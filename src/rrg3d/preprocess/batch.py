@@ -92,6 +92,29 @@ def preprocess_image(path: str | os.PathLike[str], preset: Preset, *, key: str =
     return volume, item_preset.apply(volume), item_preset
 
 
+def preprocess_petct(ct_path: str | os.PathLike[str], pet_path: str | os.PathLike[str], preset: Preset, *,
+                     header_overrides: dict[str, Any] | None = None,
+                     pet_units: str | None = None) -> tuple[Volume, Volume, Volume]:
+    """A study's CT and PET through a PET/CT preset (``preset.pet``): ``(CT read, CT preprocessed, PET on the CT's
+    output grid)``. The PET is read in SUV (``pet_units``, e.g. ``"SUVbw"``, for files already in SUV)."""
+    from rrg3d.io import read_volume
+
+    if preset.pet is None:
+        raise RRG3DError(f"preset {preset.name!r} is not a PET/CT preset (no pet section)")
+    ct, ct_out, _ = preprocess_image(ct_path, preset, key="ct", header_overrides=header_overrides)
+    pet = read_volume(pet_path, modality="PT")
+    if pet_units and "pet_units" not in pet.meta:
+        pet.meta["pet_units"] = pet_units
+    try:
+        pet_out = preset.apply_pet(pet, ct_out, where=f"{pet_path} on {ct_path}")
+    except RRG3DError:
+        raise
+    except Exception as exc:  # SimpleITK / numpy failure: name both files
+        raise RRG3DError(f"{pet_path}: resampling the PET onto the CT grid failed ({type(exc).__name__}: {exc})") \
+            from exc
+    return ct, ct_out, pet_out
+
+
 def read_cached(path: str | os.PathLike[str], preset: Preset, sha256: str) -> np.ndarray:
     """A cached tensor as a float32 ``[D, H, W]`` copy (memory-mapped read, no file handle kept).
 
@@ -140,6 +163,31 @@ def load_model_input(path: str | os.PathLike[str], preset: Preset, *, cached_sha
     return array
 
 
+def load_petct_input(ct_path: str | os.PathLike[str], pet_path: str | os.PathLike[str] | None, preset: Preset, *,
+                     cached_sha256: str | None = None, header_overrides: dict[str, Any] | None = None,
+                     pet_units: str | None = None) -> np.ndarray:
+    """The model-ready float32 ``[2, D, H, W]`` (CT, PET) array of a PET/CT study for a PET/CT preset: a cache's two
+    tensors (same grid by construction), or both files read and the PET resampled onto the CT's output grid. A
+    missing PET, a PET that does not overlap the CT, NaN values: :class:`RRG3DError` naming the file."""
+    if preset.pet is None:
+        raise RRG3DError(f"preset {preset.name!r} is not a PET/CT preset (no pet section)")
+    if not pet_path:
+        raise RRG3DError(f"{ct_path}: this PET/CT model needs the study's PET (images.pet), and it has none")
+    if cached_sha256 is not None:
+        arrays = [read_cached(ct_path, preset, cached_sha256), read_cached(pet_path, preset, cached_sha256)]
+    else:
+        _, ct_out, pet_out = preprocess_petct(ct_path, pet_path, preset, header_overrides=header_overrides,
+                                              pet_units=pet_units)
+        arrays = [np.asarray(ct_out.array, dtype=np.float32), np.asarray(pet_out.array, dtype=np.float32)]
+        for path, array in zip((ct_path, pet_path), arrays, strict=True):
+            if tuple(array.shape) != tuple(preset.shape):
+                raise RRG3DError(f"{path}: preprocessing gave shape {array.shape}, the preset gives {preset.shape}")
+    for path, array in zip((ct_path, pet_path), arrays, strict=True):
+        if not np.isfinite(array).all():
+            raise RRG3DError(f"{path}: the preprocessed volume contains NaN or infinite values")
+    return np.stack(arrays)
+
+
 def process_record(record: dict[str, Any], manifest_path: str, preset_data: dict[str, Any], out_dir: str) -> dict:
     """Preprocess one study (runs in a worker). Returns ``{"id", "record"}`` or ``{"id", "file", "error"}``."""
     from rrg3d.io import read_volume
@@ -153,15 +201,28 @@ def process_record(record: dict[str, Any], manifest_path: str, preset_data: dict
         images: dict[str, str | None] = {}
         reference = None
         geometry: dict[str, Any] = {}
-        for key, relative in (record.get("images") or {}).items():
+        meta = record.get("meta") or {}
+        given = record.get("images") or {}
+        ct_output = None
+        for key in sorted(given, key=lambda k: k != "ct"):  # the CT first: a PET/CT preset puts the PET on its grid
+            relative = given[key]
             if not relative:
                 images[key] = relative
                 continue
             current_file = str(resolve(manifest_path, relative))
-            meta = record.get("meta") or {}
-            volume, result, item_preset = preprocess_image(current_file, preset, key=key,
-                                                           header_overrides=meta.get("header_overrides"),
-                                                           pet_units=meta.get("pet_units"))
+            if key == "pet" and preset.pet is not None:
+                if ct_output is None:
+                    raise RRG3DError("a PET/CT preset needs the study's CT (images.ct) to place the PET on")
+                volume = read_volume(current_file, modality="PT")
+                if meta.get("pet_units") and "pet_units" not in volume.meta:
+                    volume.meta["pet_units"] = meta["pet_units"]
+                result, item_preset = preset.apply_pet(volume, ct_output, where=current_file), preset
+            else:
+                volume, result, item_preset = preprocess_image(current_file, preset, key=key,
+                                                               header_overrides=meta.get("header_overrides"),
+                                                               pet_units=meta.get("pet_units"))
+            if key == "ct":
+                ct_output = result
             target = out / "tensors" / f"{name}.{key}.npy"
             _save_npy(target, result.array.astype(preset.cache_dtype, copy=False))
             images[key] = relativize(target, out / "manifest.jsonl")

@@ -100,6 +100,29 @@ def centered_grid(volume: Volume, spacing: Spacing3, shape: Shape3) -> np.ndarra
     return affine_from_geometry(spacing_arr, origin)
 
 
+def world_box(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
+    """The axis-aligned world bounding box (LPS mm, voxel edges included) of a volume's grid: ``(low, high)``."""
+    corners = np.array([[d, h, w] for d in (-0.5, 1) for h in (-0.5, 1) for w in (-0.5, 1)], dtype=np.float64)
+    corners = np.where(corners > 0, np.asarray(volume.shape, dtype=np.float64)[None, :] - 0.5, corners)
+    world = volume.index_to_world(corners)
+    return world.min(axis=0), world.max(axis=0)
+
+
+def world_overlap(moving: Volume, fixed: Volume) -> float:
+    """Share of ``fixed``'s world bounding box that ``moving``'s box covers (0: disjoint, 1: fully covered)."""
+    low_m, high_m = world_box(moving)
+    low_f, high_f = world_box(fixed)
+    inter = np.clip(np.minimum(high_m, high_f) - np.maximum(low_m, low_f), 0.0, None)
+    extent = np.clip(high_f - low_f, 1e-9, None)
+    return float(np.prod(inter / extent))
+
+
+def world_extent_text(volume: Volume) -> str:
+    """A volume's world bounding box as text (for error messages)."""
+    low, high = world_box(volume)
+    return "[" + ", ".join(f"{a:.0f}..{b:.0f}" for a, b in zip(low, high, strict=True)) + "] mm"
+
+
 def resample_to_grid(
     volume: Volume,
     affine: np.ndarray,

@@ -17,13 +17,14 @@ from typing import Any, Literal
 import numpy as np
 import yaml
 
-from rrg3d.errors import PresetError
+from rrg3d.errors import PresetError, RRG3DError
 from rrg3d.io.volume import Volume
 from rrg3d.preprocess import ops
 
 PRESET_FORMAT_VERSION = 1
 FIT_MODES = ("crop_pad", "resize")
 INTENSITY_KINDS = ("window", "suv", "none")
+PET_NORMS = ("suv_range", "log_percentile")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,43 @@ class Intensity:
 
 
 @dataclasses.dataclass(frozen=True)
+class PetIntensity:
+    """How the PET channel of a PET/CT preset is normalised, after it is resampled onto the CT's output grid.
+
+    * ``suv_range`` (default): SUVbw clipped to ``window`` and mapped linearly onto ``out_range`` — the same SUV
+      gives the same value in every scan, so the absolute SUV that reports quote (SUVmax 12.3) stays readable;
+    * ``log_percentile`` (PETRG-3D's released code): ``log1p(SUV)``, clipped at the scan's ``percentile``-th
+      percentile, divided by the scan's maximum — contrast within a scan, absolute SUV lost.
+
+    Voxels of the grid outside the PET's field of view get ``pad_value`` (SUV 0: no uptake), never a CT value.
+    """
+
+    norm: Literal["suv_range", "log_percentile"] = "suv_range"
+    window: tuple[float, float] = (0.0, 20.0)
+    out_range: tuple[float, float] = (0.0, 1.0)
+    percentile: float = 99.5
+    pad_value: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.norm not in PET_NORMS:
+            raise PresetError(f"pet.norm must be one of {PET_NORMS}, got {self.norm!r}")
+        if not self.window[1] > self.window[0]:
+            raise PresetError("pet.window needs low < high")
+        if not 0 < self.percentile <= 100:
+            raise PresetError(f"pet.percentile must be in (0, 100], got {self.percentile}")
+
+    def apply(self, suv: np.ndarray) -> np.ndarray:
+        """Normalise an SUV array (float32 out)."""
+        if self.norm == "suv_range":
+            return ops.window(suv, self.window[0], self.window[1], self.out_range, clip=True)
+        logged = np.log1p(np.clip(np.asarray(suv, dtype=np.float32), 0.0, None))
+        ceiling = float(np.percentile(logged, self.percentile)) if logged.size else 0.0
+        np.minimum(logged, np.float32(ceiling), out=logged)
+        peak = float(logged.max(initial=0.0))
+        return logged / np.float32(peak) if peak > 0 else logged
+
+
+@dataclasses.dataclass(frozen=True)
 class Preset:
     """A complete preprocessing recipe; every geometric tuple is in (D, H, W) order."""
 
@@ -58,6 +96,9 @@ class Preset:
     description: str = ""
     family: str | None = None
     stage: int | None = None
+    #: PET/CT presets: the PET channel, resampled onto the CT's output grid and normalised (:class:`PetIntensity`);
+    #: the model input is then ``[2, D, H, W]`` (CT, PET). None: a single-image preset.
+    pet: PetIntensity | None = None
     version: int = PRESET_FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -101,6 +142,15 @@ class Preset:
             values["intensity"] = Intensity(**intensity)
             if "pad_value" in values:
                 values["pad_value"] = float(values["pad_value"])
+            if values.get("pet") is not None:
+                pet = dict(values["pet"])
+                bad = sorted(set(pet) - {f.name for f in dataclasses.fields(PetIntensity)})
+                if bad:
+                    raise PresetError(f"{source}: unknown pet keys {bad}")
+                for key in ("window", "out_range"):
+                    if key in pet:
+                        pet[key] = tuple(float(v) for v in pet[key])
+                values["pet"] = PetIntensity(**pet)
         except (TypeError, ValueError) as exc:
             raise PresetError(f"{source}: malformed preset ({exc})") from exc
         return cls(**values)
@@ -113,6 +163,11 @@ class Preset:
         for key in ("window", "out_range"):
             if data["intensity"][key] is not None:
                 data["intensity"][key] = list(data["intensity"][key])
+        if data["pet"] is None:
+            data.pop("pet")  # single-image presets keep the hash they had before PET/CT presets existed
+        else:
+            for key in ("window", "out_range"):
+                data["pet"][key] = list(data["pet"][key])
         return data
 
     def to_yaml(self) -> str:
@@ -154,6 +209,41 @@ class Preset:
             volume = ops.resample_to_grid(volume, ops.centered_grid(volume, self.spacing, grid_shape), grid_shape,
                                           order=order, fill=fill)
         return ops.resize(volume, self.shape, order=order)
+
+    @property
+    def channels(self) -> int:
+        """Channels of the model input: 2 for a PET/CT preset (CT, PET), else 1."""
+        return 2 if self.pet is not None else 1
+
+    def apply_pet(self, pet: Volume, ct_output: Volume, *, where: str = "PET") -> Volume:
+        """The PET channel of a PET/CT preset: SUV, resampled (trilinear, world coordinates from both affines) onto
+        ``ct_output``'s grid — what :meth:`apply` made of the study's CT — then normalised. A PET that does not
+        overlap that grid in world space is an error (a mismatched pair), not an empty channel."""
+        if self.pet is None:
+            raise PresetError(f"preset {self.name!r} has no pet section: it is not a PET/CT preset")
+        try:
+            suv = ops.to_suv(pet)
+        except PresetError:
+            raise
+        except RRG3DError as exc:
+            raise PresetError(f"{where}: {exc} (for a file already in SUV, say so: meta.pet_units \"SUVbw\" in the "
+                              "manifest, or --pet-units SUVbw)") from exc
+        overlap = ops.world_overlap(suv, ct_output)
+        if overlap <= 0.0:
+            raise PresetError(f"{where}: the PET and the CT do not overlap in world space (PET extent "
+                              f"{ops.world_extent_text(suv)}, CT grid {ops.world_extent_text(ct_output)}); "
+                              "are they from the same study, with correct headers?")
+        grid = ops.resample_to_grid(suv, ct_output.affine, tuple(ct_output.shape), order=1, fill=self.pet.pad_value)
+        pad_mask = None
+        if self.pet.pad_value != 0.0:
+            pad_mask = ops.resample_to_grid(suv.replace(array=np.ones(suv.shape, dtype=np.uint8)), ct_output.affine,
+                                            tuple(ct_output.shape), order=0, fill=0).array == 0
+        array = self.pet.apply(grid.array)
+        if pad_mask is not None:
+            array[pad_mask] = np.float32(self.pet.pad_value)
+        meta = dict(grid.meta, pet_overlap=round(overlap, 4))
+        meta["preprocess"] = {"preset": self.name, "sha256": self.sha256}
+        return grid.replace(array=array.astype(np.float32, copy=False), meta=meta)
 
     def apply_mask(self, mask: Volume) -> Volume:
         """Bring a label map onto the same grid as :meth:`apply` gives its image (nearest neighbour, fill 0)."""

@@ -34,7 +34,7 @@ import torch
 from rrg3d.data.adapters.ctrate import CTRATE_LABELS
 from rrg3d.data.manifest import check_manifest, resolve
 from rrg3d.errors import RRG3DError
-from rrg3d.preprocess.batch import load_model_input, preprocess_manifest
+from rrg3d.preprocess.batch import load_model_input, load_petct_input, preprocess_manifest
 from rrg3d.preprocess.presets import Preset, load_preset
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,12 @@ class Entry:
     mask: str | None = None
     mask_labels: dict[str, str] | None = None
     region_reports: dict[str, str] | None = None
+    #: PET/CT presets: the study's PET (on the CT's grid when cached) and its units when the file is already SUV
+    pet: str | None = None
+    pet_units: str | None = None
+    #: the reporting style (hospital) and sex, for style-adaptive prompts
+    style: str | None = None
+    sex: str | None = None
 
 
 def labels_vector(labels: dict[str, Any] | None, names: Sequence[str] = LABEL_NAMES) -> tuple[float, ...]:
@@ -72,6 +78,18 @@ def labels_vector(labels: dict[str, Any] | None, names: Sequence[str] = LABEL_NA
     return tuple(values)
 
 
+def normalize_sex(value: Any) -> str | None:
+    """A record's ``sex`` as ``"female"``, ``"male"`` or None (unknown): M/F, male/female, 男/女, any case."""
+    if not isinstance(value, str):
+        return None
+    text = value.strip().lower()
+    if text in ("f", "female", "woman", "w", "女"):
+        return "female"
+    if text in ("m", "male", "man", "男"):
+        return "male"
+    return None
+
+
 def preset_shape(preset: str | Preset) -> tuple[int, int, int]:
     """The ``(D, H, W)`` input size a preset gives (what the model of a phase is built for)."""
     return tuple(int(n) for n in load_preset(preset).shape)  # type: ignore[return-value]
@@ -80,8 +98,9 @@ def preset_shape(preset: str | Preset) -> tuple[int, int, int]:
 class ReportDataset(torch.utils.data.Dataset):
     """Studies of a manifest preprocessed with one preset; items are ``{"id", "volume", "report", "labels"}``.
 
-    ``volume`` is a float32 tensor ``[1, D, H, W]`` (CT only for now), ``labels`` a float32 tensor of the 18
-    :data:`LABEL_NAMES` with NaN where the manifest does not say. Prefer :func:`build_dataset`, which also
+    ``volume`` is a float32 tensor ``[C, D, H, W]`` (C = 1: CT; C = 2 for a PET/CT preset: CT, PET on the CT's
+    grid), ``style``/``sex`` the study's reporting style and sex (None when unknown), ``labels`` a float32 tensor
+    of the 18 :data:`LABEL_NAMES` with NaN where the manifest does not say. Prefer :func:`build_dataset`, which also
     builds a cache; constructing the class directly does the same (``workers``/``progress`` apply to caching).
 
     Attributes: ``ids``, ``preset``, ``shape`` (the preset's ``(D, H, W)``), ``mode`` (``"cache"`` or
@@ -173,6 +192,10 @@ class ReportDataset(torch.utils.data.Dataset):
             if not image:
                 self.skipped["no_ct"] = self.skipped.get("no_ct", 0) + 1
                 continue
+            pet = (record.get("images") or {}).get("pet")
+            if self.preset.pet is not None and not pet:
+                self.skipped["no_pet"] = self.skipped.get("no_pet", 0) + 1
+                continue
             entries.append(Entry(
                 id=str(record["id"]), image=str(resolve(source, image)), report=report,
                 labels=labels_vector(record.get("labels")),
@@ -182,9 +205,14 @@ class ReportDataset(torch.utils.data.Dataset):
                 mask=str(resolve(source, masks["path"])) if masks.get("path") else None,
                 mask_labels={str(k): str(v) for k, v in (masks.get("labels") or {}).items()} or None,
                 region_reports=region_reports,
+                pet=str(resolve(source, pet)) if pet and self.preset.pet is not None else None,
+                pet_units=(record.get("meta") or {}).get("pet_units"),
+                style=record.get("style") if isinstance(record.get("style"), str) else None,
+                sex=normalize_sex(record.get("sex")),
             ))
         reasons = {"no_report": "no report", "no_ct": "no images.ct", "no_masks": "no masks (a region model needs a "
-                   "label map)", "no_region_reports": "no region_reports"}
+                   "label map)", "no_region_reports": "no region_reports",
+                   "no_pet": f"no images.pet (preset {self.preset.name!r} is PET/CT)"}
         for reason, what in reasons.items():
             if self.skipped.get(reason):
                 log.warning("%s: %d stud%s skipped (%s)", source, self.skipped[reason],
@@ -200,11 +228,15 @@ class ReportDataset(torch.utils.data.Dataset):
         return len(self.entries)
 
     def load_volume(self, i: int) -> np.ndarray:
-        """The float32 ``[1, D, H, W]`` array of item ``i``; :class:`RRG3DError` naming the file on failure."""
+        """The float32 ``[C, D, H, W]`` array of item ``i``; :class:`RRG3DError` naming the file on failure."""
         entry = self.entries[i]
         try:
-            array = load_model_input(entry.image, self.preset, cached_sha256=entry.cached_sha256,
-                                     header_overrides=entry.header_overrides)
+            if self.preset.pet is not None:
+                array = load_petct_input(entry.image, entry.pet, self.preset, cached_sha256=entry.cached_sha256,
+                                         header_overrides=entry.header_overrides, pet_units=entry.pet_units)
+            else:
+                array = load_model_input(entry.image, self.preset, cached_sha256=entry.cached_sha256,
+                                         header_overrides=entry.header_overrides)[None]
         except RRG3DError as exc:
             raise RRG3DError(f"study {entry.id!r}: {exc}") from exc
         except MemoryError as exc:
@@ -213,16 +245,19 @@ class ReportDataset(torch.utils.data.Dataset):
             raise RRG3DError(f"study {entry.id!r}: {entry.image}: unexpected {type(exc).__name__}: {exc}") from exc
         if entry.cached_sha256 is None:  # round as the cache stores it: both modes give identical tensors
             array = array.astype(self.preset.cache_dtype).astype(np.float32)
-        return array[None]
+        return array
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         entry = self.entries[i]
-        volume = torch.zeros((1, *self.preset.shape)) if self.blank_images else torch.from_numpy(self.load_volume(i))
+        volume = (torch.zeros((self.preset.channels, *self.preset.shape)) if self.blank_images
+                  else torch.from_numpy(self.load_volume(i)))
         item = {
             "id": entry.id,
             "volume": volume,
             "report": entry.report,
             "labels": torch.tensor(entry.labels, dtype=torch.float32),
+            "style": entry.style,
+            "sex": entry.sex,
         }
         if self.regions is not None:
             item["regions"] = self.region_item(i, volume)
@@ -276,7 +311,8 @@ def region_item(volume: torch.Tensor, label_map: np.ndarray, labels: dict[str, s
 
 
 def collate_reports(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Batch items: ``{"ids": [B], "volumes": [B, C, D, H, W], "reports": [B], "labels": [B, 18]}``, and
+    """Batch items: ``{"ids": [B], "volumes": [B, C, D, H, W], "reports": [B], "labels": [B, 18], "styles": [B]
+    (style, sex) pairs}``, and
     ``regions`` (a :class:`~rrg3d.models.regions.RegionBatch`) when the items carry region inputs."""
     if not items:
         raise ValueError("collate_reports needs at least one item")
@@ -285,6 +321,7 @@ def collate_reports(items: list[dict[str, Any]]) -> dict[str, Any]:
         "volumes": torch.stack([item["volume"] for item in items]),
         "reports": [item["report"] for item in items],
         "labels": torch.stack([item["labels"] for item in items]),
+        "styles": [(item.get("style"), item.get("sex")) for item in items],
     }
     if any("regions" in item for item in items):
         from rrg3d.models.regions import collate_regions

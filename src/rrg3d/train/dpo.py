@@ -128,9 +128,11 @@ class PairDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         index = self.pair_index[i]
         pair = self.pairs[index]
+        entry = self.studies.entries[self.study_index[index]]
         volume = torch.from_numpy(self.studies.load_volume(self.study_index[index]))
         return {"id": str(pair["id"]), "index": index, "volume": volume, "chosen": pair["chosen"],
-                "rejected": pair["rejected"], "reference": self.store.values[index].clone()}
+                "rejected": pair["rejected"], "reference": self.store.values[index].clone(),
+                "style": (entry.style, entry.sex)}
 
 
 def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -139,7 +141,8 @@ def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
     return {"ids": [item["id"] for item in items], "index": torch.tensor([item["index"] for item in items]),
             "volumes": torch.stack([item["volume"] for item in items]),
             "chosen": [item["chosen"] for item in items], "rejected": [item["rejected"] for item in items],
-            "reference": torch.stack([item["reference"] for item in items])}
+            "reference": torch.stack([item["reference"] for item in items]),
+            "styles": [item.get("style", (None, None)) for item in items]}
 
 
 def _held_out(study_id: str, seed: int, fraction: float) -> bool:
@@ -198,7 +201,8 @@ def pair_logprobs(model: nn.Module, raw: nn.Module, batch: dict[str, Any], max_l
     # reference and the policy see the same visual embeddings and classifier calls
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
         visual, finding_logits = raw.vision.encode(batch["volumes"].to(device))
-    instructions = raw.finding_instructions(finding_logits)
+    instructions = raw.style_instructions(None, batch.get("styles"), len(batch["ids"]), batch["ids"])
+    instructions = raw.finding_instructions(finding_logits, instructions)
     n = len(batch["ids"])
     names = [f"{i} (chosen)" for i in batch["ids"]] + [f"{i} (rejected)" for i in batch["ids"]]
     logps, tokens = raw.report_logprobs([*batch["chosen"], *batch["rejected"]], torch.cat([visual, visual]),

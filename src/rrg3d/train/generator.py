@@ -109,7 +109,25 @@ def build_report_generator(recipe: Recipe, final_preset: Any) -> nn.Module:
         if parts.lm != "frozen" or parts.encoder or parts.compressor or parts.projector:
             enable_lm_checkpointing(base_model(model.lm))
     model.config.preprocess = preset_reference(final_preset)
+    fill_style_templates(model, recipe)
     return model
+
+
+def fill_style_templates(model: nn.Module, recipe: Recipe) -> None:
+    """A style-prompted model (``prompt.style``) without templates gets them from the training split of
+    ``data.manifest`` (:func:`rrg3d.text.styles.build_style_templates`); the checkpoint then keeps them, so generation
+    uses exactly the templates training saw."""
+    prompt = model.config.prompt
+    if prompt.style is None or prompt.style_templates:
+        return
+    if not recipe.data.manifest:
+        raise ConfigError("a style-prompted model (prompt.style) needs data.manifest to build its style templates")
+    from rrg3d.text.styles import build_style_templates
+
+    prompt.style_templates = build_style_templates(recipe.data.manifest, splits=recipe.data.train_split,
+                                                   field=recipe.data.report_field)
+    log.info("style templates from the training split: %s", ", ".join(
+        f"{style} ({'/'.join(sorted(by_sex))})" for style, by_sex in prompt.style_templates.items()))
 
 
 def recipe_model_config(recipe: Recipe) -> Any:
@@ -174,7 +192,8 @@ def fit_generator_statistics(model: nn.Module, dataset: Any, recipe: Recipe, dev
             with torch.no_grad():
                 for batch in iterate_batches(subset, batch_size):
                     volumes = batch["volumes"].to(device=device, dtype=torch.float32)
-                    features.append(classifier.features(model.vision.encoder(volumes), volumes).cpu())
+                    ct = model.vision.ct_volumes(volumes)
+                    features.append(classifier.features(model.vision.encoder(ct), ct).cpu())
                     labels.append(batch["labels"])
         finally:
             model.vision.train(was_training)
@@ -194,7 +213,7 @@ def generator_loss(model: nn.Module, raw: nn.Module, batch: dict[str, Any], reci
         regions = regions.shuffled()  # region–report alignment: a new slot order at every step (torch's RNG)
     tokens = raw.report_batch(volumes, batch["reports"], max_length=recipe.data.max_length, ids=batch["ids"],
                               true_labels=batch["labels"], true_share=recipe.model.true_findings_share,
-                              regions=regions)
+                              regions=regions, styles=batch.get("styles"))
     classifier = raw.vision.classifier
     train_classifier = classifier is not None and any(p.requires_grad for p in classifier.parameters())
     output = model(volumes, tokens["input_ids"], tokens["attention_mask"], tokens["labels"],
@@ -230,12 +249,14 @@ def image_conditioned_losses(model: nn.Module, dataset: Any, batch_size: int, ma
         volumes = batch["volumes"].to(device)
         regions = {"regions": batch["regions"]} if region_model else {}
         with autocast():
-            tokens = model.report_batch(volumes, batch["reports"], max_length=max_length, ids=batch["ids"], **regions)
+            tokens = model.report_batch(volumes, batch["reports"], max_length=max_length, ids=batch["ids"],
+                                        styles=batch.get("styles"), **regions)
             losses.append(float(model(volumes, tokens["input_ids"], tokens["attention_mask"], tokens["labels"],
                                       **regions).loss))
             if carry is not None:  # the other study's image, and (with a diagnosis prompt) its classifier's calls
                 others = torch.cat([carry.to(device), volumes[:-1]])
-                tokens = model.report_batch(others, batch["reports"], max_length=max_length, ids=batch["ids"])
+                tokens = model.report_batch(others, batch["reports"], max_length=max_length, ids=batch["ids"],
+                                            styles=batch.get("styles"))
                 other_losses.append(float(model(others, tokens["input_ids"], tokens["attention_mask"],
                                                 tokens["labels"]).loss))
         if carry is not None:
@@ -297,12 +318,14 @@ def validate_generator(model: nn.Module, dataset: Any, recipe: Recipe, context: 
         count = min(recipe.train.eval_samples, len(dataset))
         items = [dataset[i] for i in range(count)]
         volumes = torch.stack([item["volume"] for item in items]).to(device)
+        styles = [(item.get("style"), item.get("sex")) for item in items]
         if model.region_settings is not None:
             from rrg3d.models.regions import collate_regions
 
-            reports = model.generate(volumes, regions=collate_regions([item["regions"] for item in items]))
+            reports = model.generate(volumes, regions=collate_regions([item["regions"] for item in items]),
+                                     styles=styles)
         else:
-            reports = model.generate(volumes)
+            reports = model.generate(volumes, styles=styles)
         with open(context.run_dir / "samples.jsonl", "a", encoding="utf-8") as handle:
             for item, report in zip(items, reports, strict=True):
                 handle.write(json.dumps({"step": context.step, "phase": context.phase, "id": item["id"],

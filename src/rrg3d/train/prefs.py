@@ -261,7 +261,8 @@ def build_preferences(manifest: str | os.PathLike[str], model_path: str | os.Pat
         truth = labels_vector(record.get("labels"), label_names) if label_names else None
         try:
             volume = torch.from_numpy(dataset.load_volume(index))[None]
-            texts = model.sample_reports(volume, samples, generation.replace(seed=study_seed(seed, entry.id)))[0]
+            texts = model.sample_reports(volume, samples, generation.replace(seed=study_seed(seed, entry.id)),
+                                         styles=[(entry.style, entry.sex)])[0]
             scores, problems = _judge_scores(scorer, entry.report, texts, truth)
             if all(score is None for score in scores):
                 raise RRG3DError(f"the judge scored none of the {samples} candidates ({problems[0]})")

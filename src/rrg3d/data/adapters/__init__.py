@@ -13,7 +13,7 @@ keyword of ``convert``) and ``adapter.options_from_args(namespace)`` collects th
 
 from __future__ import annotations
 
-from rrg3d.data.adapters import autopet, ctrate, ctrg, radgenome
+from rrg3d.data.adapters import autopet, autopet_rg, ctrate, ctrg, radgenome
 from rrg3d.data.adapters.base import Adapter, ConversionResult, Option
 from rrg3d.data.adapters.ctrate import CTRATE_LABELS
 from rrg3d.data.adapters.radgenome import RADGENOME_REGIONS
@@ -21,7 +21,8 @@ from rrg3d.errors import RRG3DError
 
 #: Every registered adapter by name.
 ADAPTERS: dict[str, Adapter] = {
-    adapter.name: adapter for adapter in (ctrate.ADAPTER, radgenome.ADAPTER, ctrg.ADAPTER, autopet.ADAPTER)
+    adapter.name: adapter
+    for adapter in (ctrate.ADAPTER, radgenome.ADAPTER, ctrg.ADAPTER, autopet.ADAPTER, autopet_rg.ADAPTER)
 }
 
 

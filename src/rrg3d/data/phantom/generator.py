@@ -97,6 +97,8 @@ def _generate_one(config: PhantomConfig, index: int, out_dir: str, bank: Any) ->
         pet = Volume.from_spacing(rendered.pet, rendered.spacing, rendered.origin_lps, modality="PT")
         images["pet"] = relativize(write_volume(pet, out / "pet" / f"{case.id}.nii.gz"), manifest)
         meta["pet_units"] = "SUVbw"
+    if case.pet is not None:
+        meta["pet_facts"] = dataclasses.asdict(case.pet)
     record = {
         "id": case.id,
         "split": split_of(index),
@@ -108,8 +110,13 @@ def _generate_one(config: PhantomConfig, index: int, out_dir: str, bank: Any) ->
         "region_reports": report.region_reports,
         "labels": case.labels,
         "style": case.style,
+        "sex": case.anatomy.sex,
         "meta": meta,
     }
+    if case.pet is not None:  # PETRG truth: PET and CT status of each region in the field of view
+        from rrg3d.data.phantom.petrg import petrg_truth
+
+        record["petrg"] = petrg_truth(case)
     atomic_write_json(out / "records" / f"{case.id}.json", record)
     return record
 

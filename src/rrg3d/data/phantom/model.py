@@ -42,6 +42,8 @@ SIDES = ("right", "left", "bilateral")
 SEVERITIES = ("mild", "moderate", "severe")
 LOBES = ("right upper lobe", "right middle lobe", "right lower lobe", "left upper lobe", "left lower lobe")
 STYLES = ("hospital_a", "hospital_b", "hospital_c")
+#: Organs a PET phantom's report may name as having physiological FDG uptake (the myocardium always).
+PHYSIOLOGICAL_ORGANS = ("myocardium", "liver", "stomach", "bone marrow")
 
 
 @dataclasses.dataclass
@@ -59,9 +61,11 @@ class Finding:
         count: number of lesions (nodules, enlarged nodes, plaques), ``None`` if not countable.
         kind: sub-type (``"pacemaker"``, ``"sternotomy wires"``, ``"port catheter"``, ``"aortic stent"`` for medical
             material; ``"solid"`` nodules; ``"centrilobular"``/``"paraseptal"`` emphysema;
-            ``"subsegmental"``/``"lobar"`` atelectasis; ``"mediastinal"`` nodes), or ``None``.
+            ``"subsegmental"``/``"lobar"`` atelectasis; ``"mediastinal"`` nodes; ``"lymphoma"`` for the
+            lymphoma-like pattern of PET cases: hypermetabolic nodes at several stations), or ``None``.
         suv_max: PET SUVmax of the lesion when the case has PET and the finding is hypermetabolic, else ``None``.
-        detail: extra facts (e.g. ``{"stations": [...]}`` for nodes, ``{"vessel": "aorta"}``).
+        detail: extra facts (e.g. ``{"stations": [...]}`` for nodes, ``{"vessel": "aorta"}``; the lymphoma-like
+            pattern adds ``{"nodes": [{"station", "size_mm", "suv_max"}, ...]}``, one per station).
     """
 
     label: str
@@ -106,14 +110,36 @@ class Anatomy:
 
 
 @dataclasses.dataclass
+class PetFacts:
+    """What a PET phantom shows beyond its findings.
+
+    Attributes:
+        myocardial_suv: SUV of the left ventricular myocardium (physiological uptake, drawn by the renderer).
+        physiological: organs of :data:`PHYSIOLOGICAL_ORGANS` the report names as having physiological uptake.
+    """
+
+    myocardial_suv: float
+    physiological: list[str] = dataclasses.field(default_factory=lambda: ["myocardium"])
+
+    def __post_init__(self) -> None:
+        unknown = [organ for organ in self.physiological if organ not in PHYSIOLOGICAL_ORGANS]
+        if unknown:
+            raise ValueError(f"unknown organs with physiological uptake {unknown}")
+
+
+@dataclasses.dataclass
 class Case:
-    """A phantom study: identity, style, anatomy and findings (the single source of truth)."""
+    """A phantom study: identity, style, anatomy and findings (the single source of truth).
+
+    ``pet`` holds the PET facts of a PET case (``None`` for CT-only cases, and for PET cases built by hand).
+    """
 
     id: str
     seed: int
     style: str
     anatomy: Anatomy
     findings: list[Finding]
+    pet: PetFacts | None = None
 
     @property
     def labels(self) -> dict[str, int]:

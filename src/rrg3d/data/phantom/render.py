@@ -339,7 +339,9 @@ def paint_mediastinum(canvas: Canvas, case: Case, layout: Layout, rng: np.random
             if fluid:
                 canvas.paint(*fluid, HU["fluid"], region="heart", suv=0.4)
     heart = canvas.ellipsoid(layout.heart_center, radii, layout.heart_rotation)
-    myocardial_suv = float(rng.uniform(2.0, 9.0))
+    myocardial_suv = float(rng.uniform(2.0, 9.0))  # drawn always, so the anatomy stream is the same for every case
+    if case.pet is not None:
+        myocardial_suv = case.pet.myocardial_suv
     if heart:
         canvas.paint(*heart, HU["blood"], region="heart", suv=1.7)
     wall = canvas.ellipsoid_shell(layout.heart_center, radii * 0.72, 0.7, layout.heart_rotation)
@@ -677,7 +679,33 @@ STATION_OFFSETS = {  # relative to the carina (z, y, x mm)
 }
 
 
+def _outer_station(layout: Layout, station: str) -> np.ndarray:
+    """Centre (z, y, x mm) of a supraclavicular or axillary node: above the lung apex, or in the axillary fat."""
+    side = -1.0 if station.startswith("right") else 1.0
+    if "supraclavicular" in station:
+        return np.array([layout.lung_top + 8.0, -12.0, side * 52.0])
+    return np.array([layout.carina[0] + 12.0, 8.0, side * (layout.body_a * 0.97 - layout.fat - 6.0)])
+
+
+def _lymphoma_nodes(canvas, finding, layout, masks, rng):
+    """The lymphoma-like pattern: one node per station with its own size and SUVmax (outer nodes keep the
+    region map as it is: the 10 regions have no axilla or supraclavicular fossa)."""
+    for node in finding.detail["nodes"]:
+        station = node["station"]
+        outer = station not in STATION_OFFSETS
+        base = _outer_station(layout, station) if outer else layout.carina + np.asarray(STATION_OFFSETS[station])
+        center = base + rng.normal(0, 2, 3)
+        short = float(node["size_mm"]) / 2
+        shape = canvas.ellipsoid(center, (short * 1.4, short, short * 1.1))
+        if shape:
+            where, mask = shape
+            canvas.paint(where, mask, HU["node"], region=None if outer else "mediastinum", suv=node["suv_max"])
+
+
 def _lymphadenopathy(canvas, finding, layout, masks, rng):
+    if finding.detail.get("nodes"):
+        _lymphoma_nodes(canvas, finding, layout, masks, rng)
+        return
     for station in finding.detail.get("stations", ["subcarinal"]):
         center = layout.carina + np.asarray(STATION_OFFSETS[station]) + rng.normal(0, 2, 3)
         short = (finding.size_mm or 15.0) / 2

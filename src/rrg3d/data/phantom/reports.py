@@ -2,7 +2,9 @@
 
 The writer reads only the case's :class:`~rrg3d.data.phantom.model.Finding` list and anatomy, so the text states
 exactly the case's abnormalities: one or more sentences per finding (side, lobes, size, severity, count, sub-type
-and PET SUVmax where known), simple negations for some absent abnormalities, and normal-organ statements. The
+and PET SUVmax where known, worded "intense" from the PETRG marked-uptake SUVmax and "mildly increased" below it),
+simple negations for some absent abnormalities, and normal-organ statements; a PET case with
+:class:`~rrg3d.data.phantom.model.PetFacts` also names its organs with physiological uptake, in every style. The
 phrasing varies with the random generator, and the layout with the reporting style ("hospital"):
 
 - ``hospital_a``: long organ-by-organ narrative with many normal structures and negations;
@@ -31,6 +33,7 @@ import numpy as np
 
 from rrg3d.data.adapters.ctrate import CTRATE_LABELS
 from rrg3d.data.phantom.model import LOBES, REGIONS, STYLES, Case, Finding
+from rrg3d.text.petrg import pet_class_for_suv
 
 __all__ = ["PhantomReport", "SentenceBank", "format_size", "lobes_phrase", "write_report"]
 
@@ -143,8 +146,20 @@ def _sev(finding: Finding, table: dict[str, str] = _SEVERITY, default: str = "")
     return table.get(finding.severity or "", default)
 
 
+def _marked(suv_max: float) -> bool:
+    """Whether uptake with this SUVmax is marked (PETRG; below: mild or equivocal), so the wording says so."""
+    return pet_class_for_suv(suv_max) == "marked_uptake"
+
+
 def _suv(finding: Finding, lead: str = ", with") -> str:
-    return f"{lead} increased FDG uptake (SUVmax {finding.suv_max:.1f})" if finding.suv_max is not None else ""
+    if finding.suv_max is None:
+        return ""
+    grade = "intense" if _marked(finding.suv_max) else "mildly increased"
+    return f"{lead} {grade} FDG uptake (SUVmax {finding.suv_max:.1f})"
+
+
+def _hyper(suv_max: float) -> str:
+    return "hypermetabolic" if _marked(suv_max) else "mildly hypermetabolic"
 
 
 def _size(finding: Finding, unit: str | None) -> str:
@@ -281,7 +296,28 @@ def _hiatal(f: Finding, rng: np.random.Generator, unit: str | None) -> _Text:
 _NODE_SIDE = {"right": "on the right", "left": "on the left", "bilateral": "on both sides"}
 
 
+def _lymphoma(f: Finding, rng: np.random.Generator, unit: str | None) -> _Text:
+    """The lymphoma-like pattern of PET cases: a lead sentence, then one sentence (or item) per node."""
+    nodes = f.detail["nodes"]
+    n = len(nodes)
+    each = [f"An enlarged {node['station']} lymph node measures {format_size(node['size_mm'], unit)} in short axis,"
+            f" with {'intense' if _marked(node['suv_max']) else 'mildly increased'} FDG uptake"
+            f" (SUVmax {node['suv_max']:.1f})." for node in nodes]
+    lead = _pick(rng, [f"Hypermetabolic lymphadenopathy is seen at {_count_word(n)} nodal stations.",
+                       f"There are enlarged, FDG-avid lymph nodes at {_count_word(n)} nodal stations."])
+    items = "; ".join(f"{node['station']} {format_size(node['size_mm'], 'mm')}, SUVmax {node['suv_max']:.1f}"
+                      for node in nodes)
+    short = f"Hypermetabolic lymphadenopathy at {n} stations: {items}."
+    stations = ", ".join(node["station"] for node in nodes)
+    top = max(node["suv_max"] for node in nodes)
+    impression = f"{_cap(_hyper(top))} lymphadenopathy at {_count_word(n)} nodal stations ({stations}), SUVmax up to" \
+                 f" {top:.1f}"
+    return _Text(" ".join([lead, *each]), short, impression)
+
+
 def _lymph(f: Finding, rng: np.random.Generator, unit: str | None) -> _Text:
+    if f.detail.get("nodes"):
+        return _lymphoma(f, rng, unit)
     stations = [str(s) for s in f.detail.get("stations", [])]
     group = f.kind if f.kind and f.kind not in stations else "mediastinal"
     count = f.count or max(1, len(stations))
@@ -309,7 +345,7 @@ def _lymph(f: Finding, rng: np.random.Generator, unit: str | None) -> _Text:
     if size:
         parts.append(f"up to {size}")
     short = f"{_cap(group)} lymphadenopathy" + (f" ({'; '.join(parts)})" if parts else "") + _suv(f, ",") + "."
-    hyper = "Hypermetabolic " if f.suv_max is not None else ""
+    hyper = f"{_cap(_hyper(f.suv_max))} " if f.suv_max is not None else ""
     impression = f"{hyper}{group} lymphadenopathy" + (f" ({', '.join(stations)})" if stations else "") + (
         f" (SUVmax {f.suv_max:.1f})" if f.suv_max is not None else "")
     return _Text(_pick(rng, options), short, _cap(impression))
@@ -369,7 +405,7 @@ def _nodule(f: Finding, rng: np.random.Generator, unit: str | None) -> _Text:
         impression = f"{_cap(n)} {kind}pulmonary nodules{loc}" + (f" (largest {size})" if size else "")
     short += _suv(f, ",") + "."
     if f.suv_max is not None:
-        impression += f", hypermetabolic (SUVmax {f.suv_max:.1f})"
+        impression += f", {_hyper(f.suv_max)} (SUVmax {f.suv_max:.1f})"
     return _Text(_pick(rng, options), short, impression)
 
 
@@ -713,7 +749,9 @@ class _Builder:
             negs = [_Said(s, region) for s, r in negations if r == region]
             findings_first = bool(block) and self.chance(0.5)
             said.extend(block + negs + normal if findings_first else normal + block + negs)
-        if self.case.anatomy.has_pet and self.chance(0.8):
+        if self.case.pet is not None:
+            said.append(_Said(f"Physiological FDG uptake is seen in the {_join(self.case.pet.physiological)}.", ""))
+        elif self.case.anatomy.has_pet and self.chance(0.8):
             said.append(_Said(_PET_NORMAL, ""))
         impressions = [text.impression for _, text in _ordered_texts(texts)]
         impression = (" ".join(_sentence(x) for x in impressions) if impressions
@@ -753,6 +791,9 @@ class _Builder:
                 else:
                     items = [_Said(_pick(self.rng, _NORMAL_FREE[free[0]]), free[0])]
             lines.append((name, items))
+        if self.case.pet is not None:
+            lines.append(("PET", [_Said(f"Physiological FDG uptake in the {_join(self.case.pet.physiological)}.",
+                                        "")]))
         impressions = [text.impression for _, text in _ordered_texts(texts)]
         if impressions:
             impression = " ".join(f"{i}. {_sentence(x)}" for i, x in enumerate(impressions, 1))
@@ -771,6 +812,8 @@ class _Builder:
             said.insert(0, _Said(_pick(self.rng, ("Lungs clear.", "Both lungs are clear.")), "lung"))
         elif self.chance(0.5):
             said.append(_Said(_pick(self.rng, ("Otherwise unremarkable.", "Remaining structures unremarkable.")), ""))
+        if self.case.pet is not None:
+            said.append(_Said(f"Physiological uptake in the {_join(self.case.pet.physiological)}.", ""))
         impressions = [text.impression for _, text in _ordered_texts(texts)]
         impression = (" ".join(_sentence(x) for x in impressions) if impressions
                       else _pick(self.rng, _NORMAL_IMPRESSION))

@@ -3,7 +3,9 @@
 Prevalences are those of manually labelled CT-RATE chest CT reports (rounded). Co-occurrence comes from four
 latent conditions shared by related findings — atherosclerotic/age burden, cardiac failure/fluid, infection or
 inflammation, and small-airway disease — so that e.g. aortic and coronary calcification, or pleural effusion,
-atelectasis and septal thickening, appear together as they do in real reports.
+atelectasis and septal thickening, appear together as they do in real reports. PET cases also get
+:class:`~rrg3d.data.phantom.model.PetFacts` and, some of them, a lymphoma-like nodal pattern (:func:`add_pet_facts`),
+drawn after everything else from a stream of their own.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import math
 import numpy as np
 
 from rrg3d.data.adapters.ctrate import CTRATE_LABELS
-from rrg3d.data.phantom.model import LABEL_REGION, LOBES, STYLES, Anatomy, Case, Finding
+from rrg3d.data.phantom.model import LABEL_REGION, LOBES, PHYSIOLOGICAL_ORGANS, STYLES, Anatomy, Case, Finding, PetFacts
 
 #: Fraction of studies with each abnormality (CT-RATE manual labels, rounded).
 PREVALENCE: dict[str, float] = {
@@ -63,6 +65,10 @@ MATERIAL_KINDS = {"pacemaker": "heart", "sternotomy wires": "bone", "port cathet
                   "aortic stent": "mediastinum"}
 NODE_STATIONS = ("right paratracheal", "left paratracheal", "subcarinal", "right hilar", "left hilar",
                  "prevascular", "aortopulmonary window")
+#: Nodal stations outside the mediastinum that a chest scan still shows (lymphoma-like pattern of PET cases).
+OUTER_STATIONS = ("right supraclavicular", "left supraclavicular", "right axillary", "left axillary")
+#: Share of PET cases with the lymphoma-like pattern.
+LYMPHOMA_RATE = 0.3
 
 
 def _base_logit(prevalence: float, loadings: tuple[float, ...]) -> float:
@@ -211,4 +217,36 @@ def sample_case(case_id: str, seed: int, rng: np.random.Generator, n_styles: int
                       body_width_mm=body_width, thyroid_in_view=thyroid_in_view, has_pet=pet)
     findings = [describe_finding(label, rng, pet, heart_scale) for label in labels]
     style = STYLES[int(rng.integers(0, max(1, min(n_styles, len(STYLES)))))]
-    return Case(id=case_id, seed=seed, style=style, anatomy=anatomy, findings=findings)
+    case = Case(id=case_id, seed=seed, style=style, anatomy=anatomy, findings=findings)
+    if pet:  # drawn last, from its own stream: the CT part of a case is the same with or without PET facts
+        add_pet_facts(case, np.random.default_rng(int(rng.integers(0, 2**63))))
+    return case
+
+
+def add_pet_facts(case: Case, rng: np.random.Generator) -> None:
+    """Give a PET case its :class:`PetFacts` and, for some, the lymphoma-like nodal pattern.
+
+    The pattern is one more ``Lymphadenopathy`` finding (``kind="lymphoma"``): enlarged, intensely hypermetabolic
+    nodes (15-35 mm short axis, SUVmax 5-20) at one or two stations outside the mediastinum (supraclavicular,
+    axillary) and one to three mediastinal or hilar stations that the case's other nodes do not occupy.
+    """
+    others = ["liver", "stomach", "bone marrow"]
+    named = [organ for organ in others if rng.random() < 0.5]
+    case.pet = PetFacts(myocardial_suv=round(float(rng.uniform(2.0, 9.0)), 1),
+                        physiological=["myocardium", *sorted(named, key=PHYSIOLOGICAL_ORGANS.index)])
+    if rng.random() >= LYMPHOMA_RATE:
+        return
+    taken = {s for f in case.findings if f.label == "Lymphadenopathy" for s in f.detail.get("stations", [])}
+    inner_free = [s for s in NODE_STATIONS if s not in taken]
+    outer = rng.choice(OUTER_STATIONS, size=int(rng.integers(1, 3)), replace=False).tolist()
+    inner = rng.choice(inner_free, size=min(len(inner_free), int(rng.integers(1, 4))), replace=False).tolist()
+    order = OUTER_STATIONS + NODE_STATIONS
+    stations = sorted(outer + inner, key=order.index)
+    nodes = [{"station": station, "size_mm": round(float(rng.uniform(15, 35))),
+              "suv_max": round(float(rng.uniform(5.0, 20.0)), 1)} for station in stations]
+    sides = {s.split()[0] for s in stations if s.split()[0] in ("right", "left")}
+    side = None if not sides else ("bilateral" if len(sides) == 2 else sides.pop())
+    case.findings.append(Finding("Lymphadenopathy", "mediastinum", side=side,
+                                 size_mm=float(max(n["size_mm"] for n in nodes)), count=len(nodes), kind="lymphoma",
+                                 suv_max=max(n["suv_max"] for n in nodes),
+                                 detail={"stations": stations, "nodes": nodes}))
