@@ -129,6 +129,8 @@ def _done(out: Path, config: PhantomConfig, index: int) -> dict[str, Any] | None
         record = json.loads(receipt.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
+    if config.pet and "petrg" not in record:  # a PET case written before PET phantoms had region truth: redo it
+        return None
     files = [p for p in record.get("images", {}).values() if p] + [record["masks"]["path"]]
     return record if all((out / f).exists() for f in files) else None
 
