@@ -11,11 +11,15 @@ template for the style whatever the sex, used when a study's sex is unknown (a m
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 from rrg3d.errors import RRG3DError
 
@@ -102,3 +106,71 @@ def pick_template(templates: Mapping[str, Mapping[str, str]], style: str | None,
     if "any" in by_sex:
         return by_sex["any"]
     return next(iter(by_sex.values()))
+
+
+_TOKEN = re.compile(r"[a-z]+|\d+|[^\sa-z\d]")
+
+
+def style_features(text: str) -> list[str]:
+    """What a reporting style is made of, as tokens: words and bigrams (wording), punctuation and digits (notation),
+    and each line's opening token and the section order (layout: headers, numbered lists, ``ORGAN:`` lines)."""
+    features: list[str] = []
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    for line in lines:
+        words = _TOKEN.findall(line.lower())
+        features += words
+        features += [f"{a}_{b}" for a, b in itertools.pairwise(words)]
+        if words:
+            features.append(f"^{words[0]}")
+            if line.split(":")[0].isupper():
+                features.append("^UPPER_HEADER")
+    features.append(f"#lines={min(len(lines), 12)}")
+    sections = [w.lower() for w in re.findall(r"\b(Findings|Impression)\s*:", text)]
+    features.append("order=" + ">".join(sections))
+    return features
+
+
+class StyleClassifier:
+    """A multinomial naive-Bayes classifier of a report's style (hospital) from :func:`style_features`: what
+    ``benchmarks/petct.py`` uses to check that a model writes in the style it was asked for. Fit on the reports of
+    the training split; :meth:`accuracy` on references first (how well styles can be told apart at all)."""
+
+    def __init__(self, alpha: float = 0.5) -> None:
+        self.alpha = alpha
+        self.styles: list[str] = []
+        self.log_prior: np.ndarray | None = None
+        self.log_likelihood: dict[str, np.ndarray] = {}
+        self.log_unseen: np.ndarray | None = None
+
+    def fit(self, texts: Sequence[str], styles: Sequence[str]) -> StyleClassifier:
+        if len(texts) != len(styles) or not texts:
+            raise ValueError("fit needs one style per text, and at least one text")
+        self.styles = sorted(set(styles))
+        index = {s: i for i, s in enumerate(self.styles)}
+        counts: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(len(self.styles)))
+        prior = np.zeros(len(self.styles))
+        for text, style in zip(texts, styles, strict=True):
+            prior[index[style]] += 1
+            for feature in style_features(text):
+                counts[feature][index[style]] += 1
+        totals = sum(counts.values()) + self.alpha * (len(counts) + 1)
+        self.log_prior = np.log(prior / prior.sum())
+        self.log_likelihood = {f: np.log((c + self.alpha) / totals) for f, c in counts.items()}
+        self.log_unseen = np.log(self.alpha / totals)
+        return self
+
+    def predict(self, texts: Sequence[str]) -> list[str]:
+        """The most likely style of each text (an empty text: the most frequent style)."""
+        if self.log_prior is None or self.log_unseen is None:
+            raise ValueError("the style classifier is not fitted")
+        out = []
+        for text in texts:
+            score = self.log_prior.copy()
+            for feature in style_features(text or ""):
+                score += self.log_likelihood.get(feature, self.log_unseen)
+            out.append(self.styles[int(np.argmax(score))])
+        return out
+
+    def accuracy(self, texts: Sequence[str], styles: Sequence[str]) -> float:
+        predicted = self.predict(texts)
+        return float(np.mean([p == s for p, s in zip(predicted, styles, strict=True)])) if predicted else float("nan")
