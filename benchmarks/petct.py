@@ -31,7 +31,7 @@ with style prompts (own and other style) and clearly above the arm without them;
 ≥ 0.95 on all four scores; within 60 minutes on 2 CPU cores (``budget_minutes``: every arm's training and
 generation; phantom generation and scoring left out).
 
-    python benchmarks/petct.py [--work /tmp/exp/petct] [--train 320] [--test 40] [--steps 150] [--batch-size 2]
+    python benchmarks/petct.py [--work /tmp/exp/petct] [--train 320] [--test 40] [--steps 160] [--batch-size 2]
         [--arms ct petct petct_style]
 
 Each arm's run and predictions stay in ``--work`` and are reused when their settings match, so a rerun only redoes
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--styles", type=int, default=3, help="hospital styles of the phantoms (2 or 3)")
     parser.add_argument("--shape", type=int, nargs=3, default=[64, 128, 128], help="phantom size when generated")
     parser.add_argument("--latents", type=int, default=16, help="perceiver latents (tokens) per modality")
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=160)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-new-tokens", type=int, default=320)
