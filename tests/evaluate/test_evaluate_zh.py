@@ -29,3 +29,11 @@ def test_evaluate_chinese_reports(tmp_path: Path) -> None:
     assert any("clinical efficacy (CE) is not computed" in w for w in metrics["warnings"])
     assert any("WordNet synonymy does not apply to Chinese" in w for w in metrics["warnings"])
     assert metrics["lengths"]["unit"] == "characters" and metrics["lengths"]["reference"]["max"] == 22
+
+
+def test_evaluate_chinese_reports_warns_about_the_english_petrg_rules(tmp_path: Path) -> None:
+    refs, preds = _write(tmp_path / "refs.jsonl", REFERENCES), _write(tmp_path / "pred.jsonl", PREDICTIONS)
+    assert main(["evaluate", str(preds), "--refs", str(refs), "--out", str(tmp_path / "out"), "--lang", "zh",
+                 "--petrg", "--bootstrap", "0", "--no-progress", "--no-java"]) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8"))
+    assert any("rule PETRG extractor reads English reports only" in w for w in metrics["warnings"])

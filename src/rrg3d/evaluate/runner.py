@@ -215,6 +215,10 @@ def score_system(name: str, paired: Paired, labeler: Any, judge: Any = None,
     scores = SystemScores(name, paired, metrics, per_sample, statistics, warnings, implementation, timings)
     if petrg is not None:
         _run_petrg(scores, petrg, options.progress)
+        if not plan.english_rules and str(getattr(petrg, "name", "")).startswith("rule"):
+            scores.warnings.append(f"lang {plan.lang}: the rule PETRG extractor reads English reports only; its "
+                                   "statuses of these reports are all normal (use --petrg-extractor with a "
+                                   "language-model judge)")
     if judge is not None:
         start = time.perf_counter()
         _run_judge(scores, judge, options.judge_prompts, options.progress)
