@@ -72,3 +72,11 @@ def statistics(scores: dict[str, Any]) -> dict[str, Any]:
             "hallucinated_per_report": mean_statistic(scores["fp"].astype(float)),
             "omitted_per_report": mean_statistic(scores["fn"].astype(float)),
             "label_judge_score": mean_statistic(scores["judge"].astype(float))}
+
+
+def reused_minutes(previous: dict[str, Any], stage: str, run: Path, redone: bool) -> dict[str, Any] | None:
+    """The minutes an earlier invocation measured for this very run (a rerun that only rescores keeps them)."""
+    earlier = (previous.get("minutes_per_arm") or {}).get(stage)
+    if redone or not earlier or earlier.get("run") != str(run):
+        return None
+    return earlier

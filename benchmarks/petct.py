@@ -53,7 +53,7 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import statistics, truth_scores
+from _common import reused_minutes, statistics, truth_scores
 
 ARMS: dict[str, dict[str, Any]] = {
     "ct": {"pet": False, "style": False},
@@ -249,14 +249,6 @@ def score_arm(arm: str, predictions: dict[str, Path], references: Path, refs: li
     metrics["extractor_vs_truth"] = {k: result["metrics"]["extractor_vs_truth"].get(k)
                                      for k in SCORE_NAMES} if "extractor_vs_truth" in result["metrics"] else None
     return metrics, {**result["statistics"], **stats}
-
-
-def reused_minutes(previous: dict[str, Any], stage: str, run: Path, redone: bool) -> dict[str, Any] | None:
-    """The minutes an earlier invocation measured for this very run (a rerun that only rescores keeps them)."""
-    earlier = (previous.get("minutes_per_arm") or {}).get(stage)
-    if redone or not earlier or earlier.get("run") != str(run):
-        return None
-    return earlier
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,7 +56,7 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import statistics, truth_scores
+from _common import reused_minutes, statistics, truth_scores
 
 ARMS: dict[str, dict[str, Any]] = {
     "global": {"texture": False, "geometry": False, "global_tokens": True, "alignment": False},
@@ -285,14 +285,6 @@ def score_arm(predictions: Path, references: Path, out: Path, labeler: Any, args
     metrics["image_dependent_reports"] = sum(len(texts) - max(texts.count(t) for t in set(texts))
                                              for texts in groups.values())
     return metrics, truth
-
-
-def reused_minutes(previous: dict[str, Any], stage: str, run: Path, redone: bool) -> dict[str, Any] | None:
-    """The minutes an earlier invocation measured for this very run (a rerun that only rescores keeps them)."""
-    earlier = (previous.get("minutes_per_arm") or {}).get(stage)
-    if redone or not earlier or earlier.get("run") != str(run):
-        return None
-    return earlier
 
 
 def min_f1(recognition: dict[str, dict[str, Any]]) -> float:
