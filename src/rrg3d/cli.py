@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "preprocess": "preprocess",
     "presets": "presets",
     "convert": "convert",
+    "benchmark": "benchmark",
     "phantom": "phantom",
     "evaluate": "evaluate",
     "labeler": "labeler",
