@@ -17,7 +17,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys, monkeypatch):
                  "--phantoms", "10", "--clip-steps", "1", "--align-steps", "1", "--sft-steps", "1"]) == 0
     printed = capsys.readouterr().out
     assert "studies ready" in printed and "recorded failure: bad_truncated" in printed
-    assert "CE micro-F1" in printed and "majority-class baseline" in printed
+    assert "CE micro-F1" in printed and "majority-class report" in printed and "best constant report" in printed
     metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
     test_ids = [json.loads(line)["id"] for line in (out / "test_references.jsonl").read_text().splitlines()]
     assert metrics["counts"]["references"] == metrics["counts"]["scored"] == len(test_ids) >= 1

@@ -83,6 +83,25 @@ def test_resume_skips_written_cases_and_refuses_other_configs(tmp_path):
         generate_phantoms(PhantomConfig(n=3, seed=3, shape=SMALL), tmp_path, progress=False)
 
 
+def test_one_named_style_changes_only_the_reports(tmp_path):
+    from rrg3d.data.phantom.generator import make_case
+
+    drawn, fixed = PhantomConfig(n=6, styles=3), PhantomConfig(n=6, styles=3, style="hospital_b")
+    for index in range(6):
+        a, b = make_case(drawn, index), make_case(fixed, index)
+        assert b.style == "hospital_b"
+        assert [f.to_dict() for f in a.findings] == [f.to_dict() for f in b.findings] and a.anatomy == b.anatomy
+    generate_phantoms(PhantomConfig(n=2, seed=2, shape=SMALL, style="hospital_b"), tmp_path, progress=False)
+    assert all(r["style"] == "hospital_b" and "AIRWAYS:" in r["report"]
+               for r in load_manifest(tmp_path / "manifest.jsonl"))
+    assert json.loads((tmp_path / "phantom.json").read_text())["style"] == "hospital_b"
+    with pytest.raises(RRG3DError, match="another configuration"):
+        generate_phantoms(PhantomConfig(n=2, seed=2, shape=SMALL), tmp_path, progress=False)
+    assert "style" not in PhantomConfig().to_dict()  # datasets written before the option still resume
+    with pytest.raises(RRG3DError, match="unknown --style"):
+        PhantomConfig(style="hospital_z")
+
+
 @pytest.mark.parametrize("label", [name for name in CTRATE_LABELS if name != "Cardiomegaly"])
 def test_each_finding_is_drawn_inside_its_region(label):
     """Render one case with and without the finding: what changes lies in the finding's region."""

@@ -133,6 +133,10 @@ def test_the_prompt_line_and_config_errors(tmp_path):
         PromptConfig(findings=PROMPT, findings_order=["Lung nodules"])
     with pytest.raises(ConfigError, match="twice"):
         PromptConfig(findings=PROMPT, findings_order=["Emphysema", "Emphysema"])
+    with pytest.raises(ConfigError, match="'reports'"):
+        PromptConfig(findings=PROMPT, findings_order="labels")
+    unfilled = PromptConfig(findings=PROMPT, findings_order="reports")  # before a training run fills it: label order
+    assert unfilled.with_findings("<image>", ["Lung nodule", "Emphysema"]).endswith("lung nodule, emphysema.")
     config = load_model_config("tiny_ctvit_v").to_dict()
     config["prompt"]["findings_order"] = ["Emphysema"]  # written as YAML lists are: through the config loader
     assert load_model_config(config).prompt.findings_order == ["Emphysema"]

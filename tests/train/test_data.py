@@ -238,3 +238,23 @@ def test_blank_images_control_keeps_reports_and_zeroes_volumes(phantoms):
     real = ReportDataset(phantoms, "tiny")
     assert torch.count_nonzero(blank[0]["volume"]) == 0 and torch.count_nonzero(real[0]["volume"]) > 0
     assert blank[0]["report"] == real[0]["report"] and blank[0]["volume"].shape == real[0]["volume"].shape
+
+
+def test_constant_baselines_majority_and_best(tmp_path):
+    from rrg3d.data.manifest import write_manifest
+    from rrg3d.train.data import best_constant_text, majority_text
+
+    def record(i: int, labels: dict[str, int], split: str = "train") -> dict:
+        return {"id": f"s{i}", "split": split, "images": {"ct": "x.nii.gz"}, "report": f"report {i}",
+                "labels": labels}
+
+    nodule, effusion = {"Lung nodule": 1}, {"Pleural effusion": 1}
+    both = {"Lung nodule": 1, "Pleural effusion": 1}
+    records = [record(0, {}), record(1, {}), record(2, {}), record(3, nodule), record(4, both), record(5, both),
+               record(6, effusion), record(7, nodule, split="test")]
+    manifest = write_manifest(records, tmp_path / "m.jsonl")
+    assert majority_text(manifest) == "report 0"  # the normal study: most frequent, and it names nothing
+    # saying "nodule and effusion" of all 7: 6 hits of 14 calls, 6 findings -> F1 0.6; "nodule" alone 3/7 -> 0.46
+    assert best_constant_text(manifest) == "report 4"
+    with pytest.raises(ValueError, match="no 'val' study"):
+        best_constant_text(manifest, split="val")

@@ -230,6 +230,24 @@ def test_align_trains_and_calibrates_a_finding_classifier_and_sft_keeps_it(tmp_p
     assert load_checkpoint(sft.final).uses_findings_prompt
 
 
+def test_findings_order_from_reports_is_filled_from_the_training_split(tmp_path, base_overrides):
+    from rrg3d.data.manifest import load_manifest
+    from rrg3d.models.checkpoint import load_checkpoint
+    from rrg3d.models.config import load_model_config
+    from rrg3d.text.labeler import mention_order
+
+    _findings_architecture(tmp_path / "arch.yaml")
+    arch = load_model_config(str(tmp_path / "arch.yaml")).to_dict()
+    arch["prompt"]["findings_order"] = "reports"
+    (tmp_path / "arch.yaml").write_text(yaml.safe_dump(arch))
+    result = train("tiny_align", [*base_overrides, f"model.config={tmp_path / 'arch.yaml'}", "phases.0.steps=1",
+                                  "data.max_val_samples=1", f"run_dir={tmp_path / 'a'}"])
+    manifest = next(o.split("=", 1)[1] for o in base_overrides if o.startswith("data.manifest="))
+    expected = mention_order([r["report"] for r in load_manifest(manifest) if r.get("split") == "train"])
+    assert result.model.config.prompt.findings_order == expected
+    assert load_checkpoint(result.final).config.prompt.findings_order == expected  # the checkpoint keeps the list
+
+
 def test_a_frozen_classifier_that_was_never_fitted_is_refused(tmp_path, base_overrides):
     _findings_architecture(tmp_path / "arch.yaml")
     with pytest.raises(ConfigError, match="never fitted"):

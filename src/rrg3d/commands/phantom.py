@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="volume shape (default 64 128 128; up to 256 512 512)")
     parser.add_argument("--pet", action="store_true", help="also write an aligned PET volume in SUV")
     parser.add_argument("--styles", type=int, default=2, help="number of hospital reporting styles (1-3)")
+    parser.add_argument("--style", default=None, choices=("hospital_a", "hospital_b", "hospital_c"),
+                        help="write every report in this style (a: narrative, b: structured, c: terse); "
+                             "default: drawn among --styles")
     parser.add_argument("--report-bank", default=None, metavar="CSV",
                         help="CT-RATE-style labelled report CSV to mine sentences from (used at run time only)")
     parser.add_argument("--workers", type=int, default=2, help="parallel worker processes (default 2)")
@@ -35,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from rrg3d.data.phantom import PhantomConfig, generate_phantoms
 
     config = PhantomConfig(n=args.n, seed=args.seed, shape=tuple(args.shape), pet=args.pet, styles=args.styles,
-                           report_bank=args.report_bank)
+                           style=args.style, report_bank=args.report_bank)
     manifest = generate_phantoms(config, args.out, workers=max(1, args.workers), progress=not args.no_progress)
     print(f"wrote {config.n} phantom cases: {manifest}")
     if args.preview:

@@ -45,6 +45,10 @@ class VisionConfig:
     branches: dict[str, Any] | None = None
 
 
+#: ``prompt.findings_order`` value asking a training run for the order its training reports name findings
+FINDINGS_ORDER_FROM_REPORTS = "reports"
+
+
 @dataclass
 class PromptConfig:
     """The chat the report is generated in; ``instruction`` holds exactly one ``<image>``."""
@@ -57,8 +61,9 @@ class PromptConfig:
     #: what ``{findings}`` becomes when the classifier calls nothing
     no_findings: str = "none"
     #: the order the diagnosis line lists findings in (label names, e.g. the order reports name them:
-    #: ``rrg3d.text.labeler.mention_order``); findings it leaves out follow in label order. None: label order
-    findings_order: list[str] | None = None
+    #: ``rrg3d.text.labeler.mention_order``); findings it leaves out follow in label order. None: label order;
+    #: ``reports``: a training run fills in the order its training reports name findings, and the checkpoint keeps it
+    findings_order: list[str] | str | None = None
     #: style-adaptive prompt (PETRG-3D): a block added to the instruction holding a normal-study report written in the
     #: study's hospital style (``{template}``); None: no style prompt. See :mod:`rrg3d.text.styles`.
     style: str | None = None
@@ -86,7 +91,10 @@ class PromptConfig:
                 and self.default_style not in self.style_templates:
             raise ConfigError(f"prompt.default_style {self.default_style!r} has no template "
                               f"(styles: {', '.join(sorted(self.style_templates))})")
-        if self.findings_order is not None:
+        if isinstance(self.findings_order, str) and self.findings_order != FINDINGS_ORDER_FROM_REPORTS:
+            raise ConfigError(f"prompt.findings_order must be a list of labels or {FINDINGS_ORDER_FROM_REPORTS!r}, "
+                              f"got {self.findings_order!r}")
+        if isinstance(self.findings_order, list):
             from rrg3d.data.adapters.ctrate import CTRATE_LABELS
 
             order = list(self.findings_order)
@@ -109,7 +117,7 @@ class PromptConfig:
         """``instruction`` followed by the diagnosis line for ``findings`` (unchanged without ``findings``)."""
         if self.findings is None:
             return instruction
-        if self.findings_order is not None:
+        if isinstance(self.findings_order, list):  # "reports" before a training run filled it: label order
             rank = {name: i for i, name in enumerate(self.findings_order)}
             findings = sorted(findings, key=lambda name: rank.get(name, len(rank)))  # stable: the rest keep order
         called = ", ".join(name[0].lower() + name[1:] for name in findings) or self.no_findings

@@ -366,6 +366,24 @@ def write_references(manifest: str | os.PathLike[str], out: str | os.PathLike[st
     return write_manifest(records, out)
 
 
+def best_constant_text(manifest: str | os.PathLike[str], *, split: str = "train", field: str = "report") -> str:
+    """The ``field`` text of the study whose 18-label vector, predicted for every study of ``split``, has the best
+    clinical-efficacy micro-F1 there: the strongest constant report (stronger than :func:`majority_text` when most
+    studies are normal, as the majority vector then names nothing)."""
+    from rrg3d.data.manifest import load_manifest
+
+    records = [r for r in load_manifest(manifest) if r.get("split") == split and record_text(r, field)]
+    if not records:
+        raise ValueError(f"{manifest}: no {split!r} study has a {field!r} text")
+    truth = np.array([[int((r.get("labels") or {}).get(name, 0)) for name in LABEL_NAMES] for r in records])
+    candidates, first = np.unique(truth, axis=0, return_index=True)
+    hits = candidates @ truth.T  # [candidates, studies]: findings both name
+    called = candidates.sum(1, keepdims=True) * len(records)
+    f1 = 2 * hits.sum(1) / np.maximum(called[:, 0] + truth.sum(), 1)
+    best = int(np.argmax(f1))  # ties: the first in np.unique's (lexicographic) order
+    return str(record_text(records[int(first[best])], field))
+
+
 def majority_text(manifest: str | os.PathLike[str], *, split: str = "train", field: str = "report") -> str:
     """The ``field`` text of a study whose 18-label vector is the most frequent in ``split`` (a majority-class
     baseline: the best a model that ignores the image can do on clinical efficacy, to first order)."""

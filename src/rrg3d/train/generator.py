@@ -110,7 +110,28 @@ def build_report_generator(recipe: Recipe, final_preset: Any) -> nn.Module:
             enable_lm_checkpointing(base_model(model.lm))
     model.config.preprocess = preset_reference(final_preset)
     fill_style_templates(model, recipe)
+    fill_findings_order(model, recipe)
     return model
+
+
+def fill_findings_order(model: nn.Module, recipe: Recipe) -> None:
+    """A diagnosis prompt with ``findings_order: reports`` gets the order the training split's report texts name
+    findings in (:func:`rrg3d.text.labeler.mention_order`); the checkpoint then keeps that list."""
+    from rrg3d.models.config import FINDINGS_ORDER_FROM_REPORTS
+
+    prompt = model.config.prompt
+    if prompt.findings_order != FINDINGS_ORDER_FROM_REPORTS:
+        return
+    if not recipe.data.manifest:
+        raise ConfigError("prompt.findings_order: reports needs data.manifest to read the training reports")
+    from rrg3d.data.manifest import load_manifest
+    from rrg3d.text.labeler import mention_order
+    from rrg3d.train.data import record_text
+
+    texts = [record_text(r, recipe.data.report_field) for r in load_manifest(recipe.data.manifest)
+             if r.get("split") == recipe.data.train_split]
+    prompt.findings_order = mention_order(texts)
+    log.info("diagnosis prompt lists findings in the training reports' order: %s", ", ".join(prompt.findings_order))
 
 
 def fill_style_templates(model: nn.Module, recipe: Recipe) -> None:

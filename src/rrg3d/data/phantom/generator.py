@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from rrg3d.data.manifest import relativize, write_manifest
-from rrg3d.data.phantom.model import REGIONS, Case
+from rrg3d.data.phantom.model import REGIONS, STYLES, Case
 from rrg3d.data.phantom.render import render_case
 from rrg3d.data.phantom.sampling import sample_case
 from rrg3d.errors import RRG3DError
@@ -40,6 +40,8 @@ class PhantomConfig:
     shape: tuple[int, int, int] = DEFAULT_SHAPE
     pet: bool = False
     styles: int = 2
+    #: every case in this one reporting style (a name of ``STYLES``); None: drawn among the first ``styles``
+    style: str | None = None
     report_bank: str | None = None
     version: int = GENERATOR_VERSION
 
@@ -52,6 +54,16 @@ class PhantomConfig:
             raise RRG3DError(f"phantom: --shape {self.shape} exceeds the largest supported {MAX_SHAPE}")
         if not 1 <= self.styles <= 3:
             raise RRG3DError(f"phantom: --styles must be 1, 2 or 3, got {self.styles}")
+        if self.style is not None and self.style not in STYLES:
+            raise RRG3DError(f"phantom: unknown --style {self.style!r} (known: {', '.join(STYLES)})")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The dump of ``phantom.json`` (``style`` only when set, so datasets written before it still resume)."""
+        out = dataclasses.asdict(self)
+        out["shape"] = list(out["shape"])
+        if out["style"] is None:
+            del out["style"]
+        return out
 
 
 def split_of(index: int) -> str:
@@ -66,7 +78,7 @@ def case_id(index: int) -> str:
 def make_case(config: PhantomConfig, index: int) -> Case:
     rng = np.random.default_rng([config.seed, index, 0])
     return sample_case(case_id(index), config.seed, rng, n_styles=config.styles, pet=config.pet,
-                       thyroid_in_view=True)
+                       thyroid_in_view=True, style=config.style)
 
 
 def _generate_one(config: PhantomConfig, index: int, out_dir: str, bank: Any) -> dict[str, Any]:
@@ -144,12 +156,11 @@ def generate_phantoms(config: PhantomConfig, out_dir: str | os.PathLike[str], wo
     if config_file.exists():
         previous = json.loads(config_file.read_text(encoding="utf-8"))
         previous.pop("n", None)
-        current = {k: v for k, v in dataclasses.asdict(config).items() if k != "n"}
-        current["shape"] = list(current["shape"])
+        current = {k: v for k, v in config.to_dict().items() if k != "n"}
         if previous != current:
             raise RRG3DError(f"{out}: holds phantoms made with another configuration ({previous}); "
                              "use another folder")
-    atomic_write_json(config_file, dataclasses.asdict(config))
+    atomic_write_json(config_file, config.to_dict())
     bank = None
     if config.report_bank:
         from rrg3d.data.phantom.reports import SentenceBank

@@ -206,8 +206,9 @@ def describe_finding(label: str, rng: np.random.Generator, pet: bool, heart_scal
 
 
 def sample_case(case_id: str, seed: int, rng: np.random.Generator, n_styles: int = 2, pet: bool = False,
-                thyroid_in_view: bool = True) -> Case:
-    """A complete case: anatomy, findings and a reporting style (hospital)."""
+                thyroid_in_view: bool = True, style: str | None = None) -> Case:
+    """A complete case: anatomy, findings and a reporting style (hospital): ``style``, else drawn among the first
+    ``n_styles`` (drawn either way, so the rest of the case does not depend on ``style``)."""
     labels = sample_labels(rng)
     cardiomegaly = "Cardiomegaly" in labels
     heart_scale = float(rng.uniform(1.22, 1.45) if cardiomegaly else rng.uniform(0.9, 1.06))
@@ -216,7 +217,8 @@ def sample_case(case_id: str, seed: int, rng: np.random.Generator, n_styles: int
     anatomy = Anatomy(sex=sex, heart_scale=heart_scale, cardiothoracic_ratio=round(0.5 * heart_scale, 2),
                       body_width_mm=body_width, thyroid_in_view=thyroid_in_view, has_pet=pet)
     findings = [describe_finding(label, rng, pet, heart_scale) for label in labels]
-    style = STYLES[int(rng.integers(0, max(1, min(n_styles, len(STYLES)))))]
+    drawn = STYLES[int(rng.integers(0, max(1, min(n_styles, len(STYLES)))))]
+    style = style or drawn
     case = Case(id=case_id, seed=seed, style=style, anatomy=anatomy, findings=findings)
     if pet:  # drawn last, from its own stream: the CT part of a case is the same with or without PET facts
         add_pet_facts(case, np.random.default_rng(int(rng.integers(0, 2**63))))
