@@ -64,6 +64,7 @@ class FakeServer:
                     server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                counted = True
                 try:
                     if index >= server.limit:
                         status, payload, delay = 503, "request limit reached", 0
@@ -74,6 +75,11 @@ class FakeServer:
                     time.sleep(delay)
                     data = payload if isinstance(payload, bytes) else (
                         payload.encode() if isinstance(payload, str) else json.dumps(payload).encode())
+                    # no longer in flight once the answer starts: the client may send its next request as soon as
+                    # it has read this one, before this thread would get to the finally below (a flaky count)
+                    with server.lock:
+                        server.in_flight -= 1
+                        counted = False
                     try:
                         self.send_response(status)
                         self.send_header("Content-Type", "application/json")
@@ -83,8 +89,9 @@ class FakeServer:
                     except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
                         pass
                 finally:
-                    with server.lock:
-                        server.in_flight -= 1
+                    if counted:
+                        with server.lock:
+                            server.in_flight -= 1
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True

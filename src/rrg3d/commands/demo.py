@@ -32,7 +32,7 @@ HELP = "run the end-to-end demo on generated and package-shipped volumes"
 
 #: phantoms and SFT steps of the default demo: measured to fit the 10-minute budget on 2 CPU cores (README)
 DEFAULT_PHANTOMS = 400
-DEFAULT_SFT_STEPS = 90
+DEFAULT_SFT_STEPS = 100
 
 SHARED_CANDIDATES = ("RRG3D_SHARED_DATA",)
 
