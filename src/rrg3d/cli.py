@@ -29,9 +29,11 @@ COMMANDS: dict[str, str] = {
     "labeler": "labeler",
     "model": "model",
     "generate": "generate",
+    "export": "export",
     "train": "train",
     "prefs": "prefs",
     "segment": "segment",
+    "serve": "serve",
 }
 
 
