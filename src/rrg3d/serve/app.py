@@ -206,14 +206,17 @@ def create_app(settings: ServeSettings) -> FastAPI:
         return state["service"].describe()
 
     # -- studies -----------------------------------------------------------------------------------
+    def queue_full(pending: int) -> JSONResponse:
+        per_job = store().mean_seconds() or 10.0
+        wait = max(1, math.ceil(per_job * (pending - settings.queue + 1) / settings.batch_size))
+        return JSONResponse({"detail": f"the queue is full ({pending} studies waiting); retry later"},
+                            status_code=429, headers={"Retry-After": str(wait)})
+
     @app.post(UPLOAD_PATH, status_code=202, dependencies=guard)
     async def upload(request: Request) -> JSONResponse:
         pending = store().pending()
-        if pending >= settings.queue:
-            per_job = store().mean_seconds() or 10.0
-            wait = max(1, math.ceil(per_job * (pending - settings.queue + 1) / settings.batch_size))
-            return JSONResponse({"detail": f"the queue is full ({pending} studies waiting); retry later"},
-                                status_code=429, headers={"Retry-After": str(wait)})
+        if pending >= settings.queue:  # before the body is read; checked again, atomically, when the job is made
+            return queue_full(pending)
         content_type = request.headers.get("content-type", "")
         if not content_type.startswith("multipart/form-data"):
             raise HTTPException(400, "upload a multipart form with the field 'file'")
@@ -225,12 +228,16 @@ def create_app(settings: ServeSettings) -> FastAPI:
         folder = job_dir(job_id)
         try:
             stored = await run_in_threadpool(_receive, files, folder, job_id, settings.zip_limits)
+            job = store().create(job_id, stored.kind, str(stored.path.relative_to(data_dir)), stored.shape,
+                                 limit=settings.queue)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
         finally:
             await form.close()
-        job = store().create(job_id, stored.kind, str(stored.path.relative_to(data_dir)), stored.shape)
+        if job is None:
+            shutil.rmtree(folder, ignore_errors=True)
+            return queue_full(store().pending())
         state["worker"].wake()
         return JSONResponse({"id": job.id, "status": job.status, "url": f"{UPLOAD_PATH}/{job.id}"}, status_code=202,
                             headers={"Location": f"{UPLOAD_PATH}/{job.id}"})

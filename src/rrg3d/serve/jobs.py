@@ -94,13 +94,27 @@ class JobStore:
         with self._lock:
             return self._db.execute(sql, args).rowcount
 
-    def create(self, job_id: str, kind: str, input_path: str, shape: tuple[int, ...] | None = None) -> Job:
-        """Queue a new job."""
-        self._run("INSERT INTO jobs (id, status, kind, input, shape, created, stage) VALUES (?, 'queued', ?, ?, ?, ?, "
-                  "'queued')", (job_id, kind, input_path, json.dumps(list(shape)) if shape else None, time.time()))
-        job = self.get(job_id)
-        assert job is not None
-        return job
+    def create(self, job_id: str, kind: str, input_path: str, shape: tuple[int, ...] | None = None, *,
+               limit: int | None = None) -> Job | None:
+        """Queue a new job; None (nothing created) when ``limit`` jobs are already queued or running. The count and
+        the insert are one transaction, so concurrent uploads cannot overfill the queue."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if limit is not None:
+                    pending = self._db.execute("SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'running')"
+                                               ).fetchone()[0]
+                    if pending >= limit:
+                        self._db.execute("ROLLBACK")
+                        return None
+                self._db.execute("INSERT INTO jobs (id, status, kind, input, shape, created, stage) VALUES "
+                                 "(?, 'queued', ?, ?, ?, ?, 'queued')",
+                                 (job_id, kind, input_path, json.dumps(list(shape)) if shape else None, time.time()))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return self.get(job_id)
 
     def get(self, job_id: str) -> Job | None:
         row = self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
