@@ -37,8 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rrg3d.data.adapters.ctrate import CTRATE_LABELS
 from rrg3d.text.labeler import LearnedLabeler, RuleLabeler, kfold_assignment
+from rrg3d.text.labels import CTRATE_LABELS
 from rrg3d.text.reports import split_sentences
 
 DEFAULT_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "reports" / "ctrate_labeled_reports_train.csv"

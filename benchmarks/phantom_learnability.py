@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from rrg3d.data.adapters.ctrate import CTRATE_LABELS
 from rrg3d.data.manifest import load_manifest, resolve
 from rrg3d.data.phantom import PhantomConfig, generate_phantoms
 from rrg3d.io import read_volume
+from rrg3d.text.labels import CTRATE_LABELS
 
 # HU windows: lung, solid lung lesions, mediastinum, bone and above, calcium and metal (above cortical bone)
 LUNG, SOLID = (-1000.0, -300.0), (-500.0, 100.0)

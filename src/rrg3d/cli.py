@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "labeler": "labeler",
     "model": "model",
     "generate": "generate",
+    "merge": "merge",
     "export": "export",
     "train": "train",
     "prefs": "prefs",

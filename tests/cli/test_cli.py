@@ -48,8 +48,10 @@ def test_preprocess_contract(tmp_path, chest, capsys):
     out = tmp_path / "cache"
     code = main(["preprocess", str(manifest), "--preset", "reg2rg", "--out", str(out), "--workers", "2",
                  "--no-progress"])
-    assert code == 0
+    assert code == 0, "the batch ran: failures are recorded, not an exit code"
     assert "1/2 studies ready" in capsys.readouterr().out
+    assert main(["preprocess", str(manifest), "--preset", "reg2rg", "--out", str(out), "--no-progress",
+                 "--strict"]) == 1
     record = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
     assert record["preprocess"]["preset"] == "reg2rg"
     assert np.load(out / record["images"]["ct"]).shape == (64, 256, 256)
@@ -60,7 +62,7 @@ def test_preprocess_contract(tmp_path, chest, capsys):
 def test_preprocess_nothing_could_run(tmp_path, capsys):
     (tmp_path / "b.nii.gz").write_bytes(b"junk")
     manifest = write_manifest([{"id": "b", "images": {"ct": "b.nii.gz"}}], tmp_path / "m.jsonl")
-    assert main(["preprocess", str(manifest), "--preset", "m3d", "--out", str(tmp_path / "o"), "--no-progress"]) == 1
+    assert main(["preprocess", str(manifest), "--preset", "m3d", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     assert main(["preprocess", str(tmp_path / "missing.jsonl"), "--preset", "m3d", "--out", str(tmp_path / "o2")]) == 2
     assert "manifest not found" in capsys.readouterr().err
     assert main(["preprocess", str(manifest), "--preset", "nope", "--out", str(tmp_path / "o3")]) == 2

@@ -88,6 +88,10 @@ def test_ctrate_labels_constant_is_exact() -> None:
     assert CTRATE_LABELS[0] == "Medical material"
     assert CTRATE_LABELS[-1] == "Interlobular septal thickening"
     assert len(RADGENOME_REGIONS) == 10
+    from rrg3d.data.adapters import ctrate
+    from rrg3d.text import labels
+
+    assert ctrate.CTRATE_LABELS is CTRATE_LABELS is labels.CTRATE_LABELS  # one label set, re-exported by the adapter
 
 
 # ---------------------------------------------------------------------------------------------------- CT-RATE

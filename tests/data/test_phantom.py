@@ -10,13 +10,13 @@ import pytest
 from scipy import ndimage
 
 from rrg3d.cli import main
-from rrg3d.data.adapters.ctrate import CTRATE_LABELS
 from rrg3d.data.manifest import load_manifest, resolve, validate_manifest
 from rrg3d.data.phantom import REGIONS, PhantomConfig, generate_phantoms, render_case, sample_case
 from rrg3d.data.phantom.render import REGION_ID
 from rrg3d.data.phantom.sampling import PREVALENCE, describe_finding
 from rrg3d.errors import RRG3DError
 from rrg3d.io import read_volume
+from rrg3d.text.labels import CTRATE_LABELS
 
 SMALL = (32, 64, 64)
 

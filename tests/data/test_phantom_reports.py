@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rrg3d.data.adapters.ctrate import CTRATE_LABELS
 from rrg3d.data.phantom.model import LABEL_REGION, LOBES, REGIONS, SEVERITIES, SIDES, STYLES, Anatomy, Case, Finding
 from rrg3d.data.phantom.reports import PhantomReport, SentenceBank, format_size, lobes_phrase, write_report
+from rrg3d.text.labels import CTRATE_LABELS
 
 REPORTS_CSV = ("reports", "ctrate_labeled_reports_train.csv")
 

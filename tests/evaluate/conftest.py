@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from rrg3d.data.adapters.ctrate import CTRATE_LABELS
+from rrg3d.text.labels import CTRATE_LABELS
 
 #: label → keyword; "no <keyword>" in the same sentence negates it.
 STUB_KEYWORDS = {"Cardiomegaly": "cardiomegaly", "Pleural effusion": "effusion", "Lung nodule": "nodule",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rrg3d.data.adapters.ctrate import CTRATE_LABELS
 from rrg3d.evaluate.bootstrap import bootstrap_ci
 from rrg3d.evaluate.clinical import (
     canonical_region,
@@ -19,6 +18,7 @@ from rrg3d.evaluate.clinical import (
     region_recognition,
     sample_f1,
 )
+from rrg3d.text.labels import CTRATE_LABELS
 
 REFERENCE = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 0]])
 PREDICTED = np.array([[1, 0, 0], [0, 1, 1], [0, 1, 0], [1, 0, 0]])

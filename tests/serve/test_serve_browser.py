@@ -7,7 +7,8 @@ Needs Debian's chromium (``apt-get install chromium``; skipped without it, faile
 SwiftShader's WebGL2, and the NiiVue bundle (``python -m rrg3d.serve.assets``, part of ``make install``).
 ``RRG3D_SCREENSHOT=docs/images/serve_viewer.png`` keeps the final full-page screenshot there (default: tmp);
 ``RRG3D_BROWSER_MODEL=CKPT RRG3D_BROWSER_SCAN=SCAN`` serve that region-guided model and upload that scan instead of
-the untrained tiny one and the phantom (how the README's screenshot was made).
+the untrained tiny one and the phantom, with ``RRG3D_BROWSER_SERVE_ARGS`` added to ``rrg3d serve`` (how the README's
+screenshot was made).
 """
 
 from __future__ import annotations
@@ -121,7 +122,8 @@ def _serve(checkpoint: str, root: Path, *options: str) -> Iterator[str]:
 def server(chromium, region_checkpoint, tmp_path_factory) -> Iterator[str]:
     """``rrg3d serve --no-auth`` of the untrained region-guided checkpoint (or ``$RRG3D_BROWSER_MODEL``)."""
     checkpoint = os.environ.get("RRG3D_BROWSER_MODEL") or str(region_checkpoint)
-    with _serve(checkpoint, tmp_path_factory.mktemp("serve"), "--no-auth") as base:
+    extra = shlex.split(os.environ.get("RRG3D_BROWSER_SERVE_ARGS", ""))  # e.g. --max-new-tokens 320
+    with _serve(checkpoint, tmp_path_factory.mktemp("serve"), "--no-auth", *extra) as base:
         yield base
 
 
@@ -290,5 +292,48 @@ def test_token_prompt(chromium, region_checkpoint, page, phantom_scan, tmp_path)
         assert _get_json(f"{base}v1/studies/{study}", token=token)["status"] == "done"
         assert page.evaluate("sessionStorage.getItem('rrg3d.token')") == token
         assert page.evaluate("localStorage.length") == 0
-        page.wait_for_function("window.rrg3d.viewerReady === true", timeout=60_000)  # the volume came with the token
+        # the volume and the region map are fetched with the token too
+        page.wait_for_function("window.rrg3d.viewerReady === true", timeout=60_000)
+        page.locator('a.region-title[data-region="lung"]').click()
+        page.wait_for_function("window.rrg3d.activeRegion === 'lung'", timeout=30_000)
+        assert page.evaluate(UNDER_CROSSHAIR) == 1
+    assert not page.errors, page.errors
+
+
+def test_report_rendering_from_a_study_answer(server, page):
+    """The report panel from a (routed) study answer: sections, a region's sentences as links to it, a region the
+    model did not write about, a region the label map lacks (plain text), the finding classifier's calls, and model
+    text shown as text, never as markup."""
+    study = "f" * 32
+    answer = {
+        "id": study, "status": "done", "progress": 1.0, "stage": "done", "shape": [32, 64, 64], "created": 1.0,
+        "started": 2.0, "finished": 5.5, "has_volume": False, "has_regions": True,
+        "report": "Findings: The lungs are clear. Impression: <img src=x onerror=\"window.pwned=1\">No acute finding.",
+        "sections": {"findings": "The lungs are clear.",
+                     "impression": "<img src=x onerror=\"window.pwned=1\">No acute finding."},
+        "region_reports": {"lung": "The lungs are clear. No nodule.", "pleura": "No effusion."},
+        "regions": {"heart": 4, "lung": 1}, "region_labels": {"1": "lung", "4": "heart"},
+        "model": {"model": "tiny_reg2rg", "checkpoint": "tiny_reg2rg", "preset": None, "seconds": 3.5},
+        "findings_classifier": {"threshold": 0.5, "probabilities": {"Cardiomegaly": 0.91, "Emphysema": 0.12},
+                                "called": ["Cardiomegaly"]},
+    }
+    page.route(f"**/v1/studies/{study}", lambda route: route.fulfill(json=answer))
+    page.route(f"**/v1/studies/{study}/volume",
+               lambda route: route.fulfill(status=409, json={"detail": "no volume in this test"}))
+    page.goto(f"{server}#study={study}")
+    page.wait_for_function("window.rrg3d.state === 'done'")
+    report = page.locator("#report")
+    assert report.locator("h3").all_text_contents()[:2] == ["Findings", "Impression"]
+    assert '<img src=x onerror="window.pwned=1">No acute finding.' in report.inner_text()
+    assert report.locator("img").count() == 0 and page.evaluate("window.pwned") is None
+    items = page.locator(".region-list li")
+    assert items.evaluate_all("nodes => nodes.map((li) => li.dataset.region)") == ["lung", "heart", "pleura"]
+    lung = page.locator('.region-list li[data-region="lung"]')
+    assert lung.locator("a.region-sentence").all_inner_texts() == ["The lungs are clear.", "No nodule."]
+    heart = page.locator('.region-list li[data-region="heart"]')
+    assert heart.locator("a.region-title").count() == 1 and "No sentence for this region." in heart.inner_text()
+    pleura = page.locator('.region-list li[data-region="pleura"]')
+    assert pleura.locator("a").count() == 0 and "No effusion." in pleura.inner_text()
+    assert "Called: Cardiomegaly (threshold 0.50)." in report.inner_text()
+    assert "Model: tiny_reg2rg" in report.inner_text()
     assert not page.errors, page.errors

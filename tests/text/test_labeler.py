@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from rrg3d.cli import main
-from rrg3d.data.adapters.ctrate import CTRATE_LABELS
 from rrg3d.text.labeler import LabelerError, LearnedLabeler, RuleLabeler, load_labeler, mention_order
+from rrg3d.text.labels import CTRATE_LABELS
 from rrg3d.text.reports import split_sections, split_sentences
 
 

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from rrg3d.data.adapters.ctrate import CTRATE_LABELS
 from rrg3d.text.labeler import LabelerError, LearnedLabeler, RuleLabeler, SentenceEncoder, load_labeler
+from rrg3d.text.labels import CTRATE_LABELS
 
 TEXTS = [
     ("Findings: Small right pleural effusion. Heart normal.", "Pleural effusion"),

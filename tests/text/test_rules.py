@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rrg3d.data.adapters.ctrate import CTRATE_LABELS
 from rrg3d.text.labeler import RuleLabeler
+from rrg3d.text.labels import CTRATE_LABELS
 from rrg3d.text.negation import polarity
 from rrg3d.text.rules import LABEL_RULES
 

@@ -29,7 +29,10 @@ def test_every_shipped_recipe_loads_and_its_references_exist(name):
 
 def test_paper_settings_are_recorded():
     clip, lora, full = load_recipe("ctgpt_clip"), load_recipe("ctgpt_sft_lora"), load_recipe("ctgpt_sft_full")
-    assert clip.optim.lr == 1e-3 and clip.stage == "clip"
+    # the paper's image-encoder stage (appendix B.1, B.3.1); 1e-3 is its Table 4 pre-training (alignment) rate
+    assert clip.optim.lr == 1.25e-6 and clip.stage == "clip" and clip.data.batch_size == 4
+    assert [p.steps for p in clip.phases] == [6000]
+    assert load_recipe("ctgpt_align").optim.lr == 1e-3
     assert lora.optim.lr == 2e-4 and lora.model.train.lm == "lora"
     align = load_recipe("ctgpt_align")
     assert (align.model.lora.r, align.model.lora.alpha) == (128, 256)

@@ -16,7 +16,10 @@ Judge specs: rule | http:MODEL@BASE_URL (API key from $RRG3D_JUDGE_API_KEY) | lo
 statuses of 24 regions, per-region confusion matrices, DIR/petrg.jsonl); the statuses are read by rules or, with
 --petrg-extractor SPEC, by a language model (the judge specs above, with the judge cache). References carrying a
 "petrg" truth field (PET phantoms) also get the extractor's agreement with that truth.
-Exit 0 when the evaluation ran (missing or failed predictions are counted and reported, see --missing).
+Exit 0 when the evaluation ran, even if some references had no usable prediction (missing or failed predictions
+are counted and reported, see --missing; an empty report is a result, not a failure); 1 with --strict when any
+reference had a missing or failed prediction; 2 when nothing could be evaluated (no prediction matches a reference,
+every matched prediction failed, --missing fail with a failure, or bad arguments).
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--judge", metavar="SPEC", help="also judge the reports: rule, http:MODEL@BASE_URL, local, "
                                                         "local:PATH")
-    parser.add_argument("--judge-prompts", default="score,green",
-                        help="comma-separated judge prompts: score (1-5), green (error counts) (default: both)")
+    parser.add_argument("--judge-prompts", default="score,findings_match",
+                        help="comma-separated judge prompts: score (1-5), findings_match (matched-findings rubric: "
+                             "error counts, matched / (matched + significant errors); not the GREEN model; 'green' "
+                             "is a deprecated alias) (default: both)")
     parser.add_argument("--judge-cache", default=None,
                         help="judge answer cache (sqlite file; default ~/.cache/rrg3d/judge_cache.sqlite; 'none' to "
                              "disable)")
@@ -54,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--missing", choices=("score-empty", "skip", "fail"), default="score-empty",
                         help="references without a usable prediction: score them as empty reports (default), "
                              "leave them out of the metrics, or fail")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit 1 when any reference had a missing or failed prediction (default: 0 once it ran)")
     parser.add_argument("--no-java", action="store_true",
                         help="do not use Java (coco METEOR is then not computed; see extra.meteor_nltk)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -66,11 +73,14 @@ def run(args: argparse.Namespace) -> int:
     from rrg3d.errors import RRG3DError
     from rrg3d.evaluate.render import headline_rows
     from rrg3d.evaluate.runner import EvaluateOptions, evaluate_files
+    from rrg3d.judge.base import KINDS
+    from rrg3d.judge.prompts import canonical_kind
+    from rrg3d.utils.exits import batch_exit_code
 
-    prompts = tuple(p.strip() for p in args.judge_prompts.split(",") if p.strip())
-    unknown = [p for p in prompts if p not in ("score", "green")]
+    prompts = tuple(dict.fromkeys(canonical_kind(p.strip()) for p in args.judge_prompts.split(",") if p.strip()))
+    unknown = [p for p in prompts if p not in KINDS]
     if unknown or not prompts:
-        raise RRG3DError(f"--judge-prompts: unknown prompt(s) {unknown or prompts} (use score, green)")
+        raise RRG3DError(f"--judge-prompts: unknown prompt(s) {unknown or prompts} (use {', '.join(KINDS)})")
     cache: object = True
     if args.judge_cache is not None:
         cache = False if args.judge_cache.strip().lower() in ("none", "off", "") else args.judge_cache
@@ -98,4 +108,5 @@ def run(args: argparse.Namespace) -> int:
     if counts["ok"] < counts["references"]:
         print("unusable predictions are listed under 'problems' in metrics.json",
               file=sys.stderr)
-    return 0
+    failed = counts["missing_predictions"] + counts["errors"]  # empty reports are results, scored as such
+    return batch_exit_code(counts["references"] - failed, failed, args.strict)

@@ -17,13 +17,28 @@ the CT's grid by their affines. A style-prompted model writes in each study's ho
 and "sex"; --style/--sex for all scans); the style used is recorded in each record's meta.
 
 Without --model the default model is used: $RRG3D_MODEL, else the checkpoint `rrg3d demo` trains
-(~/.cache/rrg3d/models/demo). Exit 0 when every scan got a report, 1 when some failed, 2 when none could be read.
+(~/.cache/rrg3d/models/demo).
+
+Sharded inference: --shard I/N (or, without it, RANK/WORLD_SIZE as torchrun and `accelerate launch` set them, each
+process then on cuda:$LOCAL_RANK) reports on shard I of N of the scans (assigned by a stable hash of the study id,
+see rrg3d.utils.shards) into PRED.shard-I-of-N.jsonl (label maps in PRED.shard-I-of-N.masks/), resumable per shard.
+The last shard to finish merges all N into PRED.jsonl in input order (--no-merge: leave that to
+`rrg3d merge predictions PRED.jsonl`).
+
+    accelerate launch --num_processes 4 -m rrg3d.cli generate M.jsonl --model CKPT --out PRED.jsonl
+
+Exit 0 when the batch ran, even if some scans failed (each failure is a record with "error"); 1 with --strict when
+any scan failed; 2 when none could be read (or bad arguments).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from typing import Any
+
+from rrg3d.utils.exits import STRICT_HELP
 
 HELP = "generate reports for scans (NIfTI, DICOM folders, manifests) with a model checkpoint"
 
@@ -57,6 +72,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sex", choices=("female", "male"), help="style-prompted models: the sex whose template "
                                                                  "to use (default: each study's; unknown: any)")
     parser.add_argument("--overwrite", action="store_true", help="start PRED.jsonl over instead of resuming")
+    parser.add_argument("--shard", metavar="I/N", help="report on shard I of N (0 <= I < N) into "
+                                                       "PRED.shard-I-of-N.jsonl (default: from RANK and WORLD_SIZE "
+                                                       "under torchrun/accelerate, else every scan)")
+    parser.add_argument("--no-merge", action="store_true", help="sharded: do not merge into PRED.jsonl when the last "
+                                                                "shard finishes (use `rrg3d merge predictions`)")
+    parser.add_argument("--strict", action="store_true", help=STRICT_HELP)
     parser.add_argument("--quiet", action="store_true", help="do not print the reports")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -66,9 +87,12 @@ def run(args: argparse.Namespace) -> int:
 
     from rrg3d.models.checkpoint import default_model_path, load_checkpoint
     from rrg3d.models.inference import generate_reports
+    from rrg3d.utils.exits import batch_exit_code
+    from rrg3d.utils.shards import resolve_shard
 
+    shard = resolve_shard(args.shard)
     checkpoint = args.model or default_model_path()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or _default_device(torch, distributed=shard is not None and args.shard is None)
     model = load_checkpoint(checkpoint, device=device, dtype=args.dtype, merge_lora=not args.no_merge_lora)
     settings = model.config.generation.replace(
         temperature=args.temperature, top_p=args.top_p, num_beams=args.num_beams,
@@ -86,10 +110,29 @@ def run(args: argparse.Namespace) -> int:
                                checkpoint=str(checkpoint), on_record=show, resume=not args.overwrite,
                                progress=not args.no_progress and sys.stderr.isatty(), masks=args.masks,
                                segment=args.segment, pet=args.pet, style=args.style, sex=args.sex,
-                               pet_units=args.pet_units)
+                               pet_units=args.pet_units, shard=shard, merge=not args.no_merge)
     skipped = f", {summary.skipped} already done" if summary.skipped else ""
-    print(f"{summary.written} reports, {summary.failed} failed{skipped} -> {args.out} ({summary.seconds:.1f} s)",
-          file=sys.stderr)
-    if summary.failed and not summary.written and not summary.skipped:
-        return 2
-    return 1 if summary.failed else 0
+    where = f"shard {shard}: " if shard is not None else ""
+    print(f"{where}{summary.written} reports, {summary.failed} failed{skipped} -> {summary.out} "
+          f"({summary.seconds:.1f} s)", file=sys.stderr)
+    if summary.merged:
+        print(f"all {shard.count if shard else 1} shards done: merged into {summary.merged}", file=sys.stderr)
+    elif summary.merge_error:
+        print(f"merging the shards failed: {summary.merge_error}", file=sys.stderr)
+    elif shard is not None and args.no_merge:
+        print(f"once all {shard.count} shards have finished: rrg3d merge predictions {args.out}", file=sys.stderr)
+    elif shard is not None:
+        print(f"{args.out} is written when all {shard.count} shards have finished (or run `rrg3d merge predictions "
+              f"{args.out}`)", file=sys.stderr)
+    return batch_exit_code(summary.written + summary.skipped, summary.failed, args.strict)
+
+
+def _default_device(torch: Any, distributed: bool) -> str:
+    """cuda when available; under a launcher (shard from the environment), this process's GPU, cuda:$LOCAL_RANK."""
+    cuda = torch.cuda
+    if not cuda.is_available():
+        return "cpu"
+    local = os.environ.get("LOCAL_RANK", "")
+    if distributed and local.isdigit() and cuda.device_count() > 1:
+        return f"cuda:{int(local) % cuda.device_count()}"
+    return "cuda"

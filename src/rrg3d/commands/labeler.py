@@ -66,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _apply(args: argparse.Namespace) -> int:
-    from rrg3d.data.adapters.ctrate import CTRATE_LABELS
     from rrg3d.text.labeler import load_labeler
+    from rrg3d.text.labels import CTRATE_LABELS
     from rrg3d.utils.files import atomic_path
 
     ids, texts = read_reports(args.input)
@@ -88,9 +88,9 @@ def _apply(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from rrg3d.data.adapters.ctrate import CTRATE_LABELS
     from rrg3d.errors import RRG3DError
     from rrg3d.text.labeler import LearnedLabeler
+    from rrg3d.text.labels import CTRATE_LABELS
 
     if not args.csv.is_file():
         raise RRG3DError(f"{args.csv}: file not found")

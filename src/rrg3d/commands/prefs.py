@@ -12,12 +12,17 @@ best-worst (the reference chosen when nothing reaches the threshold). Only the t
 refused. Resumable: studies in the candidates file are skipped, judge answers cached; failures go to
 PAIRS.jsonl.errors.jsonl and are retried next time. Train on the pairs with
 `rrg3d train tiny_dpo data.pairs=PAIRS.jsonl model.init=SFT`.
+
+Exit 0 when the batch ran, even if some studies failed (failures are recorded); 1 with --strict when any study
+failed; 2 when nothing could run (every study failed, or bad arguments).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+
+from rrg3d.utils.exits import STRICT_HELP
 
 HELP = "build judge-scored preference pairs for DPO from an SFT checkpoint"
 
@@ -46,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--cache-dir", default=None, help="preprocessing cache root (default: on the fly)")
     build.add_argument("--limit", type=int, default=None, help="only the first N studies of the split")
     build.add_argument("--device", default=None, help="torch device (default cpu)")
+    build.add_argument("--strict", action="store_true", help=STRICT_HELP)
     build.add_argument("--no-progress", action="store_true")
 
 
@@ -55,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "prefs_command", None) != "build":
         raise ConfigError("usage: rrg3d prefs build MANIFEST --model SFT_CKPT --out PAIRS.jsonl (see --help)")
     from rrg3d.train.prefs import build_preferences
+    from rrg3d.utils.exits import batch_exit_code
 
     summary = build_preferences(args.manifest, args.model, args.out, judge=args.judge, samples=args.samples,
                                 temperature=args.temperature, strategy=args.strategy, threshold=args.threshold,
@@ -71,4 +78,4 @@ def run(args: argparse.Namespace) -> int:
     for name, value in rows:
         print(f"{name:28s} {value}")
     print(args.out)
-    return 0 if summary.pairs or not summary.failed else 1
+    return batch_exit_code(summary.sampled + summary.resumed, summary.failed, args.strict)

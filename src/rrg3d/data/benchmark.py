@@ -560,7 +560,8 @@ def build_benchmark(
     _write_manifest_checked(records, kept_items, manifest_path, check_files)
 
     # statistics
-    from rrg3d.text.labeler import CTRATE_LABELS, load_labeler
+    from rrg3d.text.labeler import load_labeler
+    from rrg3d.text.labels import CTRATE_LABELS
 
     label_model = load_labeler(labeler)
     all_patients: dict[str, str] = {}
@@ -711,7 +712,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
 
 def datasheet(summary: BenchmarkSummary) -> str:
     """The markdown datasheet of a built benchmark."""
-    from rrg3d.text.labeler import CTRATE_LABELS
+    from rrg3d.text.labels import CTRATE_LABELS
 
     settings = summary.settings
     sources = list(summary.sources.values())

@@ -47,7 +47,7 @@ def label_names(labeler: Any = None) -> tuple[str, ...]:
     names = getattr(labeler, "labels", None) or getattr(labeler, "label_names", None)
     if names and not callable(names):
         return tuple(str(n) for n in names)
-    from rrg3d.data.adapters.ctrate import CTRATE_LABELS
+    from rrg3d.text.labels import CTRATE_LABELS
 
     return CTRATE_LABELS
 

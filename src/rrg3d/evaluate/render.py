@@ -28,7 +28,7 @@ HEADLINE = (
     ("ce.micro_precision", "CE micro precision"), ("ce.micro_recall", "CE micro recall"),
     ("ce.micro_f1", "CE micro F1"), ("ce.macro_precision", "CE macro precision"),
     ("ce.macro_recall", "CE macro recall"), ("ce.macro_f1", "CE macro F1"),
-    ("judge.score", "Judge score (1-5)"), ("judge.green", "Judge GREEN"),
+    ("judge.score", "Judge score (1-5)"), ("judge.findings_match", "Judge findings-match rubric (0-1)"),
     ("petrg.pet_all", "PETRG PET-All (macro F1)"), ("petrg.pet_abnormal", "PETRG PET-Abnormal (macro F1)"),
     ("petrg.ct_all", "PETRG CT-All (macro F1)"), ("petrg.ct_abnormal", "PETRG CT-Abnormal (macro F1)"),
     ("lengths.generated_mean", "Mean length, generated (words)"),
@@ -37,7 +37,7 @@ HEADLINE = (
 SAMPLE_COLUMNS = ("coco.bleu_1", "coco.bleu_2", "coco.bleu_3", "coco.bleu_4", "coco.meteor", "coco.rouge_l",
                   "coco.cider",
                   "extra.rouge_score.rouge1", "extra.rouge_score.rouge2", "extra.rouge_score.rougeL",
-                  "extra.meteor_nltk", "ce.tp", "ce.fp", "ce.fn", "ce.f1", "judge.score", "judge.green",
+                  "extra.meteor_nltk", "ce.tp", "ce.fp", "ce.fn", "ce.f1", "judge.score", "judge.findings_match",
                   "petrg.pet_agreement", "petrg.ct_agreement",
                   "lengths.reference", "lengths.generated")
 

@@ -34,13 +34,18 @@ from rrg3d.evaluate.records import Paired, load_predictions, load_references, pa
 
 log = logging.getLogger(__name__)
 
+#: The line that says why region recognition and region CE are left out (references with region reports, predictions
+#: without any).
+NO_REGION_REPORTS = ("no region reports in the predictions: region recognition and clinical efficacy per region not "
+                     "computed")
+
 
 @dataclasses.dataclass
 class EvaluateOptions:
     """Settings of one evaluation (the ``rrg3d evaluate`` options)."""
 
     judge: str | None = None
-    judge_prompts: tuple[str, ...] = ("score", "green")
+    judge_prompts: tuple[str, ...] = ("score", "findings_match")
     judge_cache: str | os.PathLike[str] | bool | None = True
     judge_concurrency: int = 4
     judge_timeout: float = 60.0
@@ -104,9 +109,9 @@ def _run_judge(scores: SystemScores, judge: Any, prompts: tuple[str, ...], progr
     paired = scores.paired
     sent = [i for i, s in enumerate(paired.status) if s == "ok"]
     out: dict[str, Any] = {"id": judge.id, "prompts": {}}
-    from rrg3d.judge.prompts import prompt_version
+    from rrg3d.judge.prompts import canonical_kind, prompt_version
 
-    for kind in prompts:
+    for kind in dict.fromkeys(canonical_kind(k) for k in prompts):  # deprecated aliases → current names, once each
         start = time.perf_counter()
         results = judge.evaluate([paired.references[i] for i in sent], [paired.candidates[i] for i in sent], kind,
                                  progress=progress)
@@ -133,7 +138,8 @@ def _run_judge(scores: SystemScores, judge: Any, prompts: tuple[str, ...], progr
             scores.warnings.append(f"judge {kind}: {summary['parse_failures']} unparseable answers, "
                                    f"{summary['errors']} failed calls (left out of the mean)")
     if any(paired.status[i] != "ok" for i in range(len(paired.ids))):
-        out["note"] = "reports without a usable prediction are not sent: they score 1 (score) and 0 (GREEN)"
+        out["note"] = ("reports without a usable prediction are not sent: they score 1 (score) and 0 "
+                       "(findings_match)")
     scores.metrics["judge"] = out
 
 
@@ -185,6 +191,10 @@ def score_system(name: str, paired: Paired, labeler: Any, judge: Any = None,
         recognition["source"] = "region-guided model: the region named for each region shown (region_recognition)"
         if any(paired.reference_regions) and plan.english_rules:
             metrics["ce_regions"] = region_ce(paired.reference_regions, paired.candidate_regions, labeler)
+    elif any(paired.reference_regions) and not any(paired.candidate_regions):
+        # every generated region set would be empty: the tables would be zeros that measure nothing
+        recognition = None
+        warnings.append(NO_REGION_REPORTS)
     elif any(paired.reference_regions):
         if plan.english_rules:
             metrics["ce_regions"] = region_ce(paired.reference_regions, paired.candidate_regions, labeler)

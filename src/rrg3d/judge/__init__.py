@@ -6,8 +6,10 @@
 * :class:`~rrg3d.judge.label.LabelJudge` — deterministic and verifiable: the candidate's abnormality labels against
   the study's truth labels (or the reference's), one point off per hallucinated or omitted abnormality.
 
-Prompts (:mod:`rrg3d.judge.prompts`): ``score`` (1–5 on accuracy, completeness, clarity, consistency) and ``green``
-(GREEN-style error counts). :func:`make_judge` builds a judge from a command-line spec::
+Prompts (:mod:`rrg3d.judge.prompts`): ``score`` (1–5 on accuracy, completeness, clarity, consistency) and
+``findings_match`` (the matched-findings rubric: error counts in GREEN's six categories and matched findings, scored
+matched / (matched + significant errors); our prompt, not the GREEN model; ``green`` is a deprecated alias).
+:func:`make_judge` builds a judge from a command-line spec::
 
     rule                      the labeler-agreement judge
     label                     the truth-label judge (truth passed to evaluate(..., truths=...))

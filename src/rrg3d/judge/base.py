@@ -1,4 +1,4 @@
-"""The judge interface: score generated reports against references with a prompt (``score`` or ``green``).
+"""The judge interface: score generated reports against references with a prompt (``score`` or ``findings_match``).
 
 A :class:`Judge` turns pairs ``(reference, candidate)`` into :class:`JudgeResult`\\ s. :class:`LLMJudge` does it for
 anything that completes a prompt (``complete(prompt) -> str``): it builds the prompt, consults the cache, calls the
@@ -20,11 +20,11 @@ from typing import Any
 from rrg3d.errors import RRG3DError
 from rrg3d.judge.cache import JudgeCache, cache_key
 from rrg3d.judge.parsing import parse
-from rrg3d.judge.prompts import build_prompt, prompt_version
+from rrg3d.judge.prompts import build_prompt, canonical_kind, prompt_version
 
 log = logging.getLogger(__name__)
 
-KINDS = ("score", "green")
+KINDS = ("score", "findings_match")
 
 
 class JudgeError(RRG3DError):
@@ -33,7 +33,7 @@ class JudgeError(RRG3DError):
 
 @dataclasses.dataclass
 class JudgeResult:
-    """One judged pair: ``score`` (1–5 for ``score``, GREEN in [0, 1] for ``green``) or why there is none."""
+    """One judged pair: ``score`` (1–5 for ``score``, in [0, 1] for ``findings_match``) or why there is none."""
 
     score: float | None
     parse_ok: bool
@@ -80,6 +80,7 @@ class LLMJudge(Judge):
                  progress: bool = False) -> list[JudgeResult]:
         if len(references) != len(candidates):
             raise ValueError(f"{len(references)} references but {len(candidates)} candidates")
+        kind = canonical_kind(kind)  # a deprecated alias shares the current name's version and cache keys
         version = prompt_version(kind)
         results: list[JudgeResult | None] = [None] * len(candidates)
         todo: list[tuple[int, str, str]] = []

@@ -8,8 +8,8 @@ reference report's labels otherwise. Labels the truth leaves unknown (NaN or mis
 * ``score``: ``max(1, 5 − (fp + fn))`` — 5 when every known label agrees, one point off per wrong abnormality,
   1 from four errors on. With the usual preference threshold of 3, a candidate is preferred when it gets at most two
   abnormalities wrong.
-* ``green``: as the rule judge's (matched = ``tp``, or 1 when both sides are normal; significant errors (a) false
-  finding = ``fp``, (b) missing finding = ``fn``).
+* ``findings_match``: as the rule judge's (matched = ``tp``, or 1 when both sides are normal; significant errors
+  (a) false finding = ``fp``, (b) missing finding = ``fn``).
 
 No model and no cache: the same answer every time, computed in microseconds.
 """
@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from rrg3d.judge.base import Judge, JudgeResult
+from rrg3d.judge.prompts import canonical_kind
 from rrg3d.judge.rule import RuleJudge
 
 #: the score of a candidate with no wrong abnormality; each error costs one point down to the floor
@@ -94,12 +95,13 @@ class LabelJudge(Judge):
     def evaluate(self, references: Sequence[str], candidates: Sequence[str], kind: str = "score",
                  progress: bool = False, truths: Sequence[Sequence[float] | None] | None = None
                  ) -> list[JudgeResult]:
-        if kind not in ("score", "green"):
+        kind = canonical_kind(kind)
+        if kind not in ("score", "findings_match"):
             raise ValueError(f"unknown judge prompt {kind!r}")
         results = []
         for tp, fp, fn in self.counts(references, candidates, truths).tolist():
-            if kind == "green":
-                results.append(RuleJudge._one("green", tp, fp, fn))
+            if kind == "findings_match":
+                results.append(RuleJudge._one(kind, tp, fp, fn))
                 continue
             score = label_score(fp, fn)
             explanation = f"{tp} true abnormalities stated, {fp} stated but absent, {fn} present but not stated"

@@ -6,22 +6,23 @@ import dataclasses
 import re
 from typing import Any
 
-from rrg3d.judge.prompts import GREEN_CATEGORIES
+from rrg3d.judge.prompts import ERROR_CATEGORIES, canonical_kind
 
 _NUMBER = r"(\d+(?:\.\d+)?)"
 _SCORE = re.compile(r"score\s*(?:\(\s*1\s*[-–]\s*5\s*\))?\s*[:=：]?\s*[\[<(*\"']*\s*" + _NUMBER
                     + r"\s*(?:/\s*(\d+(?:\.\d+)?))?", re.IGNORECASE)
 _EXPLANATION = re.compile(r"explanation\s*[:：]\s*(.*?)(?=\n\s*\**\s*score\b|\Z)", re.IGNORECASE | re.DOTALL)
 _CATEGORY = re.compile(r"\(?\b([a-f])\)\s*([a-z ]*?)\s*[:=\-–]\s*[<\[(*]*\s*(\d+)", re.IGNORECASE)
-_CATEGORY_BY_NAME = re.compile(r"\b(" + "|".join(name for _, name in GREEN_CATEGORIES) + r")s?\s*[:=\-–]\s*[<\[(*]*\s*"
+_CATEGORY_BY_NAME = re.compile(r"\b(" + "|".join(name for _, name in ERROR_CATEGORIES) + r")s?\s*[:=\-–]\s*[<\[(*]*\s*"
                                r"(\d+)", re.IGNORECASE)
 _MATCHED = re.compile(r"matched\s+findings?\s*\]?\s*[:=\-–]?\s*[<\[(*]*\s*(\d+)", re.IGNORECASE)
-_NAME_TO_LETTER = {name: letter for letter, name in GREEN_CATEGORIES}
+_NAME_TO_LETTER = {name: letter for letter, name in ERROR_CATEGORIES}
 
 
 @dataclasses.dataclass
 class Parsed:
-    """What a judge answer says: ``score`` (1–5 or GREEN in [0, 1]), explanation, GREEN counts; or why not."""
+    """What a judge answer says: ``score`` (1–5, or the findings-match score in [0, 1]), explanation, error counts;
+    or why not."""
 
     ok: bool
     score: float | None = None
@@ -53,8 +54,8 @@ def parse_score(text: str | None) -> Parsed:
     return Parsed(True, score=value, explanation=explanation or None)
 
 
-def green_score(matched: int, significant_errors: int) -> float:
-    """GREEN = matched / (matched + clinically significant errors); 0 when nothing matched (as GREEN defines it)."""
+def findings_match_score(matched: int, significant_errors: int) -> float:
+    """matched / (matched + clinically significant errors); 0 when nothing matched (GREEN's ratio, our counts)."""
     if matched <= 0:
         return 0.0
     return matched / (matched + significant_errors)
@@ -86,8 +87,9 @@ def _category_counts(section: str) -> dict[str, int]:
     return counts
 
 
-def parse_green(text: str | None) -> Parsed:
-    """GREEN-style counts → ``counts = {"significant": {a..f}, "insignificant": {a..f}, "matched": n}`` and score.
+def parse_findings_match(text: str | None) -> Parsed:
+    """Findings-match rubric answer → score and
+    ``counts = {"significant": {a..f}, "insignificant": {a..f}, "matched": n}``.
 
     Needs the matched-findings count and at least one significant-error count; absent categories count 0 and are
     listed in ``counts["missing"]``.
@@ -108,22 +110,22 @@ def parse_green(text: str | None) -> Parsed:
         return Parsed(False, error="no matched-findings count in the answer")
     if not significant:
         return Parsed(False, error="no clinically significant error counts in the answer")
-    letters = [letter for letter, _ in GREEN_CATEGORIES]
+    letters = [letter for letter, _ in ERROR_CATEGORIES]
     missing = [f"significant.{x}" for x in letters if x not in significant]
     missing += [f"insignificant.{x}" for x in letters if x not in insignificant]
     counts = {"significant": {x: significant.get(x, 0) for x in letters},
               "insignificant": {x: insignificant.get(x, 0) for x in letters},
               "matched": matched, "missing": missing}
-    score = green_score(matched, sum(counts["significant"].values()))
+    score = findings_match_score(matched, sum(counts["significant"].values()))
     return Parsed(True, score=score, counts=counts)
 
 
-PARSERS = {"score": parse_score, "green": parse_green}
+PARSERS = {"score": parse_score, "findings_match": parse_findings_match}
 
 
 def parse(kind: str, text: str | None) -> Parsed:
     """Parse an answer to the ``kind`` prompt; any unexpected failure becomes a parse failure too."""
     try:
-        return PARSERS[kind](text)
+        return PARSERS[canonical_kind(kind)](text)
     except Exception as exc:  # a parser bug must never crash an evaluation
         return Parsed(False, error=f"parser error: {type(exc).__name__}: {exc}")

@@ -2,19 +2,27 @@
 
 * ``score`` — a 1–5 rating of a generated report against the reference on the four criteria 3D-CT-GPT++ grades
   (accuracy, completeness, clarity, consistency), answered as ``Explanation: …`` then ``Score: n``.
-* ``green`` — GREEN-style error counting: clinically significant and insignificant errors in six categories
-  (false finding, missing finding, wrong location, wrong severity, false comparison, missing comparison) and the
-  number of matched findings.
+* ``findings_match`` — the matched-findings rubric: the judge counts clinically significant and insignificant errors
+  in six categories (false finding, missing finding, wrong location, wrong severity, false comparison, missing
+  comparison) and the number of matched findings; the score is matched / (matched + significant errors). The
+  categories and the ratio follow GREEN (Ostmeier et al. 2024), but this is our prompt to whatever model judges: it
+  is not the GREEN model, and its numbers are not GREEN scores (not comparable with GREEN values in papers).
+
+``green`` is a deprecated alias of ``findings_match`` (a warning says so). It is resolved before any prompt is built
+or any cache key is made, so both names share one prompt version and one cache entry per pair. Answers cached under
+the former version string ``green-v1`` are not reused: they are asked again once under ``findings-match-v1``.
 
 A prompt's version is part of every judge cache key: change the wording, bump the version.
 """
 
 from __future__ import annotations
 
+import warnings
+
 from rrg3d.errors import RRG3DError
 
-#: The six GREEN error categories, in order (letters a–f).
-GREEN_CATEGORIES: tuple[tuple[str, str], ...] = (
+#: The six error categories of the findings-match rubric, in order (letters a–f; GREEN's categories).
+ERROR_CATEGORIES: tuple[tuple[str, str], ...] = (
     ("a", "false finding"),
     ("b", "missing finding"),
     ("c", "wrong location"),
@@ -24,7 +32,7 @@ GREEN_CATEGORIES: tuple[tuple[str, str], ...] = (
 )
 
 SCORE_VERSION = "score-v1"
-GREEN_VERSION = "green-v1"
+FINDINGS_MATCH_VERSION = "findings-match-v1"
 
 SCORE_TEMPLATE = """\
 You are an experienced radiologist checking a chest CT report that was written by a computer program. \
@@ -47,9 +55,9 @@ Explanation: <two to four sentences about the four points>
 Score: <one whole number from 1 (unusable) to 5 (as good as the reference)>
 """
 
-_GREEN_LINES = "\n".join(f"({letter}) {name}: <number>" for letter, name in GREEN_CATEGORIES)
+_ERROR_LINES = "\n".join(f"({letter}) {name}: <number>" for letter, name in ERROR_CATEGORIES)
 
-GREEN_TEMPLATE = f"""\
+FINDINGS_MATCH_TEMPLATE = f"""\
 You are an experienced radiologist comparing a chest CT report written by a computer program with the reference \
 report that a radiologist wrote for the same scan. Count the ways in which the generated report differs from the \
 reference.
@@ -74,17 +82,32 @@ Generated report:
 
 Answer with these lines only, with a whole number in place of each <number>:
 [Clinically significant errors]
-{_GREEN_LINES}
+{_ERROR_LINES}
 [Clinically insignificant errors]
-{_GREEN_LINES}
+{_ERROR_LINES}
 [Matched findings]
 <number>
 """
 
 PROMPTS: dict[str, tuple[str, str]] = {
     "score": (SCORE_VERSION, SCORE_TEMPLATE),
-    "green": (GREEN_VERSION, GREEN_TEMPLATE),
+    "findings_match": (FINDINGS_MATCH_VERSION, FINDINGS_MATCH_TEMPLATE),
 }
+
+#: Former prompt names still accepted, with a warning: old name → current name.
+DEPRECATED_ALIASES: dict[str, str] = {"green": "findings_match"}
+
+
+def canonical_kind(kind: str) -> str:
+    """The current name of prompt ``kind``: a deprecated alias is mapped (with a ``FutureWarning``), any other name
+    returned unchanged (unknown names are reported where the prompt is used)."""
+    current = DEPRECATED_ALIASES.get(kind)
+    if current is None:
+        return kind
+    warnings.warn(f"judge prompt {kind!r} is deprecated: it is rrg3d's matched-findings rubric, not the GREEN model "
+                  f"(Ostmeier et al. 2024); use {current!r} (the same prompt; scores under 'judge.{current}')",
+                  FutureWarning, stacklevel=3)
+    return current
 
 
 def prompt_version(kind: str) -> str:
@@ -92,7 +115,7 @@ def prompt_version(kind: str) -> str:
 
 
 def build_prompt(kind: str, reference: str, candidate: str) -> str:
-    """The full prompt of ``kind`` (``score`` or ``green``) for one pair of reports."""
+    """The full prompt of ``kind`` (``score`` or ``findings_match``) for one pair of reports."""
     _, template = _entry(kind)
     return template.format(reference=(reference or "").strip() or "(empty)",
                            candidate=(candidate or "").strip() or "(empty)")
@@ -100,6 +123,6 @@ def build_prompt(kind: str, reference: str, candidate: str) -> str:
 
 def _entry(kind: str) -> tuple[str, str]:
     try:
-        return PROMPTS[kind]
+        return PROMPTS[canonical_kind(kind)]
     except KeyError:
         raise RRG3DError(f"unknown judge prompt {kind!r} (known: {', '.join(PROMPTS)})") from None

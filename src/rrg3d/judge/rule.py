@@ -5,7 +5,7 @@ generated report, ``fn`` = only in the reference.
 
 * ``score``: 5 when neither report has an abnormality, else ``1 + round(4 * tp / (tp + fp + fn))`` (Jaccard
   agreement of the abnormality sets mapped onto 1–5).
-* ``green``: matched findings = ``tp`` (or 1 when both reports are normal: "no abnormality" is the matched
+* ``findings_match``: matched findings = ``tp`` (or 1 when both reports are normal: "no abnormality" is the matched
   finding), significant errors (a) false finding = ``fp`` and (b) missing finding = ``fn``; the label set cannot see
   location, severity or comparisons, so (c)–(f) and all insignificant errors are 0.
 """
@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from rrg3d.judge.base import Judge, JudgeResult
-from rrg3d.judge.parsing import green_score
-from rrg3d.judge.prompts import GREEN_CATEGORIES
+from rrg3d.judge.parsing import findings_match_score
+from rrg3d.judge.prompts import ERROR_CATEGORIES, canonical_kind
 
 
 class RuleJudge(Judge):
@@ -37,7 +37,8 @@ class RuleJudge(Judge):
                  progress: bool = False) -> list[JudgeResult]:
         if len(references) != len(candidates):
             raise ValueError(f"{len(references)} references but {len(candidates)} candidates")
-        if kind not in ("score", "green"):
+        kind = canonical_kind(kind)
+        if kind not in ("score", "findings_match"):
             raise ValueError(f"unknown judge prompt {kind!r}")
         if not candidates:
             return []
@@ -56,9 +57,9 @@ class RuleJudge(Judge):
                   f"Score: {score:g}"
             return JudgeResult(score, True, raw=raw, explanation=raw.split("\n")[0][len("Explanation: "):])
         matched = tp if tp + fp + fn else 1
-        letters = [letter for letter, _ in GREEN_CATEGORIES]
+        letters = [letter for letter, _ in ERROR_CATEGORIES]
         significant = dict.fromkeys(letters, 0)
         significant["a"], significant["b"] = fp, fn
         counts = {"significant": significant, "insignificant": dict.fromkeys(letters, 0), "matched": matched,
                   "missing": []}
-        return JudgeResult(green_score(matched, fp + fn), True, raw=None, counts=counts)
+        return JudgeResult(findings_match_score(matched, fp + fn), True, raw=None, counts=counts)

@@ -11,6 +11,10 @@ Layout (DESIGN.md)::
     CKPT/tokenizer/           the tokenizer with rrg3d's special tokens and chat template
     CKPT/train_state/         optimizer, scheduler, RNG, step (written by training; optional)
 
+Two smaller kinds initialise a report generator's vision encoder (``model.vision_init``): ``ct_clip`` (a CLIP run:
+``clip.safetensors``, both towers) and ``encoder`` (``encoder.safetensors``, one vision encoder, e.g. imported from
+a peer's public weights by ``rrg3d model import``). Both record the encoder's full registry mapping and the preset.
+
 The kind of LM weights is recorded in ``rrg3d.yaml`` and read from there; nothing is guessed from folder contents or
 names. Saving writes a sibling staging folder and swaps it in, so a crash never leaves a half-written checkpoint.
 """
@@ -32,7 +36,7 @@ from rrg3d.errors import RRG3DError
 FORMAT = "rrg3d-checkpoint"
 FORMAT_VERSION = 1
 LM_WEIGHT_KINDS = ("full", "adapter", "base")
-MODEL_KINDS = ("report_generator", "ct_clip")
+MODEL_KINDS = ("report_generator", "ct_clip", "encoder")
 
 
 class CheckpointError(RRG3DError):
@@ -219,8 +223,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | None = None, 
     folder = Path(path)
     meta = read_manifest(folder)
     if meta["kind"] != "report_generator":
-        raise CheckpointError(folder, f"is a {meta['kind']} checkpoint, not a report generator (a CT-CLIP "
-                                      "checkpoint initialises a report generator's encoder: model.vision_init)")
+        raise CheckpointError(folder, f"is a {meta['kind']} checkpoint, not a report generator (a CT-CLIP or "
+                                      "encoder checkpoint initialises a report generator's encoder: "
+                                      "model.vision_init)")
     config = ModelConfig.from_dict(meta["model"], source=str(folder / "rrg3d.yaml"))
     recorded_preset = meta.get("preprocess", {}).get("config")
     if recorded_preset is not None:
@@ -377,17 +382,103 @@ def load_clip_checkpoint(path: str | os.PathLike[str], *, device: str | None = N
     return _ready(model, meta, device=device, trainable=trainable)
 
 
+def _canonical_encoder(mapping: dict[str, Any]) -> dict[str, Any]:
+    """An encoder mapping with every config field spelled out (defaults filled in), so mappings recorded before a
+    field existed compare equal to today's ``ENCODERS.describe`` of the same model."""
+    import rrg3d.models.encoders  # noqa: F401  (registers the encoders)
+    from rrg3d.models.registry import ENCODERS, config_to_dict
+
+    try:
+        name, config = ENCODERS.make_config(mapping)
+    except RRG3DError:
+        return dict(mapping)
+    return {"name": name, **config_to_dict(config)}
+
+
 def load_clip_encoder_state(path: str | os.PathLike[str], encoder: dict[str, Any]) -> dict[str, Any]:
-    """The vision-encoder weights of a CT-CLIP checkpoint, checked against ``encoder`` (a registry mapping,
-    described in full): a report generator takes them only when its encoder is configured identically."""
-    folder, meta = _clip_meta(path)
-    recorded = meta.get("encoder") or {}
-    if recorded != encoder:
-        keys = sorted(k for k in set(recorded) | set(encoder) if recorded.get(k) != encoder.get(k))
-        detail = ", ".join(f"{k}: checkpoint {recorded.get(k)!r} vs model {encoder.get(k)!r}" for k in keys[:6])
-        raise CheckpointError(folder, f"the CT-CLIP encoder does not match the model's vision.encoder ({detail})")
+    """The vision-encoder weights of a CT-CLIP checkpoint or of an encoder checkpoint (kind ``encoder``, e.g. from
+    ``rrg3d model import``), checked against ``encoder`` (a registry mapping, described in full): a report generator
+    takes them only when its encoder is configured identically."""
+    folder = Path(path)
+    meta = read_manifest(folder)
+    if meta["kind"] not in ("ct_clip", "encoder"):
+        raise CheckpointError(folder, f"is a {meta['kind']} checkpoint, neither a CT-CLIP nor an encoder one")
+    recorded = _canonical_encoder(meta.get("encoder") or {})
+    wanted = _canonical_encoder(encoder)
+    if recorded != wanted:
+        keys = sorted(k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k))
+        detail = ", ".join(f"{k}: checkpoint {recorded.get(k)!r} vs model {wanted.get(k)!r}" for k in keys[:6])
+        what = "CT-CLIP encoder" if meta["kind"] == "ct_clip" else "encoder"
+        raise CheckpointError(folder, f"the {what} does not match the model's vision.encoder ({detail})")
+    if meta["kind"] == "encoder":
+        return _encoder_weights(folder, meta)
     state = _clip_weights(folder, meta)
     return {k[len("vision."):]: v for k, v in state.items() if k.startswith("vision.")}
+
+
+# -- vision-encoder checkpoints ---------------------------------------------------------------------------------------
+ENCODER_WEIGHTS = "encoder.safetensors"
+
+
+def save_encoder_checkpoint(encoder: Any, path: str | os.PathLike[str], *, preprocess: Any,
+                            extra: dict[str, Any] | None = None) -> Path:
+    """Write one vision encoder as a checkpoint directory (kind ``encoder``), atomically.
+
+    ``rrg3d.yaml`` records the encoder's full registry mapping (``encoder``: what a report generator's
+    ``vision.encoder`` must equal to take these weights through ``model.vision_init``), the preprocessing preset and
+    ``extra`` (e.g. the provenance of imported weights); ``encoder.safetensors`` holds the encoder's state dict.
+    """
+    from safetensors.torch import save_file
+
+    from rrg3d.models.registry import ENCODERS
+    from rrg3d.preprocess.presets import load_preset
+
+    target = Path(path)
+    preset = load_preset(preprocess)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}
+        save_file(state, str(staging / ENCODER_WEIGHTS), metadata={"format": FORMAT})
+        meta = {
+            **_header("encoder"),
+            "encoder": ENCODERS.describe(encoder),
+            "preprocess": preset.record(),
+            "files": {ENCODER_WEIGHTS: _sha256(staging / ENCODER_WEIGHTS)},
+            "extra": extra or {},
+        }
+        _complete(staging, target, meta, None)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _encoder_weights(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    weights = folder / ENCODER_WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(folder, f"{ENCODER_WEIGHTS} is missing")
+    expected = (meta.get("files") or {}).get(ENCODER_WEIGHTS)
+    if expected and _sha256(weights) != expected:
+        raise CheckpointError(weights, "checksum mismatch: the file is corrupt or was changed after saving")
+    return load_file(str(weights))
+
+
+def load_encoder_checkpoint(path: str | os.PathLike[str], *, device: str | None = None,
+                            trainable: bool = False) -> Any:
+    """The vision encoder saved at ``path`` (kind ``encoder``), built from its recorded mapping, in eval mode unless
+    ``trainable``; ``encoder.checkpoint_meta`` holds ``rrg3d.yaml`` (preset, provenance)."""
+    import rrg3d.models.encoders  # noqa: F401  (registers the encoders)
+    from rrg3d.models.registry import ENCODERS
+
+    folder = Path(path)
+    meta = read_manifest(folder)
+    if meta["kind"] != "encoder":
+        raise CheckpointError(folder, f"is a {meta['kind']} checkpoint, not an encoder one")
+    encoder = ENCODERS.build(meta["encoder"])
+    _load_state(encoder, _encoder_weights(folder, meta), folder, "its encoder config")
+    return _ready(encoder, meta, device=device, trainable=trainable)
 
 
 def install_checkpoint(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> Path:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from rrg3d.data.adapters.ctrate import CTRATE_LABELS as LABEL_NAMES
+from rrg3d.text.labels import CTRATE_LABELS as LABEL_NAMES
 
 
 @dataclass

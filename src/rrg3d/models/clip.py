@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rrg3d.data.adapters.ctrate import CTRATE_LABELS
 from rrg3d.errors import ConfigError
 from rrg3d.models.classifier import check_histogram, soft_histogram
 from rrg3d.models.registry import ENCODERS, config_from_mapping, config_to_dict
+from rrg3d.text.labels import CTRATE_LABELS
 
 __all__ = ["CTCLIP", "NORMAL_STUDY_PROMPTS", "AttentionPool", "TextAdapter", "anchored_prompts", "clip_loss",
            "gathered_clip_loss"]

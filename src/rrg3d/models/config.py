@@ -95,7 +95,7 @@ class PromptConfig:
             raise ConfigError(f"prompt.findings_order must be a list of labels or {FINDINGS_ORDER_FROM_REPORTS!r}, "
                               f"got {self.findings_order!r}")
         if isinstance(self.findings_order, list):
-            from rrg3d.data.adapters.ctrate import CTRATE_LABELS
+            from rrg3d.text.labels import CTRATE_LABELS
 
             order = list(self.findings_order)
             unknown = sorted(set(order) - set(CTRATE_LABELS))

@@ -5,6 +5,12 @@ Inputs are NIfTI/NRRD/MHA/NPY files, DICOM folders, or manifests (JSONL). Studie
 refused otherwise — applying a window twice would silently shift intensities. A study that cannot be read becomes a
 record with an ``error`` field and the batch goes on. The output is appended line by line (each line flushed), so
 an interrupted run resumes: studies already reported are skipped, failed ones are tried again.
+
+Sharded (``shard``, see :mod:`rrg3d.utils.shards`): every shard resolves the same inputs, keeps its own studies and
+writes ``PRED.shard-1-of-4.jsonl`` (label maps in ``PRED.shard-1-of-4.masks/``), resumable like an unsharded file.
+When it has run through it writes ``PRED.shard-1-of-4.done.json`` (the input positions of its studies);
+:func:`merge_predictions` joins complete shards into ``PRED.jsonl`` in input order, and the last shard to finish
+does that on its own.
 """
 
 from __future__ import annotations
@@ -23,9 +29,12 @@ import numpy as np
 from rrg3d.data.adapters.radgenome import RADGENOME_REGIONS
 from rrg3d.errors import RRG3DError
 from rrg3d.io.readers import VOLUME_SUFFIXES, scan_stem
-from rrg3d.utils.files import append_jsonl, atomic_write_text
+from rrg3d.utils.files import append_jsonl, atomic_write_json, atomic_write_text
+from rrg3d.utils.shards import Shard, find_shards, merge_when_complete, select, shard_path
 
 log = logging.getLogger(__name__)
+
+
 @dataclass
 class Study:
     """One scan to report on; ``error`` is set when it cannot be used (it is then recorded, not generated)."""
@@ -220,6 +229,111 @@ class GenerateSummary:
     failed: int = 0
     skipped: int = 0
     seconds: float = 0.0
+    #: the file written (a shard's own file when sharded), the shard, and the merged file when this run merged
+    out: str = ""
+    shard: str | None = None
+    merged: str | None = None
+    merge_error: str | None = None
+
+
+def done_marker(path: str | os.PathLike[str]) -> Path:
+    """A shard's completion marker: ``PRED.shard-1-of-4.jsonl`` → ``PRED.shard-1-of-4.done.json``."""
+    path = Path(path)
+    return path.with_name(f"{path.name.removesuffix('.jsonl')}.done.json")
+
+
+def _last_records(path: Path) -> tuple[dict[str, dict[str, Any]], int]:
+    """Per id, the record a merge keeps (the last good one, else the last one) and the count of torn lines."""
+    kept: dict[str, dict[str, Any]] = {}
+    torn = 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            torn += 1
+            continue
+        if not isinstance(record, dict) or "id" not in record:
+            torn += 1
+            continue
+        study = str(record["id"])
+        good = record.get("report") is not None and not record.get("error")
+        previous = kept.get(study)
+        if good or previous is None or previous.get("error") or previous.get("report") is None:
+            kept[study] = record
+    return kept, torn
+
+
+def merge_predictions(out: str | os.PathLike[str], *, count: int | None = None, order: Sequence[str] | None = None,
+                      allow_incomplete: bool = False) -> GenerateSummary:
+    """Join ``PRED.shard-I-of-N.jsonl`` into ``out`` (``PRED.jsonl``, written atomically).
+
+    Checks that all N shard files are present, finished (their ``.done.json`` markers, unless ``allow_incomplete``),
+    made from the same inputs, cover every study of their markers, and share no id. A shard that reported a study
+    more than once (a failure retried on resume) gives its last good record. Order: ``order`` (ids, e.g. of a
+    manifest) when given, else the input order the markers record, else sorted by id; ids outside it go last, sorted.
+    """
+    start = time.perf_counter()
+    out_path = Path(out)
+    count, files = find_shards(out_path, count)
+    markers: dict[int, dict[str, Any]] = {}
+    unfinished = []
+    for index, file in files.items():
+        marker = done_marker(file)
+        try:
+            markers[index] = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            unfinished.append(file.name)
+    if unfinished and not allow_incomplete:
+        raise RRG3DError(f"{out_path}: shard(s) not finished: {', '.join(unfinished)} (no .done.json; rerun them, "
+                         "they resume, or merge anyway with --allow-incomplete)")
+    if len({json.dumps(m.get("studies")) for m in markers.values()}) > 1:
+        raise RRG3DError(f"{out_path}: the shards were run on different inputs (their study counts differ); rerun "
+                         "them on the same SCAN arguments")
+    if len({json.dumps(m.get("inputs")) for m in markers.values()}) > 1:  # e.g. another mount point per node
+        log.warning("%s: the shards name their inputs differently; merging by study id", out_path)
+    summary = GenerateSummary(out=str(out_path))
+    merged: dict[str, dict[str, Any]] = {}
+    owner: dict[str, int] = {}
+    overlap: list[str] = []
+    positions: dict[str, int] = {}
+    missing: list[str] = []
+    torn = 0
+    for index, file in files.items():
+        kept, bad = _last_records(file)
+        torn += bad
+        for study, record in kept.items():
+            if study in owner:
+                overlap.append(study)
+            owner[study] = index
+            merged[study] = record
+        if index in markers:
+            expected = {str(i): int(p) for p, i in markers[index].get("positions") or []}
+            positions.update(expected)
+            missing.extend(i for i in expected if i not in kept)
+    if overlap:
+        raise RRG3DError(f"{out_path}: {len(overlap)} ids are in more than one shard (e.g. {overlap[:3]}); were the "
+                         "shards run on different inputs or shard counts?")
+    if missing and not allow_incomplete:
+        raise RRG3DError(f"{out_path}: {len(missing)} studies have no record in their shard (e.g. {missing[:3]}); "
+                         "rerun those shards")
+    if torn:
+        log.warning("%s: %d unreadable lines in the shard files were left out", out_path, torn)
+    if order is not None:
+        positions = {}
+        for study in order:
+            positions.setdefault(str(study), len(positions))
+    elif len(markers) < count:
+        positions = {}
+    last = len(positions)
+    ids = sorted(merged, key=lambda study: (positions.get(study, last), study))
+    atomic_write_text(out_path, "".join(json.dumps(merged[i], ensure_ascii=False) + "\n" for i in ids))
+    summary.failed = sum(1 for i in ids if merged[i].get("error") or merged[i].get("report") is None)
+    summary.written = len(ids) - summary.failed
+    summary.merged = str(out_path)
+    summary.seconds = time.perf_counter() - start
+    return summary
 
 
 def generate_reports(model: Any, inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *,
@@ -228,7 +342,8 @@ def generate_reports(model: Any, inputs: Sequence[str | os.PathLike[str]], out: 
                      resume: bool = True, masks: str | os.PathLike[str] | None = None,
                      segment: str | None = None, pet: str | os.PathLike[str] | None = None,
                      style: str | None = None, sex: str | None = None,
-                     pet_units: str | None = None) -> GenerateSummary:
+                     pet_units: str | None = None, shard: Shard | None = None,
+                     merge: bool = True) -> GenerateSummary:
     """Generate a report for every study of ``inputs`` into the predictions JSONL ``out``.
 
     A region-guided model reads each study's label map (``segment``: made by that segmentation backend from the
@@ -240,7 +355,10 @@ def generate_reports(model: Any, inputs: Sequence[str | os.PathLike[str]], out: 
     A PET/CT model reads each study's PET (a manifest's ``images.pet``; ``pet``: the PET of a single scan given as a
     file, ``pet_units`` ``"SUVbw"`` when that file is already in SUV). A style-prompted model writes in each study's
     ``style`` for its ``sex``; ``style``/``sex`` override them for every study (e.g. a hospital's style for scans
-    from elsewhere)."""
+    from elsewhere).
+
+    ``shard``: only that shard's studies, into ``PRED.shard-I-of-N.jsonl`` (see the module doc); ``merge``: when every
+    shard has finished, write ``out`` from them (:func:`merge_predictions`)."""
     import torch
     from tqdm import tqdm
 
@@ -251,7 +369,7 @@ def generate_reports(model: Any, inputs: Sequence[str | os.PathLike[str]], out: 
         raise RRG3DError(f"--masks and --segment are for region-guided models; {model.config.name} reads the scan "
                          "alone")
     single_mask, mask_index = _masks_index(masks) if region_settings is not None else (None, {})
-    out_path = Path(out)
+    out_path = shard_path(out, shard)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     settings = settings or model.config.generation
     preset = load_preset(model.config.preprocess)
@@ -272,11 +390,18 @@ def generate_reports(model: Any, inputs: Sequence[str | os.PathLike[str]], out: 
     for study in studies:
         study.style = style or study.style
         study.sex = sex or study.sex
+    positions = {study.id: position for position, study in enumerate(studies)}
+    total = len(studies)
+    studies = select(studies, shard, key=lambda study: study.id)
+    marker = done_marker(out_path)
+    if shard is not None:
+        marker.unlink(missing_ok=True)  # this shard is running again: not complete until it ends
     finished = done_ids(out_path) if resume else set()
     if not resume and out_path.exists():
         out_path.unlink()
     todo = [s for s in studies if s.id not in finished]
-    summary = GenerateSummary(skipped=len(studies) - len(todo))
+    summary = GenerateSummary(skipped=len(studies) - len(todo), out=str(out_path),
+                              shard=str(shard) if shard is not None else None)
     meta_common = {"model": model.config.name, "checkpoint": checkpoint,
                    "preset": {"name": preset.name, "sha256": preset.sha256},
                    "generation": {k: v for k, v in vars(settings).items()}}
@@ -341,6 +466,23 @@ def generate_reports(model: Any, inputs: Sequence[str | os.PathLike[str]], out: 
             bar.update(1)
     bar.close()
     summary.seconds = time.perf_counter() - start
+    if shard is not None:
+        atomic_write_json(marker, {"shard": str(shard), "inputs": [str(Path(i).resolve()) for i in inputs],
+                                   "studies": total, "written": summary.written, "failed": summary.failed,
+                                   "skipped": summary.skipped,
+                                   "positions": [[positions[s.id], s.id] for s in studies]})
+        if merge:
+            count = shard.count
+
+            def ready() -> bool:
+                return all(done_marker(shard_path(out, Shard(i, count))).is_file() for i in range(count))
+
+            try:
+                merged = merge_when_complete(Path(out).with_name(f"{Path(out).name}.merge.lock"), ready,
+                                             lambda: merge_predictions(out, count=count))
+                summary.merged = merged.merged if merged is not None else None
+            except RRG3DError as exc:
+                summary.merge_error = str(exc)
     return summary
 
 

@@ -553,27 +553,31 @@ class ReportGenerator(nn.Module):
 
     def forward(self, volumes: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor | None = None, finding_labels: torch.Tensor | None = None,
-                visual: torch.Tensor | None = None, regions: RegionBatch | None = None) -> Any:
+                visual: torch.Tensor | None = None, regions: RegionBatch | None = None,
+                num_items_in_batch: torch.Tensor | int | None = None) -> Any:
         """The LM's outputs as a :class:`GeneratorOutput` (``.loss`` when labels are given); with a finding classifier
         also ``.finding_logits`` [B, L], and ``.classifier_loss`` when ``finding_labels`` [B, 18] (NaN: unknown)
         are given. ``visual`` [B, N, H]: visual embeddings computed before (a frozen tower's, reused for several
         texts); the vision tower then does not run and ``volumes`` may be None. ``regions``: the batch's region
-        slots, in the order the prompt lists them (region-guided models)."""
+        slots, in the order the prompt lists them (region-guided models). ``num_items_in_batch``: the loss is the
+        summed token loss divided by it (token-weighted gradient accumulation) instead of the mean over this batch's
+        target tokens."""
         device = self.device
+        weighting = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         regions = self._regions_required(regions, input_ids.shape[0])
         if visual is not None:
             output = GeneratorOutput(self.lm(inputs_embeds=self.embed(input_ids, visual=visual.to(device),
                                                                       regions=regions),
                                              attention_mask=attention_mask,
-                                             labels=None if labels is None else labels.to(device)))
+                                             labels=None if labels is None else labels.to(device), **weighting))
             return output
         if volumes is None:
             raise ValueError("forward() needs volumes or precomputed visual embeddings")
         visual, logits = self._global_visual(volumes.to(device))
         inputs_embeds = self.embed(input_ids, visual=visual, regions=regions)
         output = GeneratorOutput(self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                         labels=None if labels is None else labels.to(device)))
+                                         labels=None if labels is None else labels.to(device), **weighting))
         if logits is not None and self.vision.classifier is not None:
             output["finding_logits"] = logits
             if finding_labels is not None:

@@ -11,6 +11,12 @@ Layout of the output folder::
 
 Tensors are written atomically, then the receipt, so a killed run resumes where it stopped and never
 trusts a half-written file. One bad study is recorded in ``errors.jsonl`` and the batch goes on.
+
+A shard (``shard=Shard(1, 4)``, see :mod:`rrg3d.utils.shards`) processes only its studies, into the same folder
+(tensors and receipts are per study), and writes ``manifest.shard-1-of-4.jsonl``, ``errors.shard-1-of-4.jsonl`` and
+``summary.shard-1-of-4.json`` (``"complete": true`` once it ran through, with the source positions of its studies).
+:func:`merge_cache` joins them into ``manifest.jsonl``, ``errors.jsonl`` and ``summary.json`` in the source
+manifest's order; the last shard to finish does that on its own.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from rrg3d.io.volume import Volume
 from rrg3d.preprocess.ops import apply_header_overrides
 from rrg3d.preprocess.presets import Preset, load_preset
 from rrg3d.utils.files import atomic_path, atomic_write_json, atomic_write_text
+from rrg3d.utils.shards import Shard, find_shards, merge_when_complete, select, shard_path
 
 
 @dataclasses.dataclass
@@ -46,13 +53,18 @@ class BatchSummary:
     invalid_lines: int = 0
     seconds: float = 0.0
     out_dir: str = ""
+    #: sharded runs: the shard ("1/4"), and the merged manifest when this run merged every shard
+    shard: str | None = None
+    merged: str | None = None
+    merge_error: str | None = None
 
     @property
     def succeeded(self) -> int:
         return self.processed + self.skipped_done
 
     def line(self) -> str:
-        return (f"{self.succeeded}/{self.total} studies ready ({self.processed} processed, {self.skipped_done} "
+        shard = f"shard {self.shard}: " if self.shard else ""
+        return (f"{shard}{self.succeeded}/{self.total} studies ready ({self.processed} processed, {self.skipped_done} "
                 f"already done), {self.failed} failed, {self.invalid_lines} invalid manifest lines, "
                 f"{self.seconds:.1f} s → {self.out_dir}")
 
@@ -293,8 +305,13 @@ def preprocess_manifest(
     workers: int = 1,
     overwrite: bool = False,
     progress: bool = True,
+    shard: Shard | None = None,
+    merge: bool = True,
 ) -> BatchSummary:
-    """Preprocess all studies of ``manifest`` with ``preset`` into ``out_dir`` (resumable, parallel)."""
+    """Preprocess all studies of ``manifest`` with ``preset`` into ``out_dir`` (resumable, parallel).
+
+    With ``shard``, only that shard's studies and invalid lines, written under the shard's file names; ``merge``:
+    when every shard of the run has finished, merge them (see :func:`merge_cache`)."""
     start = time.perf_counter()
     preset = load_preset(preset)
     out = Path(out_dir)
@@ -308,10 +325,18 @@ def preprocess_manifest(
     atomic_write_text(preset_file, preset.to_yaml())
 
     records, problems = check_manifest(manifest)
-    errors: list[dict[str, Any]] = [
-        {"id": None, "file": f"{p.path}:{p.line}", "error": str(p)} for p in problems if p.severity == "error"
-    ]
-    summary = BatchSummary(total=len(records), invalid_lines=len(errors), out_dir=str(out))
+    manifest_records = len(records)
+    positions = {str(r["id"]): position for position, r in enumerate(records)}
+    invalid = [p for p in problems if p.severity == "error"]
+    if shard is not None:  # every study by its id, every invalid line by its place
+        records = select(records, shard, key=lambda r: str(r["id"]))
+        invalid = select(invalid, shard, key=lambda p: f"{p.path}:{p.line}")
+    files = {name: shard_path(out / name, shard) for name in ("manifest.jsonl", "errors.jsonl", "summary.json")}
+    if shard is not None:
+        files["summary.json"].unlink(missing_ok=True)  # it says the shard is complete: not while it runs again
+    errors: list[dict[str, Any]] = [{"id": None, "file": f"{p.path}:{p.line}", "error": str(p)} for p in invalid]
+    summary = BatchSummary(total=len(records), invalid_lines=len(errors), out_dir=str(out),
+                           shard=str(shard) if shard is not None else None)
     results: dict[str, dict[str, Any]] = {}
     todo = []
     for record in records:
@@ -341,6 +366,7 @@ def preprocess_manifest(
             bar.set_postfix(failed=summary.failed)
 
     preset_data = preset.to_dict()
+    complete = False
     try:
         if workers <= 1:
             for record in todo:
@@ -356,13 +382,128 @@ def preprocess_manifest(
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
                     for future in done:
                         collect(future.result())
+        complete = True
     finally:
         if bar is not None:
             bar.close()
         ordered = [results[r["id"]] for r in records if r["id"] in results]
-        write_manifest(ordered, out / "manifest.jsonl")
-        atomic_write_text(out / "errors.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors))
+        write_manifest(ordered, files["manifest.jsonl"])
+        atomic_write_text(files["errors.jsonl"], "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors))
         summary.seconds = time.perf_counter() - start
-        atomic_write_json(out / "summary.json", dict(dataclasses.asdict(summary), preset=preset.name,
-                                                      preset_sha256=preset.sha256, manifest=str(manifest)))
+        data = {k: v for k, v in dataclasses.asdict(summary).items() if k not in ("merged", "merge_error")}
+        data.update(preset=preset.name, preset_sha256=preset.sha256, manifest=str(manifest))
+        if shard is None:
+            data.pop("shard")
+        else:  # written last: its "complete" tells a merge that the other two files are final
+            data.update(complete=complete, source=str(Path(manifest).resolve()), manifest_records=manifest_records,
+                        positions=[[positions[str(r["id"])], str(r["id"])] for r in records])
+        atomic_write_json(files["summary.json"], data)
+    if shard is not None and merge:
+        try:
+            merged = merge_when_complete(out / "merge.lock", lambda: _shards_complete(out, shard.count),
+                                         lambda: merge_cache(out, count=shard.count))
+            summary.merged = str(out / "manifest.jsonl") if merged is not None else None
+        except RRG3DError as exc:
+            summary.merge_error = str(exc)
     return summary
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise RRG3DError(f"{path}: not found")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise RRG3DError(f"{path}:{number}: not JSON ({exc.msg})") from None
+    return rows
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RRG3DError(f"{path}: not a readable summary ({exc})") from None
+    if not isinstance(data, dict):
+        raise RRG3DError(f"{path}: not a summary (expected a JSON object)")
+    return data
+
+
+def _shards_complete(out: Path, count: int) -> bool:
+    """Whether every shard of ``count`` has a summary saying it ran through."""
+    for index in range(count):
+        path = shard_path(out / "summary.json", Shard(index, count))
+        try:
+            if not json.loads(path.read_text(encoding="utf-8")).get("complete"):
+                return False
+        except (OSError, json.JSONDecodeError, AttributeError):
+            return False
+    return True
+
+
+def merge_cache(out_dir: str | os.PathLike[str], count: int | None = None,
+                allow_incomplete: bool = False) -> BatchSummary:
+    """Join the shard files of a cache into ``manifest.jsonl``, ``errors.jsonl`` and ``summary.json``.
+
+    Checks that all N shards are present, finished (unless ``allow_incomplete``), made from the same manifest with
+    the same preset, and share no study. Records and errors follow the source manifest's order (errors of invalid
+    lines first), so the result equals an unsharded run's. ``count`` chooses N when files of several N are present.
+    """
+    start = time.perf_counter()
+    out = Path(out_dir)
+    count, summary_files = find_shards(out / "summary.json", count)
+    summaries = {index: _read_json(path) for index, path in summary_files.items()}
+    unfinished = [path.name for index, path in summary_files.items() if not summaries[index].get("complete")]
+    if unfinished and not allow_incomplete:
+        raise RRG3DError(f"{out}: shard(s) not finished: {', '.join(unfinished)} (rerun them, they resume; or merge "
+                         "anyway with --allow-incomplete)")
+    for key, what in (("preset_sha256", "preset"), ("source", "manifest"), ("manifest_records", "manifest")):
+        values = {str(s.get(key)) for s in summaries.values()}
+        if len(values) > 1:
+            raise RRG3DError(f"{out}: the shards were made with different {what}s ({key}: {', '.join(sorted(values))})")
+    positions: dict[str, int] = {}
+    owner: dict[str, int] = {}
+    overlap: list[str] = []
+    records: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
+    for index in summary_files:
+        shard = Shard(index, count)
+        positions.update({str(i): int(p) for p, i in summaries[index].get("positions") or []})
+        for record in _read_jsonl(shard_path(out / "manifest.jsonl", shard)):
+            study = str(record.get("id"))
+            if study in owner:
+                overlap.append(study)
+            owner[study] = index
+            records.append(record)
+        errors.extend(_read_jsonl(shard_path(out / "errors.jsonl", shard)))
+    if overlap:
+        raise RRG3DError(f"{out}: {len(overlap)} studies are in more than one shard (e.g. {overlap[:3]}); were the "
+                         "shards run on different manifests?")
+    last = len(positions) + 1
+
+    def place(study: Any) -> tuple[int, str]:
+        return positions.get(str(study), last), str(study)
+
+    def error_place(error: dict[str, Any]) -> tuple[int, int, str]:
+        if error.get("id") is None:  # an invalid manifest line: "path:line"
+            line = str(error.get("file") or "").rpartition(":")[2]
+            return 0, int(line) if line.isdigit() else 0, ""
+        return (1, *place(error["id"]))
+
+    records.sort(key=lambda r: place(r.get("id")))
+    errors.sort(key=error_place)
+    write_manifest(records, out / "manifest.jsonl")
+    atomic_write_text(out / "errors.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors))
+    merged = BatchSummary(out_dir=str(out), merged=str(out / "manifest.jsonl"))
+    for data in summaries.values():
+        for key in ("total", "processed", "skipped_done", "failed", "invalid_lines"):
+            setattr(merged, key, getattr(merged, key) + int(data.get(key) or 0))
+        merged.seconds = max(merged.seconds, float(data.get("seconds") or 0.0))
+    first = summaries[0]
+    atomic_write_json(out / "summary.json", {
+        **{k: v for k, v in dataclasses.asdict(merged).items() if k not in ("shard", "merged", "merge_error")},
+        "preset": first.get("preset"), "preset_sha256": first.get("preset_sha256"), "manifest": first.get("manifest"),
+        "shards": count, "complete": not unfinished, "merge_seconds": round(time.perf_counter() - start, 3)})
+    return merged

@@ -23,25 +23,40 @@ from rrg3d.preprocess import ops
 
 PRESET_FORMAT_VERSION = 1
 FIT_MODES = ("crop_pad", "resize")
-INTENSITY_KINDS = ("window", "suv", "none")
+INTENSITY_KINDS = ("window", "suv", "minmax", "none")
 PET_NORMS = ("suv_range", "log_percentile")
 
 
 @dataclasses.dataclass(frozen=True)
 class Intensity:
-    """Intensity mapping: ``window`` (HU), ``suv`` (PET converted to SUVbw first, then windowed) or ``none``."""
+    """Intensity mapping: ``window`` (HU), ``suv`` (PET converted to SUVbw first, then windowed), ``minmax`` or
+    ``none``.
 
-    kind: Literal["window", "suv", "none"] = "window"
+    ``minmax`` maps each scan's own minimum and maximum onto ``out_range`` (after clipping to ``window`` when one is
+    given), as RadFM's data code does — contrast within a scan, absolute HU lost; a constant scan maps to the low end.
+    """
+
+    kind: Literal["window", "suv", "minmax", "none"] = "window"
     window: tuple[float, float] | None = (-1000.0, 200.0)
     out_range: tuple[float, float] = (0.0, 1.0)
     clip: bool = True
 
     def apply(self, volume: Volume) -> Volume:
         """Window the values (already SUV for the ``suv`` kind: see :meth:`Preset.apply`)."""
+        if self.kind == "minmax":
+            return volume.replace(array=self._minmax(np.asarray(volume.array, dtype=np.float32)))
         if self.kind == "none" or self.window is None:
             return volume.replace(array=np.asarray(volume.array, dtype=np.float32))
         low, high = self.window
         return volume.replace(array=ops.window(volume.array, low, high, self.out_range, self.clip))
+
+    def _minmax(self, array: np.ndarray) -> np.ndarray:
+        if self.window is not None:
+            array = np.clip(array, np.float32(self.window[0]), np.float32(self.window[1]))
+        low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+        if not high > low:
+            return np.full(array.shape, np.float32(self.out_range[0]), dtype=np.float32)
+        return ops.window(array, low, high, self.out_range, clip=True)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -50,6 +50,8 @@ def region_key(name: object) -> str:
 def air_value(preset: Any) -> float:
     """The model-input value of air (−1000 HU) under a preset: what texture crops put outside their region."""
     intensity = preset.intensity
+    if intensity.kind == "minmax":  # air is (about) the scan's minimum
+        return float(intensity.out_range[0])
     if intensity.kind != "window" or intensity.window is None:
         return 0.0 if intensity.kind == "suv" else -1000.0
     from rrg3d.preprocess.ops import window

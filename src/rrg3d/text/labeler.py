@@ -41,8 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from rrg3d.data.adapters.ctrate import CTRATE_LABELS
 from rrg3d.errors import RRG3DError
+from rrg3d.text.labels import CTRATE_LABELS
 from rrg3d.text.negation import polarity
 from rrg3d.text.reports import split_sections, split_sentences
 from rrg3d.text.rules import LABEL_RULES, LabelRule

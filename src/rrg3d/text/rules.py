@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from rrg3d.data.adapters.ctrate import CTRATE_LABELS
+from rrg3d.text.labels import CTRATE_LABELS
 
 __all__ = ["LABEL_RULES", "LabelRule"]
 

@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from rrg3d.data.adapters.ctrate import CTRATE_LABELS
 from rrg3d.data.manifest import check_manifest, resolve
 from rrg3d.errors import RRG3DError
 from rrg3d.preprocess.batch import load_model_input, load_petct_input, preprocess_manifest
 from rrg3d.preprocess.presets import Preset, load_preset
+from rrg3d.text.labels import CTRATE_LABELS
 
 log = logging.getLogger(__name__)
 

@@ -226,8 +226,9 @@ def set_generator_preset(model: nn.Module, preset: Any) -> None:
     model.config.preprocess = preset_reference(preset)
 
 
-def generator_loss(model: nn.Module, raw: nn.Module, batch: dict[str, Any], recipe: Recipe) -> torch.Tensor:
-    """Next-token loss on the report tokens of a batch (visual tokens for this batch's input size)."""
+def prepare_generator_batch(raw: nn.Module, batch: dict[str, Any], recipe: Recipe) -> dict[str, Any]:
+    """The batch's prompt + target tokens (``tokens``) and their count of target tokens (``num_items``, the tokens
+    the next-token loss scores); region-guided models draw their slot order here (region–report alignment)."""
     volumes = batch["volumes"]
     regions = batch.get("regions")
     if regions is not None and raw.region_settings is not None and raw.region_settings.alignment:
@@ -235,11 +236,26 @@ def generator_loss(model: nn.Module, raw: nn.Module, batch: dict[str, Any], reci
     tokens = raw.report_batch(volumes, batch["reports"], max_length=recipe.data.max_length, ids=batch["ids"],
                               true_labels=batch["labels"], true_share=recipe.model.true_findings_share,
                               regions=regions, styles=batch.get("styles"))
+    from rrg3d.models.vlm import IGNORE_INDEX
+
+    scored = int((tokens["labels"][:, 1:] != IGNORE_INDEX).sum())
+    return {**batch, "regions": regions, "tokens": tokens, "num_items": scored}
+
+
+def generator_loss(model: nn.Module, raw: nn.Module, batch: dict[str, Any], recipe: Recipe) -> torch.Tensor:
+    """Next-token loss on the report tokens of a batch (visual tokens for this batch's input size): the mean over
+    its target tokens, or their sum divided by ``batch["num_items_in_batch"]`` when the loop weighs every token of
+    an optimizer step the same (:attr:`rrg3d.train.loop.Stage.prepare`)."""
+    if "tokens" not in batch:
+        batch = prepare_generator_batch(raw, batch, recipe)
+    volumes, regions, tokens = batch["volumes"], batch.get("regions"), batch["tokens"]
     classifier = raw.vision.classifier
     train_classifier = classifier is not None and any(p.requires_grad for p in classifier.parameters())
+    extra: dict[str, Any] = {"regions": regions} if regions is not None else {}
+    if batch.get("num_items_in_batch") is not None:
+        extra["num_items_in_batch"] = batch["num_items_in_batch"]
     output = model(volumes, tokens["input_ids"], tokens["attention_mask"], tokens["labels"],
-                   finding_labels=batch["labels"] if train_classifier else None,
-                   **({"regions": regions} if regions is not None else {}))
+                   finding_labels=batch["labels"] if train_classifier else None, **extra)
     if train_classifier:
         return output.loss + recipe.model.classifier_weight * output.classifier_loss
     return output.loss

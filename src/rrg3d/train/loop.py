@@ -109,6 +109,12 @@ class Stage:
     #: extra columns of train_log.csv: named metrics the loss returns beside it (``loss`` may return
     #: ``(loss, {name: tensor})``); averaged over the accumulated micro-batches and the processes
     log_columns: tuple[str, ...] = ()
+    #: (unwrapped model, batch on device, recipe) → the batch with its targets made (``tokens``) and
+    #: ``num_items``: the loss's count of target tokens. A stage with ``prepare`` is token-weighted: every target
+    #: token of an optimizer step weighs the same, whatever micro-batch and process it falls in (its ``loss`` gets
+    #: ``batch["num_items_in_batch"]``: the divisor of its summed token loss). None: each micro-batch's loss counts
+    #: the same (per-sample losses of equal-size batches: clip, dpo).
+    prepare: Callable[[nn.Module, dict[str, Any], Recipe], dict[str, Any]] | None = None
 
 
 @dataclass
@@ -526,6 +532,7 @@ def fit(recipe: Recipe, stage: Stage, *, resume: bool = False) -> TrainResult:
 
     seed_everything(recipe.seed)  # the model is initialised the same way whatever the datasets consumed
     model = stage.build_model(recipe, presets[-1])
+    master_weights(model, accelerator.mixed_precision)
     if stage.fit_statistics is not None:
         from rrg3d.train.augment import AugmentedDataset
 
@@ -614,32 +621,45 @@ def fit(recipe: Recipe, stage: Stage, *, resume: bool = False) -> TrainResult:
                     step_losses: list[torch.Tensor] = []
                     step_metrics: dict[str, list[torch.Tensor]] = {name: [] for name in stage.log_columns}
                     tick = time.perf_counter()
-                    for batch in loader:
-                        with accelerator.accumulate(model):
-                            loss = stage.loss(model, raw, _to_device(batch, accelerator.device), recipe)
-                            if isinstance(loss, tuple):  # (loss, named metrics to log)
-                                loss, named = loss
-                                for name in stage.log_columns:
-                                    step_metrics[name].append(named[name].detach().float())
-                            if not torch.isfinite(loss.detach()):
-                                raise RRG3DError(f"step {step + 1}: the loss is {loss.item()} (batch {batch['ids']})"
-                                                 "; lower optim.lr or check the data")
-                            accelerator.backward(loss)
-                            grad_norm = None
-                            if accelerator.sync_gradients and recipe.optim.max_grad_norm is not None:
-                                grad_norm = accelerator.clip_grad_norm_(params, recipe.optim.max_grad_norm)
-                            optimizer.step()
-                            if accelerator.sync_gradients:
-                                lr = scheduler.get_last_lr()[0]  # the rate this step used
-                                scheduler.step()
-                            optimizer.zero_grad(set_to_none=True)
-                        consumed += 1
-                        step_losses.append(loss.detach())
+                    for window in _windows(loader, accumulation):
+                        window = [_to_device(batch, accelerator.device) for batch in window]
+                        if stage.prepare is not None:  # token-weighted: one divisor for the whole optimizer step
+                            window = [stage.prepare(raw, batch, recipe) for batch in window]
+                            divisor = token_divisor([batch["num_items"] for batch in window], accelerator,
+                                                    accumulation)
+                            for batch in window:
+                                batch["num_items_in_batch"] = divisor
+                        for batch in window:
+                            with accelerator.accumulate(model):
+                                loss = stage.loss(model, raw, batch, recipe)
+                                if isinstance(loss, tuple):  # (loss, named metrics to log)
+                                    loss, named = loss
+                                    for name in stage.log_columns:
+                                        step_metrics[name].append(named[name].detach().float())
+                                if not torch.isfinite(loss.detach()):
+                                    raise RRG3DError(f"step {step + 1}: the loss is {loss.item()} (batch "
+                                                     f"{batch['ids']}); lower optim.lr or check the data")
+                                accelerator.backward(loss)
+                                grad_norm = None
+                                if accelerator.sync_gradients and recipe.optim.max_grad_norm is not None:
+                                    grad_norm = accelerator.clip_grad_norm_(params, recipe.optim.max_grad_norm)
+                                optimizer.step()
+                                if accelerator.sync_gradients:
+                                    lr = scheduler.get_last_lr()[0]  # the rate this step used
+                                    scheduler.step()
+                                optimizer.zero_grad(set_to_none=True)
+                            consumed += 1
+                            step_losses.append(loss.detach())
                         if not accelerator.sync_gradients:
-                            continue
+                            raise RuntimeError(f"step {step + 1}: {len(window)} micro-batches did not end an "
+                                               f"accumulation of {accumulation}")
                         step += 1
                         current = {"phase": phase_index, "epoch": epoch, "batches": consumed}
-                        mean_loss = accelerator.reduce(torch.stack(step_losses).mean(), reduction="mean").item()
+                        if stage.prepare is not None:  # the token-weighted mean: the micro-losses are its parts
+                            mean_loss = (accelerator.reduce(torch.stack(step_losses).sum(), reduction="sum").item()
+                                         / (world * accumulation))
+                        else:
+                            mean_loss = accelerator.reduce(torch.stack(step_losses).mean(), reduction="mean").item()
                         step_losses = []
                         logged = {name: accelerator.reduce(torch.stack(values).mean(), reduction="mean").item()
                                   for name, values in step_metrics.items() if values}
@@ -692,6 +712,47 @@ def fit(recipe: Recipe, stage: Stage, *, resume: bool = False) -> TrainResult:
     raw.eval()
     result.model = raw
     return result
+
+
+def _windows(loader: Any, size: int) -> Any:
+    """The micro-batches of ``loader`` in groups of ``size`` (one optimizer step each; epochs hold whole groups)."""
+    window: list[dict[str, Any]] = []
+    for batch in loader:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def token_divisor(counts: list[Any], accelerator: Any, accumulation: int) -> torch.Tensor:
+    """What each micro-batch divides its summed token loss by so that, after the backward's division by the
+    accumulation steps and the processes' gradient average, the step's gradient is that of the mean over every
+    target token of the step: (tokens on all processes and micro-batches) / (processes × accumulation)."""
+    local = torch.tensor(float(sum(int(c) for c in counts)), device=accelerator.device)
+    total = accelerator.reduce(local, reduction="sum") if accelerator.num_processes > 1 else local
+    return (total / (accelerator.num_processes * accumulation)).clamp_min(1.0)
+
+
+def master_weights(model: nn.Module, mixed_precision: str) -> int:
+    """Under autocast (bf16/fp16 mixed precision) every trainable parameter is kept in float32 — the master copy
+    that AdamW updates; the forward still computes in half precision. A LM loaded in bf16 for speed keeps its frozen
+    weights in bf16, but a trainable weight in bf16 would lose every update below ~0.4% of its size (lr 2e-5 full
+    fine-tuning rounds away). Returns the number of parameters cast; without autocast it only warns."""
+    low = [p for p in model.parameters() if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)]
+    if not low:
+        return 0
+    if str(mixed_precision) not in ("bf16", "fp16"):
+        log.warning("%d trainable parameter tensors are in %s without mixed precision: updates smaller than their "
+                    "precision are lost; set train.mixed_precision=bf16 (float32 master weights + autocast)",
+                    len(low), low[0].dtype)
+        return 0
+    for parameter in low:
+        parameter.data = parameter.data.float()
+    log.info("%d trainable parameter tensors kept in float32 (master weights) under %s autocast", len(low),
+             mixed_precision)
+    return len(low)
 
 
 def _model_preset(recipe: Recipe, load_model_config: Any) -> Any:

@@ -108,7 +108,7 @@ def zero_shot_auroc(probs: Any, labels: Any, names: Sequence[str] | None = None)
         raise ValueError(f"probs and labels differ in shape: {scores.shape} vs {truth.shape}")
     count = scores.shape[1]
     if names is None:
-        from rrg3d.data.adapters.ctrate import CTRATE_LABELS
+        from rrg3d.text.labels import CTRATE_LABELS
 
         names = CTRATE_LABELS if count == len(CTRATE_LABELS) else [f"label_{j}" for j in range(count)]
     if len(names) != count:

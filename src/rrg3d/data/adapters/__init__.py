@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from rrg3d.data.adapters import autopet, autopet_rg, ctrate, ctrg, radgenome
 from rrg3d.data.adapters.base import Adapter, ConversionResult, Option
-from rrg3d.data.adapters.ctrate import CTRATE_LABELS
 from rrg3d.data.adapters.radgenome import RADGENOME_REGIONS
 from rrg3d.errors import RRG3DError
+from rrg3d.text.labels import CTRATE_LABELS
 
 #: Every registered adapter by name.
 ADAPTERS: dict[str, Adapter] = {

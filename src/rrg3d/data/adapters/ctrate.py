@@ -43,30 +43,9 @@ from rrg3d.data.adapters.base import (
     volume_stem,
 )
 from rrg3d.errors import RRG3DError
+from rrg3d.text.labels import CTRATE_LABELS  # re-exported: rrg3d.data.adapters.ctrate.CTRATE_LABELS
 
 SOURCE = "CT-RATE"
-
-#: The 18 abnormality labels, named and ordered exactly as the columns of the CT-RATE label CSVs.
-CTRATE_LABELS: tuple[str, ...] = (
-    "Medical material",
-    "Arterial wall calcification",
-    "Cardiomegaly",
-    "Pericardial effusion",
-    "Coronary artery wall calcification",
-    "Hiatal hernia",
-    "Lymphadenopathy",
-    "Emphysema",
-    "Atelectasis",
-    "Lung nodule",
-    "Lung opacity",
-    "Pulmonary fibrotic sequela",
-    "Pleural effusion",
-    "Mosaic attenuation pattern",
-    "Peribronchial thickening",
-    "Consolidation",
-    "Bronchiectasis",
-    "Interlobular septal thickening",
-)
 
 SPLITS = ("train", "valid")
 REPORT_FILES = {"train": ("train_reports.csv",), "valid": ("validation_reports.csv", "valid_reports.csv")}

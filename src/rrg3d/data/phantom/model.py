@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from rrg3d.data.adapters.ctrate import CTRATE_LABELS
 from rrg3d.data.adapters.radgenome import RADGENOME_REGIONS
+from rrg3d.text.labels import CTRATE_LABELS
 
 #: The 10 anatomical regions of region-guided methods; label value ``i + 1`` in region maps is REGIONS[i].
 REGIONS: tuple[str, ...] = tuple(RADGENOME_REGIONS)

@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from rrg3d.data.adapters.ctrate import CTRATE_LABELS
 from rrg3d.data.phantom.model import LOBES, REGIONS, STYLES, Case, Finding
+from rrg3d.text.labels import CTRATE_LABELS
 from rrg3d.text.petrg import pet_class_for_suv
 
 __all__ = ["PhantomReport", "SentenceBank", "format_size", "lobes_phrase", "write_report"]

@@ -14,8 +14,8 @@ import math
 
 import numpy as np
 
-from rrg3d.data.adapters.ctrate import CTRATE_LABELS
 from rrg3d.data.phantom.model import LABEL_REGION, LOBES, PHYSIOLOGICAL_ORGANS, STYLES, Anatomy, Case, Finding, PetFacts
+from rrg3d.text.labels import CTRATE_LABELS
 
 #: Fraction of studies with each abnormality (CT-RATE manual labels, rounded).
 PREVALENCE: dict[str, float] = {

@@ -89,6 +89,6 @@ class CTViTV(FactorisedEncoder):
         self.slice_bias = RelativePositionBias(config.heads, config.max_distance)
         self.slice_transformer = self._transformer(config, config.slice_depth)
 
-    def slice_stage(self, tokens: Tensor) -> Tensor:
+    def slice_stage(self, tokens: Tensor, grid: tuple[int, int, int, int] | None = None) -> Tensor:
         bias = self.slice_bias(tokens.shape[1])  # [heads, T, T], shared by every slice-transformer layer
         return self.slice_transformer(tokens, bias=bias)

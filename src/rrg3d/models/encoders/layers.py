@@ -73,13 +73,16 @@ class PatchEmbed3D(nn.Module):
     An input whose D, H or W is not a multiple of the patch is zero-padded *at the end* of that axis (after the
     last slice / row / column) up to the next multiple, so the grid is ``ceil(D / pd) × ceil(H / ph) ×
     ceil(W / pw)`` and the first patches are unchanged by the padding. Output is channel-last
-    ``[B, d, h, w, dim]``, optionally followed by a LayerNorm over ``dim``.
+    ``[B, d, h, w, dim]``, optionally followed by a LayerNorm over ``dim``. ``in_norm`` (linear stem only) also
+    LayerNorms each flattened patch, in ``(C, pd, ph, pw)`` order, before the projection — the patch embedding of
+    CT-CLIP's CTViT and of RadFM's 3D ViT (lucidrains-style ``Rearrange → LayerNorm → Linear → LayerNorm``); the
+    projection keeps its Conv3d weight (``[dim, C, pd, ph, pw]``) and is applied as a Linear on the patch.
     """
 
     STEMS = ("linear", "conv")
 
     def __init__(self, in_channels: int, dim: int, patch_size: int | Sequence[int], norm: bool = False,
-                 stem: str = "linear") -> None:
+                 stem: str = "linear", in_norm: bool = False) -> None:
         super().__init__()
         self.patch_size = to_3tuple(patch_size, "patch_size")
         if min(self.patch_size) < 1:
@@ -87,6 +90,8 @@ class PatchEmbed3D(nn.Module):
         if stem not in self.STEMS:
             raise ValueError(f"patch stem must be one of {self.STEMS}, got {stem!r}")
         self.stem = stem
+        if in_norm and stem != "linear":
+            raise ValueError("a LayerNorm of the flattened patch (in_norm) needs the linear patch stem")
         if stem == "linear":
             self.proj: nn.Module = nn.Conv3d(in_channels, dim, kernel_size=self.patch_size, stride=self.patch_size)
             # ViT/MAE practice: initialise the patch projection like a Linear layer on the flattened patch.
@@ -105,6 +110,10 @@ class PatchEmbed3D(nn.Module):
             layers.append(nn.Conv3d(c_in, dim, kernel_size=last, stride=last))
             self.proj = nn.Sequential(*layers)
         self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
+        if in_norm:  # created last: the other parameters are initialised exactly as without it
+            self.in_norm = nn.LayerNorm(in_channels * math.prod(self.patch_size))
+        else:
+            self.in_norm = None
 
     def grid_shape(self, input_shape: Sequence[int]) -> Shape3:
         return ceil_grid(input_shape, self.patch_size)
@@ -115,7 +124,13 @@ class PatchEmbed3D(nn.Module):
             pad += [0, (-size) % patch]
         if any(pad):
             x = F.pad(x, pad)
-        return self.norm(self.proj(x).permute(0, 2, 3, 4, 1))
+        if self.in_norm is None:
+            return self.norm(self.proj(x).permute(0, 2, 3, 4, 1))
+        b, c = x.shape[:2]
+        (pd, ph, pw), (d, h, w) = self.patch_size, self.grid_shape(x.shape[2:])
+        patches = x.reshape(b, c, d, pd, h, ph, w, pw).permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, d, h, w, -1)
+        weight = self.proj.weight.reshape(self.proj.weight.shape[0], -1)
+        return self.norm(F.linear(self.in_norm(patches), weight, self.proj.bias))
 
 
 class Attention(nn.Module):
@@ -124,7 +139,14 @@ class Attention(nn.Module):
     ``bias`` is an additive float term on the attention logits, broadcastable to ``[N, heads, L, L]`` (for
     example a ``[heads, L, L]`` relative position bias); ``is_causal`` lets token ``i`` attend to ``j ≤ i`` only.
     Both may be given together (the causal mask is then folded into the bias).
+
+    ``kind="cosine"`` is the attention of CT-CLIP's transformers (after Henry et al. 2020, "Query-key normalization
+    for transformers"): ``q`` and ``k`` are L2-normalised per head, multiplied by learned per-channel scales
+    ``q_scale`` / ``k_scale`` (``[dim_head]``, initialised to 1), and the logits are multiplied by the fixed
+    ``logit_scale`` instead of divided by ``√dim_head``.
     """
+
+    KINDS = ("dot", "cosine")
 
     def __init__(
         self,
@@ -134,6 +156,8 @@ class Attention(nn.Module):
         qkv_bias: bool = True,
         attn_dropout: float = 0.0,
         dropout: float = 0.0,
+        kind: str = "dot",
+        logit_scale: float = 8.0,
     ) -> None:
         super().__init__()
         if dim_head is None:
@@ -146,10 +170,21 @@ class Attention(nn.Module):
         self.proj = nn.Linear(inner, dim)
         self.attn_dropout = attn_dropout
         self.dropout = nn.Dropout(dropout)
+        if kind not in self.KINDS:
+            raise ValueError(f"attention must be one of {self.KINDS}, got {kind!r}")
+        self.kind = kind
+        self.logit_scale: float | None = None
+        if kind == "cosine":
+            self.q_scale = nn.Parameter(torch.ones(dim_head))
+            self.k_scale = nn.Parameter(torch.ones(dim_head))
+            self.logit_scale = float(logit_scale)
 
     def forward(self, x: Tensor, bias: Tensor | None = None, is_causal: bool = False) -> Tensor:
         n, length, _ = x.shape
         q, k, v = self.qkv(x).view(n, length, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.kind == "cosine":
+            q = F.normalize(q, dim=-1) * self.q_scale
+            k = F.normalize(k, dim=-1) * self.k_scale
         if bias is not None:
             bias = bias.to(q.dtype)
             if is_causal:
@@ -157,7 +192,8 @@ class Attention(nn.Module):
                 bias = bias.masked_fill(future, float("-inf"))
                 is_causal = False
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.attn_dropout if self.training else 0.0, is_causal=is_causal
+            q, k, v, attn_mask=bias, dropout_p=self.attn_dropout if self.training else 0.0, is_causal=is_causal,
+            scale=self.logit_scale,
         )
         out = out.transpose(1, 2).reshape(n, length, self.heads * self.dim_head)
         return self.dropout(self.proj(out))
@@ -177,8 +213,78 @@ class Mlp(nn.Module):
         return self.dropout(self.fc2(self.dropout(self.act(self.fc1(x)))))
 
 
+class GegluMlp(nn.Module):
+    """Linear → GEGLU → Linear, the feed-forward of CT-CLIP's transformers (Shazeer 2020): ``fc1`` makes
+    ``2 · hidden`` channels, the first half the value and the second the gate, ``value · GELU(gate)``."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 2 * hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        value, gate = self.fc1(x).chunk(2, dim=-1)
+        return self.dropout(self.fc2(self.dropout(value * F.gelu(gate))))
+
+
+MLPS = {"gelu": Mlp, "geglu": GegluMlp}
+
+
+class PositionGenerator(nn.Module):
+    """A depthwise 3×3×3 convolution over the token grid whose output is added to the tokens (a position-generating
+    convolution, PEG: Chu et al. 2021), causal along the grid's first axis (two zero planes before, none after),
+    as in CT-CLIP's CTViT.
+
+    ``grid = (b, t, h, w)`` says how the memory of the ``[N, L, C]`` sequences is read as a ``[b, t, h, w, C]``
+    volume: for the spatial stage of a factorised encoder that is its token grid. CTViT reads its *temporal* stage
+    (sequences ``[(b h w), t, C]``) with the same ``(b, t, h, w)``, i.e. the memory reinterpreted rather than
+    permuted, so the convolution there mixes tokens that are not grid neighbours; weights trained that way only mean
+    the same when applied the same way, so this module does exactly that reshape.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(dim, dim, 3, groups=dim)
+
+    def forward(self, x: Tensor, grid: Sequence[int]) -> Tensor:
+        if len(grid) != 4 or math.prod(grid) * x.shape[-1] != x.numel():
+            raise ValueError(f"position generator: grid {tuple(grid)} does not hold tokens of shape {tuple(x.shape)}")
+        volume = x.reshape(*grid, x.shape[-1]).permute(0, 4, 1, 2, 3)
+        out = self.conv(F.pad(volume, (1, 1, 1, 1, 2, 0)))
+        return out.permute(0, 2, 3, 4, 1).reshape(x.shape)
+
+
+class ContinuousPositionBias(nn.Module):
+    """Attention-logit bias of a 2D token grid from a small MLP of the offset between two tokens (the continuous
+    position bias of Swin-V2, Liu et al. 2022, as CT-CLIP's spatial transformer uses it).
+
+    The offset ``(dy, dx) = pos_i − pos_j`` is log-scaled per axis, ``sign(v) · log(|v| + 1)``, then
+    ``Linear(2, hidden) → LeakyReLU(0.1) → Linear(hidden, hidden) → LeakyReLU(0.1) → Linear(hidden, heads)``.
+    :meth:`forward` returns ``[heads, h·w, h·w]`` for any grid (row-major ``(y, x)`` token order); the MLP runs once
+    per distinct offset (``(2h − 1)(2w − 1)`` of them), not per token pair.
+    """
+
+    def __init__(self, heads: int, hidden: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2, hidden), nn.LeakyReLU(0.1), nn.Linear(hidden, hidden),
+                                 nn.LeakyReLU(0.1), nn.Linear(hidden, heads))
+
+    def forward(self, height: int, width: int) -> Tensor:
+        device = self.net[0].weight.device
+        dy = torch.arange(-(height - 1), height, device=device)
+        dx = torch.arange(-(width - 1), width, device=device)
+        offsets = torch.stack(torch.meshgrid(dy, dx, indexing="ij"), dim=-1).float()  # [2h-1, 2w-1, 2]
+        table = self.net(torch.sign(offsets) * torch.log(offsets.abs() + 1))  # [2h-1, 2w-1, heads]
+        pos = torch.stack(torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device),
+                                         indexing="ij"), dim=-1).reshape(-1, 2)
+        rel = pos[:, None, :] - pos[None, :, :]  # [hw, hw, 2]
+        return table[rel[..., 0] + height - 1, rel[..., 1] + width - 1].permute(2, 0, 1)
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+    """Pre-norm transformer block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``; with ``peg``, a
+    :class:`PositionGenerator` term ``x + peg(x)`` comes first (it needs the forward's ``grid``)."""
 
     def __init__(
         self,
@@ -189,14 +295,27 @@ class Block(nn.Module):
         qkv_bias: bool = True,
         dropout: float = 0.0,
         attn_dropout: float = 0.0,
+        attention: str = "dot",
+        logit_scale: float = 8.0,
+        mlp: str = "gelu",
+        peg: bool = False,
     ) -> None:
         super().__init__()
+        if mlp not in MLPS:
+            raise ValueError(f"mlp must be one of {tuple(MLPS)}, got {mlp!r}")
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, dim_head, qkv_bias=qkv_bias, attn_dropout=attn_dropout, dropout=dropout)
+        self.attn = Attention(dim, heads, dim_head, qkv_bias=qkv_bias, attn_dropout=attn_dropout, dropout=dropout,
+                              kind=attention, logit_scale=logit_scale)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, round(dim * mlp_ratio), dropout=dropout)
+        self.mlp = MLPS[mlp](dim, round(dim * mlp_ratio), dropout=dropout)
+        self.peg = PositionGenerator(dim) if peg else None
 
-    def forward(self, x: Tensor, bias: Tensor | None = None, is_causal: bool = False) -> Tensor:
+    def forward(self, x: Tensor, bias: Tensor | None = None, is_causal: bool = False,
+                grid: Sequence[int] | None = None) -> Tensor:
+        if self.peg is not None:
+            if grid is None:
+                raise ValueError("a block with a position generator (peg) needs the token grid (b, t, h, w)")
+            x = x + self.peg(x, grid)
         x = x + self.attn(self.norm1(x), bias=bias, is_causal=is_causal)
         return x + self.mlp(self.norm2(x))
 
@@ -220,21 +339,27 @@ class Transformer(nn.Module):
         dropout: float = 0.0,
         attn_dropout: float = 0.0,
         final_norm: bool = True,
+        attention: str = "dot",
+        logit_scale: float = 8.0,
+        mlp: str = "gelu",
+        peg: bool = False,
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
-            Block(dim, heads, dim_head, mlp_ratio, qkv_bias, dropout, attn_dropout) for _ in range(depth)
+            Block(dim, heads, dim_head, mlp_ratio, qkv_bias, dropout, attn_dropout, attention, logit_scale, mlp, peg)
+            for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim) if final_norm else nn.Identity()
         self.gradient_checkpointing = False
 
-    def forward(self, x: Tensor, bias: Tensor | None = None, is_causal: bool = False) -> Tensor:
+    def forward(self, x: Tensor, bias: Tensor | None = None, is_causal: bool = False,
+                grid: Sequence[int] | None = None) -> Tensor:
         use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             if use_checkpoint:
-                x = checkpoint(block, x, bias, is_causal, use_reentrant=False)
+                x = checkpoint(block, x, bias, is_causal, grid, use_reentrant=False)
             else:
-                x = block(x, bias, is_causal)
+                x = block(x, bias, is_causal, grid)
         return self.norm(x)
 
 

@@ -2,6 +2,10 @@
 
 Cubic (or cuboid) non-overlapping patches → position embedding → ``depth`` pre-norm transformer blocks with
 full attention over all tokens → the tokens reshaped back to their ``[B, d, h, w, dim]`` grid.
+
+``patch_prenorm`` / ``patch_postnorm`` (LayerNorms of each flattened patch before, and of each token after, the patch
+projection) and ``final_norm: false`` rebuild RadFM's 3D ViT (lucidrains' ``vit_pytorch`` layout, no LayerNorm after
+the last block), so its weights can be imported (:mod:`rrg3d.models.peers`); the defaults leave the model unchanged.
 """
 
 from __future__ import annotations
@@ -52,6 +56,9 @@ class ViT3D(nn.Module):
         pos_embed: str = "learned"  # "learned" | "sincos"
         dropout: float = 0.0
         attn_dropout: float = 0.0
+        patch_prenorm: bool = False  # LayerNorm of each flattened patch before the projection (RadFM)
+        patch_postnorm: bool = False  # LayerNorm of each token after the projection (RadFM)
+        final_norm: bool = True  # LayerNorm after the last block (RadFM's ViT has none)
 
         def __post_init__(self) -> None:
             self.input_shape = to_3tuple(self.input_shape, "input_shape")
@@ -66,7 +73,8 @@ class ViT3D(nn.Module):
         self.config = config
         self.in_channels = config.in_channels
         self.out_dim = config.dim
-        self.patch_embed = PatchEmbed3D(config.in_channels, config.dim, config.patch_size, stem=config.patch_stem)
+        self.patch_embed = PatchEmbed3D(config.in_channels, config.dim, config.patch_size, norm=config.patch_postnorm,
+                                        stem=config.patch_stem, in_norm=config.patch_prenorm)
         self.reference_grid: Shape3 = self.patch_embed.grid_shape(config.input_shape)
         if config.pos_embed == "learned":
             self.pos_embed = nn.Parameter(torch.zeros(*self.reference_grid, config.dim))
@@ -83,6 +91,7 @@ class ViT3D(nn.Module):
             config.qkv_bias,
             config.dropout,
             config.attn_dropout,
+            final_norm=config.final_norm,
         )
         init_weights(self.transformer)
 

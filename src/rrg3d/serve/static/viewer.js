@@ -478,6 +478,7 @@
           });
           item.append(text);
         } else {
+          item.classList.add('silent');
           item.append(element('p', {class: 'region-text muted'}, 'No sentence for this region.'));
         }
         list.append(item);
