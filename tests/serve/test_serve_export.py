@@ -144,7 +144,7 @@ def test_cli_round_trip(tmp_path, capsys):
     pred.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
     out = tmp_path / "fhir"
     assert main(["export", str(pred), "--format", "fhir", "--out", str(out),
-                 "--patient-reference", "Patient/abc"]) == 1
+                 "--patient-reference", "Patient/abc"]) == 0
     assert "1 skipped" in capsys.readouterr().err
     summary = json.loads((out / "export_summary.json").read_text())
     assert summary["written"] == 2 and summary["skipped"][0]["line"] == 2
@@ -153,7 +153,7 @@ def test_cli_round_trip(tmp_path, capsys):
     assert resource.subject.reference == "Patient/abc" and resource.conclusion == "Normal."
 
     anon = tmp_path / "sr"
-    assert main(["export", str(pred), "--format", "sr", "--out", str(anon), "--anonymize-names"]) == 1
+    assert main(["export", str(pred), "--format", "sr", "--out", str(anon), "--anonymize-names", "--strict"]) == 1
     assert sorted(p.name for p in anon.iterdir()) == ["export_summary.json", "study_0001.dcm", "study_0003.dcm"]
     for path in anon.iterdir():
         for secret in SECRETS:

@@ -8,13 +8,16 @@ Neither format carries the scan's path, the checkpoint path or the record id, an
 --patient-reference (FHIR "subject", e.g. Patient/123) says so; an SR gets a new study and an anonymous patient.
 File names do come from record ids, which `rrg3d generate` takes from scan file names: --anonymize-names names the
 files study_0001, ... (in file order) and keeps ids out of the summary as well.
-Exit 0 when every record was exported, 1 when some were skipped, 2 when none was.
+Exit 0 when the export ran, even if some records were skipped (they are listed); 1 with --strict when any was
+skipped; 2 when none could be exported.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from rrg3d.utils.exits import STRICT_HELP, batch_exit_code
 
 HELP = "export predictions as FHIR DiagnosticReports or DICOM Comprehensive SR"
 
@@ -28,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="FHIR reference put in every report's subject (e.g. Patient/123); default: none")
     parser.add_argument("--anonymize-names", action="store_true",
                         help="name files study_0001, ... instead of after record ids")
+    parser.add_argument("--strict", action="store_true", help=STRICT_HELP)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,6 +43,4 @@ def run(args: argparse.Namespace) -> int:
         name = f" ({item['id']})" if "id" in item else ""
         print(f"skipped line {item['line']}{name}: {item['reason']}", file=sys.stderr)
     print(f"{summary['written']} exported, {len(summary['skipped'])} skipped -> {args.out}", file=sys.stderr)
-    if not summary["written"]:
-        return 2
-    return 1 if summary["skipped"] else 0
+    return batch_exit_code(summary["written"], len(summary["skipped"]), args.strict)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-HELP = "train a stage (clip, align, sft) from a recipe YAML with key=value overrides"
+HELP = "train a stage (clip, align, sft, dpo) from a recipe YAML with key=value overrides"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
