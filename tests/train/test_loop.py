@@ -276,9 +276,9 @@ def test_auto_mixed_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch
     assert load_recipe("tiny_sft", ["train.mixed_precision=auto"]).train.mixed_precision == "auto"
 
 
-def test_fsdp_is_refused_and_sharded_optimizer_state_is_saved_per_process():
-    """Validation and checkpoints run on the main process alone: FSDP's sharded parameters cannot serve them, so the
-    loop refuses it up front instead of hanging; DeepSpeed's optimizer partitions are saved one file per process."""
+def test_fsdp1_is_refused_and_sharded_optimizer_state_is_saved_per_process():
+    """FSDP version 1 (accelerate's default when no version is given) is refused up front (FSDP2 runs: see
+    tests/train/test_fsdp.py); DeepSpeed's optimizer partitions are saved one file per process."""
     from accelerate.utils import DistributedType
 
     from rrg3d.train.loop import check_distributed_type, optimizer_state_file

@@ -26,8 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue RUN from its newest checkpoint")
     parser.add_argument("--list", action="store_true", help="list the shipped recipes and exit")
     parser.add_argument("--show", action="store_true", help="print the resolved recipe and exit")
-    parser.add_argument("--accelerate-config", metavar="NAME", choices=("ddp", "fsdp", "deepspeed_zero2"),
-                        help="print the path of a shipped accelerate config (ddp, fsdp, deepspeed_zero2) and exit")
+    parser.add_argument("--accelerate-config", metavar="NAME",
+                        choices=("ddp", "fsdp2", "fsdp", "deepspeed_zero2", "deepspeed_zero3"),
+                        help="print the path of a shipped accelerate config (ddp, fsdp2 (= fsdp), deepspeed_zero2, "
+                             "deepspeed_zero3) and exit")
 
 
 def run(args: argparse.Namespace) -> int:

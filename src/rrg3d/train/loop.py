@@ -16,6 +16,11 @@ optimizer, scheduler, every rank's RNG states and ``trainer.json`` (step, positi
 rebuilds the model exactly as at the start (same recipe, same seed) and loads that state, so a resumed run on CPU
 continues bit for bit.
 
+Distribution is accelerate's: DDP, FSDP2 and DeepSpeed ZeRO (:mod:`rrg3d.train.sharding`). Where parameters are
+sharded (FSDP2, ZeRO-3) the main process validates and writes the portable checkpoint with an unsharded replica
+refreshed from the gathered full state dict, and the resumable state is sharded (FSDP2: DCP files per process;
+ZeRO: one optimizer partition per process). See docs/distributed.md.
+
 Run folder::
 
     RUN/config.yaml              the resolved recipe (also inside every checkpoint's train_state/)
@@ -49,12 +54,15 @@ import yaml
 from torch import nn
 
 from rrg3d.errors import ConfigError, RRG3DError
+from rrg3d.train import sharding
 from rrg3d.train.recipe import Recipe, recipe_from_yaml
 
 log = logging.getLogger(__name__)
 
 STATE_DIR = "train_state"
 TRAINER_FILE = "trainer.json"
+#: FSDP2's resumable state inside ``train_state/``: a DCP checkpoint, one shard file per process.
+SHARDED_DIR = "sharded"
 TRAIN_COLUMNS = ("step", "phase", "epoch", "loss", "lr", "grad_norm", "samples_per_s", "elapsed_s")
 
 
@@ -289,14 +297,18 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], where: Path, *,
+                         parameters: bool = True) -> None:
+    """Copy :func:`trainable_state` back into ``model`` (the key sets must match); ``parameters=False`` copies the
+    buffers only (ZeRO-3: the parameters are partitioned and come back with the optimizer's fp32 partitions)."""
     expected = set(trainable_state(model))
     if set(state) != expected:
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         raise RRG3DError(f"{where}: the saved trainable state does not match this model (missing {missing[:4]}, "
                          f"unexpected {unexpected[:4]}): was the recipe changed?")
-    own = dict(model.named_parameters())
+    own = dict(model.named_parameters()) if parameters else {}
     own.update({f"vision.{k}": v for k, v in model.vision.named_buffers()} if hasattr(model, "vision") else {})
+    state = {k: v for k, v in state.items() if k in own}
     with torch.no_grad():
         for name, value in state.items():
             own[name].copy_(value)
@@ -334,8 +346,13 @@ def resolve_mixed_precision(requested: str, cpu: bool) -> str:
 def _make_accelerator(recipe: Recipe) -> Any:
     """A fresh accelerator for this run. accelerate keeps its settings in a process-wide singleton that refuses a
     second precision, so the previous run's state is cleared first (the process group, ``PartialState``, stays):
-    one process may run several stages in turn (a benchmark, a notebook), each with its own mixed precision."""
-    from accelerate import Accelerator
+    one process may run several stages in turn (a benchmark, a notebook), each with its own mixed precision.
+
+    Under an accelerate launch that asks for FSDP or DeepSpeed (``ACCELERATE_USE_FSDP`` / ``ACCELERATE_USE_DEEPSPEED``)
+    the plugin is built here from the recipe (:mod:`rrg3d.train.sharding`): FSDP2's mixed precision policy;
+    DeepSpeed's micro-batch size (the first phase's batch size), gradient accumulation and clipping. FSDP1 is
+    refused. On CPU processes the plugin is switched on explicitly (accelerate would fall back to DDP)."""
+    from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -344,8 +361,34 @@ def _make_accelerator(recipe: Recipe) -> Any:
     if precision != recipe.train.mixed_precision:
         log.info("mixed precision %r resolves to %r on this %s", recipe.train.mixed_precision, precision,
                  "CPU" if cpu else "GPU")
-    return Accelerator(mixed_precision=precision, cpu=cpu,
-                       gradient_accumulation_steps=recipe.train.gradient_accumulation_steps)
+    accumulation = recipe.train.gradient_accumulation_steps
+    fsdp_version = sharding.requested_fsdp_version()
+    fsdp_plugin = deepspeed_plugin = None
+    if sharding.requested_deepspeed():
+        sharding.check_accelerate_env(accumulation, recipe.optim.max_grad_norm)
+        sizes = {p.batch_size or recipe.data.batch_size for p in recipe.phases}
+        micro_batch = recipe.phases[0].batch_size or recipe.data.batch_size
+        if len(sizes) > 1:
+            log.info("DeepSpeed: phases use batch sizes %s; its train_micro_batch_size_per_gpu is the first phase's "
+                     "(%d): DeepSpeed uses it only for its batch-size check and throughput report, the loop feeds "
+                     "each phase's batches itself", sorted(sizes), micro_batch)
+        deepspeed_plugin = sharding.make_deepspeed_plugin(
+            micro_batch=micro_batch, accumulation=accumulation, world=PartialState(cpu=cpu).num_processes,
+            max_grad_norm=recipe.optim.max_grad_norm)
+    elif fsdp_version is not None:
+        sharding.check_fsdp_version(fsdp_version)
+        fsdp_plugin = sharding.make_fsdp2_plugin(precision)
+    accelerator = Accelerator(mixed_precision=precision, cpu=cpu, gradient_accumulation_steps=accumulation,
+                              fsdp_plugin=fsdp_plugin, deepspeed_plugin=deepspeed_plugin)
+    sharding.enable_on_cpu(accelerator, fsdp_plugin=fsdp_plugin, deepspeed_plugin=deepspeed_plugin,
+                           mixed_precision=precision)
+    if deepspeed_plugin is not None:
+        sharding.detach_transformers_zero3()
+    if accelerator.gradient_accumulation_steps != accumulation:
+        raise ConfigError(f"accelerate counts {accelerator.gradient_accumulation_steps} accumulation steps, the "
+                          f"recipe train.gradient_accumulation_steps={accumulation}: unset "
+                          "ACCELERATE_GRADIENT_ACCUMULATION_STEPS (the recipe decides)")
+    return accelerator
 
 
 def _distributed_name(distributed_type: Any) -> str:
@@ -353,20 +396,18 @@ def _distributed_name(distributed_type: Any) -> str:
     return str(getattr(distributed_type, "value", distributed_type)).upper()
 
 
-def check_distributed_type(distributed_type: Any) -> None:
-    """Refuse what the loop cannot run. Validation and checkpoints use the unwrapped model on the main process
-    while the other processes wait; FSDP shards the parameters, so that forward and that state dict would need every
-    process (the run would hang at the first validation)."""
+def check_distributed_type(distributed_type: Any, fsdp_version: int | None = None) -> None:
+    """Refuse what the loop cannot run: FSDP version 1 (the ``FullyShardedDataParallel`` wrapper; ``fsdp_version``
+    None means accelerate's default, 1). FSDP2 runs: validation and checkpoints use an unsharded replica on the main
+    process refreshed from the gathered state dict (:class:`rrg3d.train.sharding.Replica`)."""
     if _distributed_name(distributed_type) == "FSDP":
-        raise ConfigError("FSDP is not supported by the training loop yet: validation and checkpoints run the "
-                          "unwrapped model on the main process alone, which sharded parameters cannot serve. Use "
-                          "DDP (ddp.yaml) or DeepSpeed ZeRO-2 (deepspeed_zero2.yaml: parameters stay whole on every "
-                          "process, optimizer state and gradients are sharded)")
+        sharding.check_fsdp_version(1 if fsdp_version is None else fsdp_version)
 
 
 def optimizer_state_file(distributed_type: Any, rank: int) -> str:
     """The optimizer state's file in ``train_state/``: one per process where the optimizer state is sharded
-    (DeepSpeed ZeRO: each process holds its own partition), else one file written by the main process."""
+    (DeepSpeed ZeRO: each process holds its own partition), else one file written by the main process. FSDP2 keeps
+    the optimizer state in the DCP checkpoint ``train_state/sharded/`` instead."""
     if _distributed_name(distributed_type) == "DEEPSPEED":
         return f"optimizer_rank{rank}.pt"
     return "optimizer.pt"
@@ -511,7 +552,7 @@ def fit(recipe: Recipe, stage: Stage, *, resume: bool = False) -> TrainResult:
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     accelerator = _make_accelerator(recipe)
-    check_distributed_type(accelerator.distributed_type)
+    distribution = sharding.distribution_of(accelerator)  # refuses FSDP1
     world, rank = accelerator.num_processes, accelerator.process_index
     run_dir = recipe.output_dir
     checkpoint = _prepare_run_dir(recipe, run_dir, resume, accelerator.is_main_process)
@@ -538,6 +579,16 @@ def fit(recipe: Recipe, stage: Stage, *, resume: bool = False) -> TrainResult:
 
         first = datasets[0].dataset if isinstance(datasets[0], AugmentedDataset) else datasets[0]
         stage.fit_statistics(model, first, recipe, accelerator.device)
+    # sharded parameters: the main process keeps an unsharded replica for validation and portable checkpoints
+    sharding.check_model_support(model, recipe, distribution)
+    replica = sharding.Replica(model, accelerator, distribution) if distribution.shards_parameters else None
+    if distribution.kind == "fsdp2":  # decoder layers and vision parts as units, then the root
+        sharding.apply_fsdp2(model, accelerator)
+    elif distribution.kind == "deepspeed":
+        sharding.resolve_zero3_sizes(accelerator.state.deepspeed_plugin.deepspeed_config,
+                                     sharding.hidden_size_of(model))
+    if world > 1:
+        log.info("distribution: %s", distribution.describe())
     optimizer = _optimizer(recipe, model)
     scheduler = _scheduler(recipe, optimizer, total)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -547,7 +598,7 @@ def fit(recipe: Recipe, stage: Stage, *, resume: bool = False) -> TrainResult:
     step, position = 0, {"phase": 0, "epoch": 0, "batches": 0}
     if checkpoint is not None:
         step, position = _load_train_state(checkpoint, raw, optimizer, scheduler, rank, recipe,
-                                           accelerator.distributed_type)
+                                           accelerator.distributed_type, distribution=distribution)
         log.info("resuming %s from step %d (%s)", run_dir, step, checkpoint)
     else:
         seed_everything(recipe.seed + rank)
@@ -561,8 +612,15 @@ def fit(recipe: Recipe, stage: Stage, *, resume: bool = False) -> TrainResult:
 
     def save_step(reason: str) -> Path:
         result.checkpoint = _save_step(accelerator, stage, raw, optimizer, scheduler, recipe, run_dir, step,
-                                       _position_after(step), presets, reason)
+                                       _position_after(step), presets, reason, replica=replica,
+                                       distribution=distribution, prepared=model)
         return result.checkpoint
+
+    def set_preset(preset: Any) -> None:
+        if stage.set_preset is not None:
+            stage.set_preset(raw, preset)
+            if replica is not None and replica.module is not None:
+                stage.set_preset(replica.module, preset)
 
     bounds = np.cumsum([0, *phase_steps]).tolist()
 
@@ -576,15 +634,20 @@ def fit(recipe: Recipe, stage: Stage, *, resume: bool = False) -> TrainResult:
         if val_dataset is None:
             return
         metrics: dict[str, float] = {}
-        if accelerator.is_main_process:  # the unwrapped model on the main process; the others wait
+        # the unwrapped model on the main process while the others wait; with sharded parameters a forward would
+        # need every process, so the main process validates the replica, refreshed from the gathered weights
+        target = raw if replica is None else replica.sync(model, step)
+        if accelerator.is_main_process:
             context = RunContext(accelerator, run_dir, step, phase_index)
-            with torch.random.fork_rng(devices=[]):
-                raw.eval()
+            with torch.random.fork_rng(devices=[]), _on_device(target, accelerator.device, replica is not None):
+                target.eval()
                 try:
-                    metrics = (stage.validate or _no_validation)(raw, val_dataset, recipe, context)
+                    metrics = (stage.validate or _no_validation)(target, val_dataset, recipe, context)
                 finally:
-                    _train_mode(raw, stage)
+                    _train_mode(target, stage)
         accelerator.wait_for_everyone()
+        if distribution.kind != "ddp" and world > 1:  # what validation changed (a calibrated threshold) → all
+            sharding.broadcast_buffers(raw, source=target if accelerator.is_main_process else None)
         result.metrics = metrics
         runlog.eval(step, phase_index, metrics)
         if accelerator.is_main_process and metrics:
@@ -603,8 +666,7 @@ def fit(recipe: Recipe, stage: Stage, *, resume: bool = False) -> TrainResult:
             for phase_index in range(position["phase"], len(recipe.phases)):
                 phase = recipe.phases[phase_index]
                 dataset = datasets[phase_index]
-                if stage.set_preset is not None:
-                    stage.set_preset(raw, presets[phase_index])
+                set_preset(presets[phase_index])
                 batch_size = phase.batch_size or recipe.data.batch_size
                 epoch = position["epoch"] if phase_index == position["phase"] else 0
                 skip = position["batches"] if phase_index == position["phase"] else 0
@@ -702,15 +764,16 @@ def fit(recipe: Recipe, stage: Stage, *, resume: bool = False) -> TrainResult:
         bar.close()
         runlog.close()
     result.step = step
-    if stage.set_preset is not None:
-        stage.set_preset(raw, presets[-1])
+    set_preset(presets[-1])
+    final_model = raw if replica is None else replica.sync(model, step)  # every process gathers
     if accelerator.is_main_process:
-        result.final = stage.save(raw, run_dir / "final", presets[-1], _extra(recipe, step, "final"), None)
+        result.final = stage.save(final_model, run_dir / "final", presets[-1], _extra(recipe, step, "final"), None)
     else:
         result.final = run_dir / "final"
     accelerator.wait_for_everyone()
-    raw.eval()
-    result.model = raw
+    # the trained model, unwrapped; with sharded parameters the main process's replica (the others: their shards)
+    result.model = final_model if final_model is not None else raw
+    result.model.eval()
     return result
 
 
@@ -773,6 +836,22 @@ def _train_mode(model: nn.Module, stage: Stage) -> None:
         module.eval()
 
 
+@contextlib.contextmanager
+def _on_device(model: nn.Module, device: torch.device, move: bool) -> Iterator[None]:
+    """``model`` on ``device`` for the block and back on the CPU after (the replica of sharded training lives on the
+    CPU between validations); nothing when ``move`` is false or the device is the CPU."""
+    if not move or device.type == "cpu":
+        yield
+        return
+    model.to(device)
+    try:
+        yield
+    finally:
+        model.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def _agreed_stop(accelerator: Any, signum: int | None) -> int:
     """The signal number when any process received one (all processes stop at the same step)."""
     value = torch.tensor(int(signum or 0), device=accelerator.device)
@@ -787,31 +866,45 @@ def _extra(recipe: Recipe, step: int, reason: str) -> dict[str, Any]:
 
 
 def _save_step(accelerator: Any, stage: Stage, raw: nn.Module, optimizer: Any, scheduler: Any, recipe: Recipe,
-               run_dir: Path, step: int, position: dict[str, int], presets: list[Any], reason: str) -> Path:
-    """A step checkpoint: the stage's files + train_state/, written into a staging folder and swapped in."""
+               run_dir: Path, step: int, position: dict[str, int], presets: list[Any], reason: str, *,
+               replica: sharding.Replica | None = None, distribution: sharding.Distribution | None = None,
+               prepared: nn.Module | None = None) -> Path:
+    """A step checkpoint: the stage's files + train_state/, written into a staging folder and swapped in. With
+    sharded parameters the weights come from the replica (refreshed from the gathered state dict: every process
+    takes part); FSDP2 writes its resumable state as DCP shards (``train_state/sharded/``), ZeRO one optimizer
+    partition per process."""
     from safetensors.torch import save_file
 
+    distribution = distribution or sharding.Distribution(processes=accelerator.num_processes)
     target = run_dir / "checkpoints" / f"step_{step:06d}"
     state_dir = run_dir / "checkpoints" / f".{STATE_DIR}-{step:06d}"
     if accelerator.is_main_process:
         shutil.rmtree(state_dir, ignore_errors=True)
         state_dir.mkdir(parents=True)
-        save_file(trainable_state(raw), str(state_dir / "trainable.safetensors"))
+    accelerator.wait_for_everyone()
+    # every process gathers; the main process gets the replica
+    weights = raw if replica is None else replica.sync(prepared if prepared is not None else raw, step)
+    if accelerator.is_main_process:
+        save_file(trainable_state(weights), str(state_dir / "trainable.safetensors"))
         torch.save(scheduler.state_dict(), state_dir / "scheduler.pt")
         (state_dir / "config.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
         trainer = {"step": step, "position": position, "world_size": accelerator.num_processes,
                    "fingerprint": recipe.fingerprint(), "reason": reason,
-                   "phase_preset": presets[min(position["phase"], len(presets) - 1)].name}
+                   "phase_preset": presets[min(position["phase"], len(presets) - 1)].name,
+                   "distribution": distribution.kind, "zero_stage": distribution.zero_stage}
         (state_dir / TRAINER_FILE).write_text(json.dumps(trainer, indent=2), encoding="utf-8")
     accelerator.wait_for_everyone()
     torch.save(rng_state(), state_dir / f"rng_rank{accelerator.process_index}.pt")
-    optimizer_file = optimizer_state_file(accelerator.distributed_type, accelerator.process_index)
-    if accelerator.is_main_process or optimizer_file != "optimizer.pt":
-        torch.save(optimizer.state_dict(), state_dir / optimizer_file)
+    if distribution.kind == "fsdp2":
+        sharding.save_sharded_state(raw, optimizer, state_dir / SHARDED_DIR)
+    else:
+        optimizer_file = optimizer_state_file(accelerator.distributed_type, accelerator.process_index)
+        if accelerator.is_main_process or optimizer_file != "optimizer.pt":
+            torch.save(optimizer.state_dict(), state_dir / optimizer_file)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         trained_at = presets[_trained_phase(position, len(presets))]
-        stage.save(raw, target, trained_at, _extra(recipe, step, reason), state_dir)
+        stage.save(weights, target, trained_at, _extra(recipe, step, reason), state_dir)
         _prune(run_dir, recipe.train.keep_last)
     accelerator.wait_for_everyone()
     return target
@@ -825,8 +918,15 @@ def _trained_phase(position: dict[str, int], phases: int) -> int:
 
 
 def _load_train_state(checkpoint: Path, raw: nn.Module, optimizer: Any, scheduler: Any, rank: int,
-                      recipe: Recipe, distributed_type: Any = "NO") -> tuple[int, dict[str, int]]:
+                      recipe: Recipe, distributed_type: Any = "NO", *,
+                      distribution: sharding.Distribution | None = None) -> tuple[int, dict[str, int]]:
+    """Load ``train_state/`` into the prepared model, optimizer and scheduler of this process: FSDP2 from its DCP
+    shards; ZeRO with this process's optimizer partition (ZeRO-3: the parameters come back with it, the file gives
+    the buffers); otherwise the trainable weights and the one optimizer file. Sharded state needs the process count
+    it was saved with."""
     from safetensors.torch import load_file
+
+    distribution = distribution or sharding.Distribution()
 
     state_dir = checkpoint / STATE_DIR
     trainer = json.loads((state_dir / TRAINER_FILE).read_text(encoding="utf-8"))
@@ -838,12 +938,27 @@ def _load_train_state(checkpoint: Path, raw: nn.Module, optimizer: Any, schedule
     rng_file = state_dir / f"rng_rank{rank}.pt"
     if not rng_file.is_file():
         raise RRG3DError(f"{checkpoint}: saved by {world} process(es); no RNG state for process {rank}")
-    load_trainable_state(raw, load_file(str(state_dir / "trainable.safetensors")), state_dir)
-    optimizer_file = state_dir / optimizer_state_file(distributed_type, rank)
-    if not optimizer_file.is_file():
-        raise RRG3DError(f"{checkpoint}: no optimizer state {optimizer_file.name} (saved by {world} process(es) "
-                         "with another distribution?)")
-    optimizer.load_state_dict(torch.load(optimizer_file, map_location="cpu", weights_only=False))
+    saved_kind = trainer.get("distribution", "ddp")
+    if (distribution.shards_optimizer or saved_kind != "ddp") and \
+            (saved_kind, int(trainer.get("zero_stage", 0)), world) != \
+            (distribution.kind, distribution.zero_stage, distribution.processes):
+        raise RRG3DError(f"{checkpoint}: saved by {world} process(es) under {saved_kind} (ZeRO stage "
+                         f"{trainer.get('zero_stage', 0)}); this run is {distribution.describe()}: sharded training "
+                         "state resumes with the distribution and process count it was saved with")
+    if distribution.kind == "fsdp2":
+        sharding.load_sharded_state(raw, optimizer, state_dir / SHARDED_DIR)
+    else:
+        load_trainable_state(raw, load_file(str(state_dir / "trainable.safetensors")), state_dir,
+                             parameters=not distribution.shards_parameters)
+        optimizer_file = state_dir / optimizer_state_file(distributed_type, rank)
+        if not optimizer_file.is_file():
+            raise RRG3DError(f"{checkpoint}: no optimizer state {optimizer_file.name} (saved by {world} process(es) "
+                             "with another distribution?)")
+        optimizer_state = torch.load(optimizer_file, map_location="cpu", weights_only=False)
+        if distribution.kind == "deepspeed":
+            sharding.load_zero_optimizer_state(optimizer, optimizer_state, rank, distribution.processes)
+        else:
+            optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(torch.load(state_dir / "scheduler.pt", map_location="cpu", weights_only=False))
     set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
     return int(trainer["step"]), dict(trainer["position"])
