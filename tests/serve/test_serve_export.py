@@ -170,7 +170,7 @@ def test_cli_round_trip(tmp_path, capsys):
     capsys.readouterr()
     assert main(["export", str(bad), "--format", "fhir", "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
-    assert f"{bad}:2: not valid JSON" in err
+    assert f"{bad}:2: invalid JSON" in err
     assert not (tmp_path / "bad").exists()
     assert main(["export", str(tmp_path / "missing.jsonl"), "--format", "fhir", "--out", str(tmp_path / "m")]) == 2
     assert "no such predictions file" in capsys.readouterr().err

@@ -82,5 +82,5 @@ def test_held_out_splits_are_refused(tmp_path):
     with pytest.raises(RRG3DError, match=r"pairs.jsonl:1: 'rejected'"):
         read_pairs(path)
     path.write_text("{not json\n")
-    with pytest.raises(RRG3DError, match="not JSON"):
+    with pytest.raises(RRG3DError, match="invalid JSON"):
         read_pairs(path)

@@ -59,7 +59,7 @@ from rrg3d.data.adapters.base import Adapter, Option, build_report, natural_key,
 from rrg3d.data.manifest import check_record, relativize, resolve, validate_manifest
 from rrg3d.errors import RRG3DError
 from rrg3d.text.reports import normalize_report, split_sections
-from rrg3d.utils.files import atomic_path, atomic_write_json, atomic_write_text
+from rrg3d.utils.files import atomic_path, atomic_write_json, atomic_write_text, iter_jsonl
 
 __all__ = ["LICENCES", "SPLIT_PRIORITY", "BenchmarkSummary", "SourceStats", "build_benchmark", "deduplicate",
            "hash_split", "normalise_sections", "parse_source_option", "patient_key", "resolve_splits"]
@@ -408,20 +408,16 @@ def _convert(name: str, adapter: Adapter, root: Path, out: Path, options: Mappin
         stats.dropped[category] = stats.dropped.get(category, 0) + 1
         removed.append({"source": name, "id": key, "stage": "adapter", "reason": category, "detail": reason})
     items = []
-    with open(manifest, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RRG3DError(f"source {name}: {manifest}:{number}: invalid JSON ({exc.msg})") from None
-            errors = [(field, message) for field, message, severity in check_record(record) if severity == "error"]
-            if errors:
-                field, message = errors[0]
-                raise RRG3DError(f"source {name}: record {record.get('id')!r} ({manifest}:{number}) "
-                                 f"[{field}]: {message}")
-            items.append(_Item(name, record, manifest, patient_key(record, name)))
+    try:
+        lines = list(iter_jsonl(manifest, what="manifest"))
+    except RRG3DError as exc:
+        raise RRG3DError(f"source {name}: {exc}") from None
+    for number, record in lines:
+        errors = [(field, message) for field, message, severity in check_record(record) if severity == "error"]
+        if errors:
+            field, message = errors[0]
+            raise RRG3DError(f"source {name}: record {record.get('id')!r} ({manifest}:{number}) [{field}]: {message}")
+        items.append(_Item(name, record, manifest, patient_key(record, name)))
     return items
 
 

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from rrg3d.errors import RRG3DError
+from rrg3d.utils.files import iter_jsonl
 
 MISSING_POLICIES = ("score-empty", "skip", "fail")
 STATUSES = ("ok", "empty", "error", "missing")
@@ -77,23 +77,7 @@ class Paired:
 def _read_jsonl(path: Path, what: str) -> list[tuple[int, dict[str, Any]]]:
     if not path.is_file():
         raise EvaluationError(f"{path}: {what} file not found")
-    records = []
-    try:
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise EvaluationError(f"{path}:{number}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-                if not isinstance(record, dict):
-                    raise EvaluationError(f"{path}:{number}: each line must be a JSON object")
-                records.append((number, record))
-    except UnicodeDecodeError as exc:
-        raise EvaluationError(f"{path}: not UTF-8 text (byte offset {exc.start})") from None
-    except OSError as exc:
-        raise EvaluationError(f"{path}: cannot read ({exc.strerror})") from None
+    records = list(iter_jsonl(path, what=what, error=EvaluationError))
     if not records:
         raise EvaluationError(f"{path}: no {what} in the file (it is empty)")
     return records

@@ -38,7 +38,7 @@ from rrg3d.errors import RRG3DError
 from rrg3d.io.volume import Volume
 from rrg3d.preprocess.ops import apply_header_overrides
 from rrg3d.preprocess.presets import Preset, load_preset
-from rrg3d.utils.files import atomic_path, atomic_write_json, atomic_write_text
+from rrg3d.utils.files import atomic_path, atomic_write_json, atomic_write_text, iter_jsonl
 from rrg3d.utils.shards import Shard, find_shards, merge_when_complete, select, shard_path
 
 
@@ -409,16 +409,7 @@ def preprocess_manifest(
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise RRG3DError(f"{path}: not found")
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise RRG3DError(f"{path}:{number}: not JSON ({exc.msg})") from None
-    return rows
+    return [record for _, record in iter_jsonl(path, what="shard")]
 
 
 def _read_json(path: Path) -> dict[str, Any]:

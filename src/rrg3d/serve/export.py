@@ -13,7 +13,6 @@ however, come from record ids unless ``anonymize_names`` is set (then ``study_00
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rrg3d.errors import RRG3DError
+from rrg3d.utils.files import iter_jsonl
 
 __all__ = [
     "CT_CHEST_CODE",
@@ -104,20 +104,7 @@ def record_regions(record: dict[str, Any]) -> dict[str, str]:
 
 def read_predictions(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line number, record)`` for each non-empty line; :class:`RRG3DError` naming the line when one is bad."""
-    path = Path(path)
-    if not path.is_file():
-        raise RRG3DError(f"{path}: no such predictions file")
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RRG3DError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise RRG3DError(f"{path}:{number}: a prediction record must be a JSON object")
-            yield number, record
+    yield from iter_jsonl(path, what="predictions")
 
 
 def export_predictions(pred_path: str | os.PathLike[str], fmt: Literal["fhir", "sr"],

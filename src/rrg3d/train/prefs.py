@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from rrg3d.errors import ConfigError, RRG3DError
-from rrg3d.utils.files import append_jsonl, atomic_write_json, atomic_write_text
+from rrg3d.utils.files import append_jsonl, atomic_write_json, atomic_write_text, iter_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -330,19 +330,12 @@ def read_pairs(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     if not path.is_file():
         raise RRG3DError(f"{path}: no such pairs file (build one with `rrg3d prefs build`)")
     pairs = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                pair = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RRG3DError(f"{path}:{number}: not JSON ({exc.msg})") from None
-            for key in ("id", "chosen", "rejected"):
-                if not isinstance(pair.get(key), str) or not pair[key].strip():
-                    raise RRG3DError(f"{path}:{number}: {key!r} is missing or empty")
-            check_split(str(pair.get("split") or "train"))
-            pairs.append(pair)
+    for number, pair in iter_jsonl(path, what="pairs"):
+        for key in ("id", "chosen", "rejected"):
+            if not isinstance(pair.get(key), str) or not pair[key].strip():
+                raise RRG3DError(f"{path}:{number}: {key!r} is missing or empty")
+        check_split(str(pair.get("split") or "train"))
+        pairs.append(pair)
     if not pairs:
         raise RRG3DError(f"{path}: holds no pair")
     return pairs
