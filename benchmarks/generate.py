@@ -2,13 +2,16 @@
 
 Both decoders get the same spliced input embeddings — 512 visual tokens (the 8³ grid of the shipped full-size
 architectures) plus the chat prompt — and generate exactly ``--new-tokens`` tokens greedily (end-of-sequence is
-disabled so both do the same work; the token ids are checked to be identical). Runs alternate between the two
-decoders; the median of ``--repeats`` runs is reported, for each batch size.
+disabled so both do the same work; the token ids are checked to be identical). Runs alternate between the
+decoders; the median of ``--repeats`` runs is reported, for each batch size. rrg3d runs in each of its variants:
+``dynamic`` (the default: HF's growing DynamicCache), ``static`` (``cache="static"``: preallocated KV buffers) and
+``static+compile`` (``compile=True``: the decoding step through torch.compile; its compilation, the first call for a
+batch size, is timed apart and reported as ``compile_seconds``). ``rrg3d_*`` keys are the default (dynamic) decoder.
 
 The memory-bandwidth bound: each decoding step must read every weight once, so a batch of B cannot go faster than
 ``B × bandwidth / weight_bytes`` tokens/s; bandwidth is a measured large-tensor copy (read + write bytes / time).
 
-    python benchmarks/generate.py [--batch-sizes 1 8] [--new-tokens 200] [--repeats 3] [--threads N]
+    python benchmarks/generate.py [--batch-sizes 1 8] [--new-tokens 200] [--repeats 3] [--threads N] [--no-compile]
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+VARIANT_NAMES = {"rrg3d": "dynamic", "rrg3d_static": "static", "rrg3d_compiled": "static+compile"}
 
 
 def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
@@ -56,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--visual-tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="skip the torch.compile variant (its first call per batch size compiles)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "generate.json"))
     args = parser.parse_args(argv)
     if args.threads:
@@ -95,15 +102,32 @@ def main(argv: list[str] | None = None) -> int:
         def ours_merged(ours: Any = ours) -> torch.Tensor:
             return ours(merged)
 
-        ours(), plain()  # warm-up
-        timings: dict[str, list[float]] = {"rrg3d": [], "hf_generate": [], "rrg3d_merged": []}
+        def ours_static(embeds: torch.Tensor = embeds, mask: torch.Tensor = mask) -> torch.Tensor:
+            return decode(lm, embeds, mask, settings, eos_ids=(), pad_id=pad, cache="static",
+                          suppress_ids=[*model.suppress_ids, *model.eos_ids])
+
+        def ours_compiled(embeds: torch.Tensor = embeds, mask: torch.Tensor = mask) -> torch.Tensor:
+            return decode(lm, embeds, mask, settings, eos_ids=(), pad_id=pad, compile=True,
+                          suppress_ids=[*model.suppress_ids, *model.eos_ids])
+
+        variants = {"rrg3d": ours, "hf_generate": plain, "rrg3d_merged": ours_merged, "rrg3d_static": ours_static}
+        if args.compile:
+            tick = time.perf_counter()
+            ours_compiled()  # the first call for this batch size and cache length compiles the decoding step
+            first_call = time.perf_counter() - tick
+            variants["rrg3d_compiled"] = ours_compiled
+        ours(), plain(), ours_static()  # warm-up
+        timings: dict[str, list[float]] = {name: [] for name in variants}
         outputs: dict[str, torch.Tensor] = {}
         for _ in range(args.repeats):
-            for name, fn in (("rrg3d", ours), ("hf_generate", plain), ("rrg3d_merged", ours_merged)):
+            for name, fn in variants.items():
                 tick = time.perf_counter()
                 outputs[name] = fn()
                 timings[name].append(time.perf_counter() - tick)
-        same = torch.equal(outputs["rrg3d"], outputs["hf_generate"][:, : outputs["rrg3d"].shape[1]])
+        reference = outputs["hf_generate"]
+        same_each = {name: torch.equal(out, reference[:, : out.shape[1]]) and out.shape[1] == args.new_tokens
+                     for name, out in outputs.items() if name != "hf_generate"}
+        same = all(same_each.values())
         merged_tps = tokens_of(batch) / statistics.median(timings["rrg3d_merged"])
         tokens = batch * args.new_tokens
         ours_tps = tokens / statistics.median(timings["rrg3d"])  # ratio_vs_bound uses the unmerged decoder
@@ -117,6 +141,17 @@ def main(argv: list[str] | None = None) -> int:
                      "bandwidth_bound_tokens_per_s": round(bound, 2),
                      "ratio_vs_bound": round(ours_tps / bound, 3), "identical_tokens": bool(same),
                      "seconds": {k: [round(t, 3) for t in v] for k, v in timings.items()}})
+        variant_rows = {}
+        for name in ("rrg3d", "rrg3d_static", "rrg3d_compiled"):
+            if name in timings:
+                tps = tokens / statistics.median(timings[name])
+                variant_rows[VARIANT_NAMES[name]] = {
+                    "tokens_per_s": round(tps, 2), "ratio_vs_hf": round(tps / plain_tps, 3),
+                    "ratio_vs_bound": round(tps / bound, 3), "identical_tokens": same_each[name]}
+        if args.compile:
+            variant_rows["static+compile"]["compile_seconds"] = round(
+                first_call - statistics.median(timings["rrg3d_compiled"]), 1)
+        rows[-1]["variants"] = variant_rows
 
     header = f"{'batch':>5} {'prompt':>6} {'rrg3d tok/s':>11} {'HF tok/s':>9} {'ratio':>6} {'merged tok/s':>12} " \
              f"{'ratio':>6} {'bound tok/s':>11} {'of bound':>8} {'same':>5}"
@@ -128,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['hf_generate_tokens_per_s']:>9.1f} {r['ratio_vs_hf']:>6.2f} {r['rrg3d_merged_tokens_per_s']:>12.1f} "
               f"{r['merged_ratio_vs_hf']:>6.2f} {r['bandwidth_bound_tokens_per_s']:>11.1f} "
               f"{r['ratio_vs_bound']:>8.2f} {r['identical_tokens']!s:>5}")
+    print(f"{'batch':>5} {'variant':>15} {'tok/s':>8} {'vs HF':>6} {'of bound':>8} {'compile s':>9} {'same':>5}")
+    for r in rows:
+        for name, v in r["variants"].items():
+            print(f"{r['batch']:>5} {name:>15} {v['tokens_per_s']:>8.1f} {v['ratio_vs_hf']:>6.2f} "
+                  f"{v['ratio_vs_bound']:>8.2f} {v.get('compile_seconds', ''):>9} {v['identical_tokens']!s:>5}")
     result = {"benchmark": "generate", "model": "SmolLM2-135M-Instruct (packaged)", "threads": torch.get_num_threads(),
               "weight_bytes": weight_bytes, "copy_bandwidth_bytes_per_s": round(bandwidth), "rows": rows,
               "python": sys.version.split()[0], "torch": torch.__version__}
