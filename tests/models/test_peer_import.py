@@ -120,7 +120,8 @@ def _peg(x: torch.Tensor, grid: tuple[int, ...], weight: torch.Tensor, bias: tor
 def _ctclip_attention(x: torch.Tensor, s: dict, layer: str, heads: int, bias: torch.Tensor | None) -> torch.Tensor:
     xn = F.layer_norm(x, x.shape[-1:], s[f"{layer}.1.norm.gamma"], s[f"{layer}.1.norm.beta"])
     q = torch.einsum("nld,ed->nle", xn, s[f"{layer}.1.to_q.weight"])
-    k, v = torch.einsum("nld,ed->nle", xn, s[f"{layer}.1.to_kv.weight"]).chunk(2, dim=-1)
+    # CT-CLIP's Attention takes keys/values from its input *before* its LayerNorm (kv_input = x; x = norm(x))
+    k, v = torch.einsum("nld,ed->nle", x, s[f"{layer}.1.to_kv.weight"]).chunk(2, dim=-1)
     q, k, v = (t.reshape(*t.shape[:2], heads, -1) for t in (q, k, v))
     q = F.normalize(q, dim=-1) * s[f"{layer}.1.q_scale"]
     k = F.normalize(k, dim=-1) * s[f"{layer}.1.k_scale"]
@@ -333,7 +334,8 @@ def test_patch_embedding_and_cosine_attention_by_hand():
     block = convert_peer("ctclip", clip, options={**CTCLIP_OPTIONS, "quantizer": False}).encoder.temporal.blocks[0]
     tokens = _volume((3, 5, 16), seed=8)
     with torch.no_grad():
-        ours = block.attn(block.norm1(tokens))
+        ours = block.attn(block.norm1(tokens), kv_input=tokens)  # as the block calls it (attn_kv_norm false)
+    assert block.kv_norm is False
     torch.testing.assert_close(ours, _ctclip_attention(tokens, clip, "enc_temporal_transformer.layers.0", 2, None),
                                rtol=1e-5, atol=1e-5)
 

@@ -230,7 +230,7 @@ def _ctclip_mapping(ctx: Context) -> dict[str, Any]:
             "temporal_depth": ctx["depths"]["temporal"], "heads": ctx["heads"], "dim_head": ctx["dim_head"],
             "mlp_ratio": ctx["mlp_ratio"], "qkv_bias": False, "patch_prenorm": True, "pos_embed": "none",
             "spatial_bias": "continuous", "peg": True, "attention": "cosine", "attn_scale": ctx["attn_scale"],
-            "mlp": "geglu", "temporal_causal": False, "quantizer_codes": ctx["codes"]}
+            "attn_kv_norm": False, "mlp": "geglu", "temporal_causal": False, "quantizer_codes": ctx["codes"]}
 
 
 def _linear_to_conv(tensors: list[Tensor], ctx: Context) -> Tensor:

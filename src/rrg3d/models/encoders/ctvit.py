@@ -121,6 +121,7 @@ class FactorisedEncoder(nn.Module):
             logit_scale=_option(config, "attn_scale", 8.0),
             mlp=_option(config, "mlp", "gelu"),
             peg=_option(config, "peg", False),
+            kv_norm=_option(config, "attn_kv_norm", True),
         )
         init_weights(transformer)
         return transformer
@@ -183,6 +184,7 @@ class CTViT(FactorisedEncoder):
         peg: bool = False  # depthwise-conv position generator before every block (causal along slices)
         attention: str = "dot"  # "dot" | "cosine" (normalised q, k with learned scales, logits × attn_scale)
         attn_scale: float = 8.0  # logit scale of cosine attention
+        attn_kv_norm: bool = True  # False: keys/values from the block input before its LayerNorm (CT-CLIP)
         mlp: str = "gelu"  # "gelu" | "geglu"
         temporal_causal: bool = True  # slice group t attends to groups <= t only
         quantizer_codes: int = 0  # > 0: output tokens → nearest of this many codebook entries (cosine)

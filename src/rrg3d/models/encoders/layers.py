@@ -179,9 +179,14 @@ class Attention(nn.Module):
             self.k_scale = nn.Parameter(torch.ones(dim_head))
             self.logit_scale = float(logit_scale)
 
-    def forward(self, x: Tensor, bias: Tensor | None = None, is_causal: bool = False) -> Tensor:
+    def forward(self, x: Tensor, bias: Tensor | None = None, is_causal: bool = False,
+                kv_input: Tensor | None = None) -> Tensor:
+        """``kv_input``: the tokens keys and values are computed from, when not ``x`` (CT-CLIP takes them from the
+        block's input before its LayerNorm)."""
         n, length, _ = x.shape
         q, k, v = self.qkv(x).view(n, length, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4).unbind(0)
+        if kv_input is not None:
+            _, k, v = self.qkv(kv_input).view(n, length, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4).unbind(0)
         if self.kind == "cosine":
             q = F.normalize(q, dim=-1) * self.q_scale
             k = F.normalize(k, dim=-1) * self.k_scale
@@ -299,8 +304,10 @@ class Block(nn.Module):
         logit_scale: float = 8.0,
         mlp: str = "gelu",
         peg: bool = False,
+        kv_norm: bool = True,
     ) -> None:
         super().__init__()
+        self.kv_norm = kv_norm  # False: keys/values from the un-normalised input (CT-CLIP's attention)
         if mlp not in MLPS:
             raise ValueError(f"mlp must be one of {tuple(MLPS)}, got {mlp!r}")
         self.norm1 = nn.LayerNorm(dim)
@@ -316,7 +323,7 @@ class Block(nn.Module):
             if grid is None:
                 raise ValueError("a block with a position generator (peg) needs the token grid (b, t, h, w)")
             x = x + self.peg(x, grid)
-        x = x + self.attn(self.norm1(x), bias=bias, is_causal=is_causal)
+        x = x + self.attn(self.norm1(x), bias=bias, is_causal=is_causal, kv_input=None if self.kv_norm else x)
         return x + self.mlp(self.norm2(x))
 
 
@@ -343,10 +350,12 @@ class Transformer(nn.Module):
         logit_scale: float = 8.0,
         mlp: str = "gelu",
         peg: bool = False,
+        kv_norm: bool = True,
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
-            Block(dim, heads, dim_head, mlp_ratio, qkv_bias, dropout, attn_dropout, attention, logit_scale, mlp, peg)
+            Block(dim, heads, dim_head, mlp_ratio, qkv_bias, dropout, attn_dropout, attention, logit_scale, mlp, peg,
+                  kv_norm)
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim) if final_norm else nn.Identity()
