@@ -65,6 +65,8 @@ ARMS: dict[str, dict[str, Any]] = {
     "texture_geometry_global": {"texture": True, "geometry": True, "global_tokens": True, "alignment": False},
     "full": {"texture": True, "geometry": True, "global_tokens": True, "alignment": True},
 }
+for _switches in ARMS.values():  # the recognition head names shuffled slots: it belongs to alignment
+    _switches["recognizer"] = _switches["alignment"]
 TARGETS = {"ce_micro_f1_gain": 0.05, "recognition_f1": 0.95, "texture_memory_gb": 8.0}
 
 
@@ -82,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--mixed-precision", default="auto", choices=["no", "bf16", "auto"],
+                        help="training precision of the arms (auto: bf16 where the CPU computes it natively)")
     parser.add_argument("--max-new-tokens", type=int, default=400)
     parser.add_argument("--generate-batch", type=int, default=8)
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
@@ -181,7 +185,8 @@ def train_arm(arm: str, manifest: Path, work: Path, args: argparse.Namespace, en
                  "data.batch_size": args.batch_size, "data.max_length": 768, "data.max_val_samples": args.val,
                  "phases.0.steps": args.steps, "optim.lr": args.lr, "optim.warmup_steps": 10, "seed": args.seed,
                  "model.train.encoder": encoder is None, "train.save_every": 0, "train.progress": False,
-                 "train.threads": os.cpu_count() or 1, "train.tensorboard": False}
+                 "train.threads": os.cpu_count() or 1, "train.tensorboard": False,
+                 "train.mixed_precision": args.mixed_precision}
     if encoder is not None:
         overrides["model.vision_init"] = str(encoder)
     key = hashlib.sha256(json.dumps([config, overrides], sort_keys=True).encode()).hexdigest()[:12]

@@ -76,6 +76,9 @@ def test_settings_are_checked():
         RegionSettings(names=("lung", "Lungs"))
     with pytest.raises(ConfigError, match="texture_encoder"):
         RegionSettings(texture_encoder="other")
+    for switches in ({"geometry": False}, {"alignment": False}):
+        with pytest.raises(ConfigError, match=r"recognizer .* needs geometry: true and alignment: true"):
+            RegionSettings(recognizer=True, **switches)
     assert RegionSettings().names == REGION_NAMES
 
 
@@ -128,6 +131,11 @@ def test_targets_and_prompt_lines_follow_the_slots():
     assert region_target(["lung", "heart"], reports, fixed) == "Lung: Clear lungs.\nHeart: Normal heart size."
     assert region_block(["lung"], fixed) == "Region 1 (lung): <region_0>"
     assert region_block(["lung"], RegionSettings(texture=False, geometry=False)) == ""
+    recognizing = RegionSettings(recognizer=True)
+    assert region_block(["heart", "lung"], recognizing, ["heart", "pleura"]) == (
+        "Region 1 (recognised: heart): <region_0>\nRegion 2 (recognised: pleura): <region_1>")
+    with pytest.raises(ValueError, match="recognised name of every region slot"):
+        region_block(["heart", "lung"], recognizing, ["heart"])
     with pytest.raises(ValueError, match="study x: none of its regions"):
         region_target(["thyroid"], reports, settings, where="study x")
 
@@ -152,3 +160,76 @@ def test_parsing_strips_prefixes_keeps_whole_names_and_grounds_by_slot():
     assert plain.recognized == {"heart": "heart", "trachea and bronchi": "trachea and bronchi"}
     skipped = parse_region_report("Heart: Normal.", ["heart", "lung"], RegionSettings(alignment=False))
     assert skipped.recognized == {"heart": "heart", "lung": None}
+
+
+def test_mask_descriptors_on_known_geometry():
+    from rrg3d.models.regions import DESCRIPTOR_SIZE, mask_descriptors
+
+    masks = torch.zeros(3, 1, 5, 9, 9)
+    masks[0, 0, :, :, :] = 1  # the whole grid: centred, full box
+    masks[1, 0, 0, 0, 8] = 1  # one voxel at (z=-1, y=-1, x=+1)
+    found = mask_descriptors(masks)  # masks[2] empty
+    assert found.shape == (3, DESCRIPTOR_SIZE)
+    whole, voxel, empty = found
+    assert whole[0] == pytest.approx(1.0) and torch.allclose(whole[1:4], torch.zeros(3), atol=1e-6)
+    assert torch.allclose(whole[7:10], -torch.ones(3)) and torch.allclose(whole[10:13], torch.ones(3))
+    assert torch.allclose(voxel[1:4], torch.tensor([-1.0, -1.0, 1.0]))
+    assert torch.allclose(voxel[4:7], torch.zeros(3)) and torch.allclose(voxel[7:10], voxel[10:13])
+    assert empty[0] == pytest.approx(-1.0) and torch.count_nonzero(empty[1:]) == 0
+    with pytest.raises(ValueError, match=r"\[N, 1, D, H, W\]"):
+        mask_descriptors(torch.zeros(2, 5, 9, 9))
+
+
+def test_geometry_descriptors_make_the_geometry_token_depend_on_where_the_mask_is():
+    from rrg3d.models.regions import RegionTower
+
+    settings = RegionSettings(texture=False, geometry_descriptors=True, geometry_size=(16, 32, 32),
+                              geometry_encoder={"name": "vit3d", "in_channels": 1, "input_shape": [16, 32, 32],
+                                                "patch_size": [8, 16, 16], "dim": 16, "depth": 1, "heads": 2,
+                                                "pos_embed": "learned"})
+    torch.manual_seed(0)
+    tower = RegionTower(settings, shared_encoder_dim=8, lm_dim=12).eval()
+    left, right = torch.zeros(1, 1, 16, 32, 32), torch.zeros(1, 1, 16, 32, 32)
+    left[..., 4:12, 8:24, 2:10] = 1
+    right[..., 4:12, 8:24, 22:30] = 1  # the same box, mirrored
+    batch = RegionBatch(names=[["lung", "heart"]], label_ids=[[1, 2]], geometry=torch.cat([left, right]))
+    tokens = tower(batch)
+    assert tokens.shape == (2, 1, 12) and not torch.allclose(tokens[0], tokens[1], atol=1e-4)
+    tower.set_trainable(encoder=False, compressor=False, projector=False)
+    assert not any(p.requires_grad for p in tower.geometry_descriptor.parameters())
+
+
+def test_the_recognition_head_learns_regions_from_their_masks():
+    from rrg3d.models.regions import RegionTower
+
+    names = ("lung", "heart", "bone")
+    settings = RegionSettings(names=names, texture=False, geometry_descriptors=True, recognizer=True,
+                              geometry_size=(8, 16, 16),
+                              geometry_encoder={"name": "vit3d", "in_channels": 1, "input_shape": [8, 16, 16],
+                                                "patch_size": [4, 8, 8], "dim": 16, "depth": 1, "heads": 2,
+                                                "pos_embed": "learned"})
+    torch.manual_seed(0)
+    tower = RegionTower(settings, shared_encoder_dim=8, lm_dim=12)
+    generator = torch.Generator().manual_seed(1)
+
+    def study() -> dict:
+        masks = torch.zeros(3, 1, 8, 16, 16)
+        shift = int(torch.randint(0, 3, (1,), generator=generator))
+        masks[0, 0, 1:7, 2:14, 1 + shift:7 + shift] = 1  # lung: large, on the right
+        masks[1, 0, 3:6, 6:10, 8 + shift:11 + shift] = 1  # heart: small, central
+        masks[2, 0, :, 13:16, 4:12] = 1  # bone: a posterior slab
+        return {"names": list(names), "label_ids": [1, 2, 3], "texture": None, "geometry": masks, "dropped": {},
+                "reports": None}
+
+    batch = collate_regions([study() for _ in range(4)])
+    optimizer = torch.optim.AdamW(tower.parameters(), lr=1e-2)
+    first = float(tower.recognition_loss(batch).detach())
+    for _ in range(40):
+        optimizer.zero_grad()
+        tower.recognition_loss(batch).backward()
+        optimizer.step()
+    assert float(tower.recognition_loss(batch).detach()) < first / 10
+    shuffled = batch.shuffled(torch.Generator().manual_seed(3))
+    assert tower.recognize(shuffled) == shuffled.names  # the names follow the masks, not the slot order
+    with pytest.raises(ValueError, match="not among the model's region names"):
+        tower.recognition_loss(RegionBatch(names=[["thyroid"]], label_ids=[[1]], geometry=torch.zeros(1, 1, 8, 16, 16)))

@@ -40,6 +40,7 @@ def test_region_model_trains_and_its_checkpoint_records_the_regions(region_check
     assert regions["alignment"] is True and len(regions["names"]) == 10 and regions["texture_size"] == [16, 32, 32]
     model = load_checkpoint(region_checkpoint)
     assert model.region_settings is not None and model.vision.regions.geometry_encoder is not None
+    assert regions["recognizer"] is True and model.vision.regions.recognizer is not None
     trained = model.trainable_parameters()
     assert trained["regions"] == 0  # loaded for inference: everything frozen
 

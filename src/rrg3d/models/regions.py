@@ -5,10 +5,22 @@ study (from its label map: :mod:`rrg3d.preprocess.regions`) the :class:`RegionTo
 
 * **texture** tokens: the region's masked crop through the vision encoder (the global one, ``texture_encoder:
   shared``, or its own), a compressor (default a perceiver with 32 latents) and a projector (default linear);
-* one **geometry** token: the uncropped region mask through a small 3D ViT, mean-pooled, then a linear layer.
+* one **geometry** token: the uncropped region mask through a small 3D ViT, mean-pooled, then a linear layer. With
+  ``geometry_descriptors`` the token also carries the mask's shape statistics (:func:`mask_descriptors`: volume
+  fraction, centroid, spread and bounding box in normalised coordinates) through a small MLP added to the pooled ViT
+  feature. Mean-pooling a ViT's patch features keeps little of *where* the mask lies (the patch embedding is shared by
+  all patches and the mean of the position embeddings is a constant), and where a region lies is what tells lung
+  from pleura from heart; a deep ViT trained for long recovers it, a small one trained for minutes does not.
 
 The prompt holds the global image tokens (``global_tokens``), then one line per region slot, ``Region k:`` followed
 by that slot's ``<region_{k-1}>`` placeholder (expanded to the slot's tokens when tokenised), then the instruction.
+With a **recognition head** (``recognizer``, needs geometry and alignment) a linear layer on each slot's geometry
+feature names the region (cross-entropy against the slot's true region, ``model.recognition_weight`` beside the
+report loss) and the slot line says what it recognised, ``Region k (recognised: heart):``; training prompts show the
+true name (teacher forcing, as the diagnosis prompt's ``true_findings_share``), generation the head's. Reg2RG leaves
+recognition to the LM reading the region tokens, which it learns for most regions but not lung and pleura (F1 ≈ 0.44)
+and which a small model trained for minutes does not learn at all; the head learns it from the mask's shape in a few
+steps, and the output still names the region of every sentence from the image side alone.
 The target writes every region's report on its own line. With **region–report alignment** (``alignment``, the
 default) the slots are shuffled at every training step and each line starts with the region the model recognises
 in that slot — ``The region k is <name>: <report>`` — so the model has to tell the area from its features, and the
@@ -64,6 +76,10 @@ class RegionSettings:
     geometry_size: tuple[int, int, int] = (32, 64, 64)
     geometry_encoder: dict[str, Any] = field(default_factory=_default_geometry_encoder)
     geometry_projector: dict[str, Any] = field(default_factory=lambda: {"name": "linear"})
+    #: add the mask's shape statistics (:func:`mask_descriptors`) to the geometry token through a small MLP
+    geometry_descriptors: bool = False
+    #: a recognition head on the geometry feature names each slot in the prompt (needs geometry and alignment)
+    recognizer: bool = False
     #: the global image tokens (the whole volume through the main vision tower) come first in the prompt
     global_tokens: bool = True
     #: region–report alignment: slots shuffled in training, each output line names the region it recognises
@@ -91,6 +107,9 @@ class RegionSettings:
                 raise ConfigError(f"vision.regions.{key} must be three positive integers, got {value!r}")
         if self.min_voxels < 1:
             raise ConfigError("vision.regions.min_voxels must be >= 1")
+        if self.recognizer and not (self.geometry and self.alignment):
+            raise ConfigError("vision.regions.recognizer reads the geometry feature and names shuffled slots: it "
+                              "needs geometry: true and alignment: true")
 
     @property
     def has_region_tokens(self) -> bool:
@@ -188,17 +207,28 @@ class RegionTower(nn.Module):
             self.texture_compressor = COMPRESSORS.build(dict(settings.texture_compressor), in_dim=in_dim)
             self.texture_projector = PROJECTORS.build(dict(settings.texture_projector),
                                                       in_dim=int(self.texture_compressor.out_dim), out_dim=lm_dim)
+        self.geometry_descriptor: nn.Module | None = None
         if settings.geometry:
             self.geometry_encoder = ENCODERS.build(dict(settings.geometry_encoder))
-            self.geometry_projector = PROJECTORS.build(dict(settings.geometry_projector),
-                                                       in_dim=int(self.geometry_encoder.out_dim), out_dim=lm_dim)
+            width = int(self.geometry_encoder.out_dim)
+            self.geometry_projector = PROJECTORS.build(dict(settings.geometry_projector), in_dim=width, out_dim=lm_dim)
+            if settings.geometry_descriptors:
+                self.geometry_descriptor = nn.Sequential(nn.Linear(DESCRIPTOR_SIZE, width), nn.GELU(),
+                                                         nn.Linear(width, width))
+        self.recognizer: nn.Module | None = None
+        if settings.recognizer and self.geometry_encoder is not None:
+            # the head reads the geometry feature and, with descriptors, the raw shape statistics beside it: the
+            # volume fraction alone tells lung from pleura, which share a centroid and a bounding box
+            width = int(self.geometry_encoder.out_dim) + (DESCRIPTOR_SIZE if settings.geometry_descriptors else 0)
+            self.recognizer = nn.Linear(width, len(settings.names))
 
     def set_trainable(self, *, encoder: bool, compressor: bool, projector: bool) -> None:
         """A texture encoder of its own trains with ``encoder``, the texture compressor with ``compressor``, the
         projectors and the geometry ViT (adapters learnt from scratch) with ``projector``."""
         for module, flag in ((self.texture_encoder, encoder), (self.texture_compressor, compressor),
                              (self.texture_projector, projector), (self.geometry_encoder, projector),
-                             (self.geometry_projector, projector)):
+                             (self.geometry_descriptor, projector), (self.geometry_projector, projector),
+                             (self.recognizer, projector)):
             if module is not None:
                 module.requires_grad_(flag)
 
@@ -221,15 +251,87 @@ class RegionTower(nn.Module):
             assert encoder is not None and self.texture_projector is not None
             parts.append(self.texture_projector(self.texture_compressor(encoder(regions.texture))))
         if self.geometry_encoder is not None:
-            if regions.geometry is None:
-                raise ValueError("this region model reads geometry masks, the batch has none")
             assert self.geometry_projector is not None
-            grid = self.geometry_encoder(regions.geometry)  # [N, d, h, w, C]
-            pooled = grid.reshape(grid.shape[0], -1, grid.shape[-1]).mean(dim=1, keepdim=True)
-            parts.append(self.geometry_projector(pooled))
+            parts.append(self.geometry_projector(self.geometry_features(regions).unsqueeze(1)))
         if not parts:
             raise ValueError("this region model has neither texture nor geometry tokens")
         return torch.cat(parts, dim=1)
+
+    def geometry_features(self, regions: RegionBatch) -> torch.Tensor:
+        """Each slot's geometry feature [N, width]: the mask ViT mean-pooled, plus its shape statistics."""
+        if self.geometry_encoder is None:
+            raise ValueError("this region model has no geometry branch")
+        if regions.geometry is None:
+            raise ValueError("this region model reads geometry masks, the batch has none")
+        grid = self.geometry_encoder(regions.geometry)  # [N, d, h, w, C]
+        pooled = grid.reshape(grid.shape[0], -1, grid.shape[-1]).mean(dim=1)
+        if self.geometry_descriptor is not None:
+            pooled = pooled + self.geometry_descriptor(mask_descriptors(regions.geometry).to(pooled.dtype))
+        return pooled
+
+    def recognition_logits(self, regions: RegionBatch) -> torch.Tensor:
+        """The recognition head's logits [N, len(names)] for every slot of the batch, in slot order."""
+        if self.recognizer is None:
+            raise ValueError("this region model has no recognition head (vision.regions.recognizer)")
+        features = self.geometry_features(regions)
+        if self.geometry_descriptor is not None:
+            assert regions.geometry is not None
+            features = torch.cat([features, mask_descriptors(regions.geometry).to(features.dtype)], dim=-1)
+        return self.recognizer(features)
+
+    def recognize(self, regions: RegionBatch) -> list[list[str]]:
+        """The region the head names for each slot of each sample."""
+        with torch.no_grad():
+            best = self.recognition_logits(regions).argmax(dim=-1).tolist()
+        names, start = [], 0
+        for count in regions.counts:
+            names.append([self.settings.names[i] for i in best[start: start + count]])
+            start += count
+        return names
+
+    def recognition_loss(self, regions: RegionBatch) -> torch.Tensor:
+        """Cross-entropy of the head against each slot's true region."""
+        index = {name: i for i, name in enumerate(self.settings.names)}
+        unknown = sorted({n for names in regions.names for n in names if n not in index})
+        if unknown:
+            raise ValueError(f"regions {unknown} are not among the model's region names")
+        logits = self.recognition_logits(regions)
+        target = torch.tensor([index[n] for names in regions.names for n in names], device=logits.device)
+        return nn.functional.cross_entropy(logits.float(), target)
+
+
+#: the length of :func:`mask_descriptors`' vectors
+DESCRIPTOR_SIZE = 13
+
+
+def mask_descriptors(masks: torch.Tensor) -> torch.Tensor:
+    """Shape statistics of binary masks ``[N, 1, D, H, W]`` → ``[N, 13]``: the volume fraction (as
+    ``2·sqrt(f) − 1``, so small regions are not all near −1), the centroid, the standard deviation and the bounding
+    box's low and high ends along z, y and x, coordinates normalised to [−1, 1] over the grid. An empty mask gives a
+    zero centroid, spread and box."""
+    if masks.ndim != 5 or masks.shape[1] != 1:
+        raise ValueError(f"masks must be [N, 1, D, H, W], got {tuple(masks.shape)}")
+    weights = (masks[:, 0] > 0.5).float()
+    count = weights.flatten(1).sum(dim=1)
+    safe = count.clamp(min=1.0)
+    features = [2.0 * (count / weights[0].numel()).sqrt() - 1.0]
+    centres, spreads, lows, highs = [], [], [], []
+    for axis in range(3):
+        size = weights.shape[axis + 1]
+        coords = torch.linspace(-1.0, 1.0, size, device=masks.device) if size > 1 else masks.new_zeros(1)
+        other = tuple(d + 1 for d in range(3) if d != axis)
+        profile = weights.sum(dim=other)  # [N, size]: mask voxels per plane along this axis
+        centre = (profile * coords).sum(dim=1) / safe
+        variance = (profile * (coords[None] - centre[:, None]) ** 2).sum(dim=1) / safe
+        present = profile > 0
+        low = torch.where(present, coords.expand_as(profile), torch.full_like(profile, 2.0)).amin(dim=1)
+        high = torch.where(present, coords.expand_as(profile), torch.full_like(profile, -2.0)).amax(dim=1)
+        empty = count == 0
+        centres.append(centre)
+        spreads.append(variance.sqrt())
+        lows.append(torch.where(empty, torch.zeros_like(low), low))
+        highs.append(torch.where(empty, torch.zeros_like(high), high))
+    return torch.stack([*features, *centres, *spreads, *lows, *highs], dim=1)
 
 
 def splice_regions(embeddings: torch.Tensor, input_ids: torch.Tensor, region_embeds: torch.Tensor,
@@ -262,13 +364,18 @@ def splice_regions(embeddings: torch.Tensor, input_ids: torch.Tensor, region_emb
 # ------------------------------------------------------------------------------------------------ prompts and text
 
 
-def region_block(names: Sequence[str], settings: RegionSettings) -> str:
-    """The prompt lines of a sample's region slots (empty without region tokens)."""
+def region_block(names: Sequence[str], settings: RegionSettings, recognized: Sequence[str] | None = None) -> str:
+    """The prompt lines of a sample's region slots (empty without region tokens); ``recognized``: the name a
+    recognition head gave each slot (models with ``recognizer``)."""
     from rrg3d.models.language import REGION_TOKEN
 
     if not settings.has_region_tokens:
         return ""
-    if settings.alignment:
+    if settings.alignment and settings.recognizer:
+        if recognized is None or len(recognized) != len(names):
+            raise ValueError("a model with a recognition head needs the recognised name of every region slot")
+        lines = [f"Region {k + 1} (recognised: {name}): {REGION_TOKEN.format(k)}" for k, name in enumerate(recognized)]
+    elif settings.alignment:
         lines = [f"Region {k + 1}: {REGION_TOKEN.format(k)}" for k in range(len(names))]
     else:
         lines = [f"Region {k + 1} ({name}): {REGION_TOKEN.format(k)}" for k, name in enumerate(names)]

@@ -63,7 +63,7 @@ class GeneratorOutput(dict):
     A plain mapping, so wrappers that rebuild outputs (accelerate's fp32 conversion under autocast) keep every key."""
 
     OPTIONAL = ("loss", "logits", "past_key_values", "hidden_states", "attentions", "finding_logits",
-                "classifier_loss")
+                "classifier_loss", "recognition_loss")
 
     def __getattr__(self, name: str) -> Any:
         if name in self:
@@ -318,18 +318,24 @@ class ReportGenerator(nn.Module):
         size = regions.texture.shape[-3:] if regions.texture is not None else (1, 1, 1)
         return self.vision.regions.tokens_per_region(size, self.vision.encoder)
 
-    def region_instructions(self, instructions: Sequence[str | None] | None, regions: RegionBatch) -> list[str]:
-        """Each sample's instruction with its region slot lines after the image placeholder."""
+    def region_instructions(self, instructions: Sequence[str | None] | None, regions: RegionBatch,
+                            recognized: Sequence[Sequence[str]] | None = None) -> list[str]:
+        """Each sample's instruction with its region slot lines after the image placeholder. A model with a
+        recognition head names each slot: ``recognized`` (training: the true names), else the head's names."""
         settings = self.region_settings
         if settings is None:
             raise ValueError("this model is not region-guided (vision.regions)")
         base = list(instructions) if instructions is not None else [None] * len(regions)
         if len(base) != len(regions):
             raise ValueError(f"{len(base)} instructions for {len(regions)} region sets")
+        if settings.recognizer and settings.alignment and recognized is None:
+            assert self.vision.regions is not None
+            recognized = self.vision.regions.recognize(regions.to(self.device))
+        shown = list(recognized) if recognized is not None else [None] * len(regions)
         out = []
-        for text, names in zip(base, regions.names, strict=True):
+        for text, names, named in zip(base, regions.names, shown, strict=True):
             text = text or self.config.prompt.instruction
-            block = region_block(names, settings)
+            block = region_block(names, settings, named)
             out.append(text.replace(IMAGE_TOKEN, f"{IMAGE_TOKEN}\n{block}", 1) if block else text)
         return out
 
@@ -498,7 +504,8 @@ class ReportGenerator(nn.Module):
             reports = [region_target(slots, given or {}, self.region_settings, where=name)
                        for slots, given, name in zip(regions.names, regions.reports or [None] * len(regions), names,
                                                      strict=True)]
-            instructions = self.region_instructions(instructions, regions)
+            # a recognition head's slot names are teacher-forced in training: the true ones
+            instructions = self.region_instructions(instructions, regions, recognized=regions.names)
             region_tokens = self.region_tokens_per_slot(regions)
         return self.training_batch(reports, self.num_image_tokens(volumes.shape[-3:]), max_length=max_length,
                                    instructions=instructions, ids=ids, region_tokens=region_tokens)
@@ -582,6 +589,9 @@ class ReportGenerator(nn.Module):
             output["finding_logits"] = logits
             if finding_labels is not None:
                 output["classifier_loss"] = self.vision.classifier.loss(logits, finding_labels)
+        tower = self.vision.regions
+        if labels is not None and regions is not None and tower is not None and tower.recognizer is not None:
+            output["recognition_loss"] = tower.recognition_loss(regions.to(device))
         return output
 
     # -- generation -------------------------------------------------------------------------------------------

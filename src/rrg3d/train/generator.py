@@ -256,9 +256,12 @@ def generator_loss(model: nn.Module, raw: nn.Module, batch: dict[str, Any], reci
         extra["num_items_in_batch"] = batch["num_items_in_batch"]
     output = model(volumes, tokens["input_ids"], tokens["attention_mask"], tokens["labels"],
                    finding_labels=batch["labels"] if train_classifier else None, **extra)
+    loss = output.loss
     if train_classifier:
-        return output.loss + recipe.model.classifier_weight * output.classifier_loss
-    return output.loss
+        loss = loss + recipe.model.classifier_weight * output.classifier_loss
+    if output.recognition_loss is not None and recipe.model.recognition_weight > 0:
+        loss = loss + recipe.model.recognition_weight * output.recognition_loss
+    return loss
 
 
 def generator_frozen_modules(model: nn.Module) -> list[nn.Module]:

@@ -14,6 +14,7 @@ A recipe names the stage and everything the stage needs; every key has a default
       lora: null                    # LoRA for sft {r, alpha, dropout, target_modules}; default: the architecture's
       train: {encoder: null, compressor: null, projector: null, classifier: null, lm: null}  # null: stage default
       classifier_weight: 1.0        # weight of a finding classifier's cross-entropy beside the report loss
+      recognition_weight: 1.0       # weight of a region recognition head's cross-entropy (vision.regions.recognizer)
       true_findings_share: 0.0      # share of training prompts listing the true findings, not the classifier's
       clip: {pooling: mean, embed_dim: 512, text: null, ...}              # clip stage only
     data: {manifest: null, train_split: train, val_split: val, cache_dir: null, batch_size: 1, workers: 0, ...}
@@ -107,6 +108,7 @@ class ModelSection:
     lora: LoraSettings | None = None
     train: TrainableParts = field(default_factory=TrainableParts)
     classifier_weight: float = 1.0  # the finding classifier's cross-entropy weight beside the report loss
+    recognition_weight: float = 1.0  # a region recognition head's cross-entropy weight beside the report loss
     #: diagnosis prompts in training: the share of samples whose prompt lists their true (manifest) findings
     #: instead of the classifier's calls; validation and generation always use the classifier
     true_findings_share: float = 0.0
@@ -115,6 +117,8 @@ class ModelSection:
     def __post_init__(self) -> None:
         if self.classifier_weight < 0:
             raise ConfigError(f"model.classifier_weight must be >= 0, got {self.classifier_weight}")
+        if self.recognition_weight < 0:
+            raise ConfigError(f"model.recognition_weight must be >= 0, got {self.recognition_weight}")
         if not 0 <= self.true_findings_share <= 1:
             raise ConfigError(f"model.true_findings_share must be in [0, 1], got {self.true_findings_share}")
 
