@@ -14,8 +14,12 @@ same target — the region reports, one line each — so that only what the mode
 ``texture_geometry``       + one geometry token per region (the whole mask → mask ViT, mean-pooled)
 ``texture_geometry_global`` + the global tokens
 ``full``                   + region–report alignment: slots shuffled every step, each line names the region it
-                           recognises (``The region k is <name>: ...``)
+                           recognises (``The region k is <name>: ...``), a recognition head on the geometry
+                           feature naming each slot in the prompt (``recognizer``)
 =========================  ==================================================================================
+
+The geometry token carries the mask's shape statistics (``geometry_descriptors``, as in the shipped configs) in every
+arm that has one. Training runs at ``--mixed-precision`` (default ``auto``: bf16 on a CPU that computes it natively).
 
 Without alignment the prompt names each region and the slots keep their order. Each arm writes greedy reports for
 the test phantoms (regions from their label maps alone) that are scored against the phantoms' true labels: CE
@@ -34,7 +38,8 @@ for every region; texture-branch peak memory ≤ 8 GB; all within 60 minutes on 
 CT-CLIP stage, every arm's training and its generation, phantom generation and scoring left out).
 
     python benchmarks/regions.py [--work /tmp/exp/regions] [--train 480] [--test 40] [--clip-steps 1200]
-        [--steps 100] [--batch-size 2] [--arms global texture texture_geometry texture_geometry_global full]
+        [--steps 100] [--batch-size 2] [--mixed-precision auto|bf16|no]
+        [--arms global texture texture_geometry texture_geometry_global full]
 
 Each arm's run and predictions stay in ``--work`` and are reused when their settings match, so a rerun only redoes
 what is missing (``--only-memory`` measures the memory alone).

@@ -296,7 +296,10 @@ class RegionTower(nn.Module):
         if unknown:
             raise ValueError(f"regions {unknown} are not among the model's region names")
         logits = self.recognition_logits(regions)
-        target = torch.tensor([index[n] for names in regions.names for n in names], device=logits.device)
+        target = torch.tensor([index[n] for names in regions.names for n in names], device=logits.device,
+                              dtype=torch.long)
+        if not target.numel():  # no slot in the batch: no loss, but a graph
+            return logits.float().sum() * 0.0
         return nn.functional.cross_entropy(logits.float(), target)
 
 
