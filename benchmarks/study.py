@@ -43,8 +43,10 @@ per report, the classifier's own test micro-F1 (``dx``), the last validation los
 phase), training throughput (samples/s over the trained steps), peak memory and minutes. ``peak_gb`` is measured in
 the cell's own process (each cell and each CLIP run runs in a fresh child process): on a GPU
 ``torch.cuda.max_memory_allocated`` (tensors only), else the process's peak resident set (Linux ``VmHWM``, else
-``ru_maxrss``); calibration, training and evaluation together. The majority-class report (the training report with
-the most frequent label vector, for every test study) is the reference row of each training-set size.
+``ru_maxrss``); calibration, training and evaluation together. Two image-blind reports, each said of every test
+study, are the reference rows of each training-set size: the majority-class report (the training report with the
+most frequent label vector; on phantoms the normal study, CE 0) and the best constant report (the training report
+whose labels, said of every training study, score the best CE micro-F1).
 
 Results: ``--out`` (default ``benchmarks/results/study.json``: ``{"cells": [...], "baselines": [...]}``, written
 atomically after every cell; rows of an earlier setup, e.g. another budget, are kept under ``other_setups``) and a
@@ -484,20 +486,26 @@ def score_predictions(predictions: Path, references: Path, out: Path, bootstrap:
             "test_studies": metrics.get("counts", {}).get("matched")}
 
 
-def majority_baseline(manifest: Path, references: Path, count: int, folder: Path, args: argparse.Namespace,
-                      setup_id: str) -> dict[str, Any]:
-    """The majority-class report for every test study, scored like the cells."""
+CONSTANT_BASELINES = {"majority": "majority report", "constant": "best constant report"}
+
+
+def constant_baseline(kind: str, manifest: Path, references: Path, count: int, folder: Path,
+                      args: argparse.Namespace, setup_id: str) -> dict[str, Any]:
+    """One report for every test study, scored like the cells: ``majority`` (the training report with the most
+    frequent label vector) or ``constant`` (the training report whose labels, said of every training study, score
+    the best CE micro-F1: the strongest image-blind report when the majority vector names nothing)."""
     from rrg3d.data.manifest import load_manifest
-    from rrg3d.train.data import majority_text
+    from rrg3d.train.data import best_constant_text, majority_text
 
     folder.mkdir(parents=True, exist_ok=True)
-    text = majority_text(manifest, split="train", field=FIELD)
-    predictions = folder / "majority.jsonl"
+    choose = majority_text if kind == "majority" else best_constant_text
+    text = choose(manifest, split="train", field=FIELD)
+    predictions = folder / f"{kind}.jsonl"
     predictions.write_text("".join(json.dumps({"id": r["id"], "report": text}) + "\n"
                                    for r in load_manifest(references)), encoding="utf-8")
-    scores = score_predictions(predictions, references, folder / "eval_majority", args.bootstrap)
-    return {"key": f"majority/{count}", "setup_id": setup_id, "status": "ok", "encoder": "majority report",
-            "compressor": "-", "tokens": 0, "schedule": "-", "phantoms": count, "arm": "majority",
+    scores = score_predictions(predictions, references, folder / f"eval_{kind}", args.bootstrap)
+    return {"key": f"{kind}/{count}", "setup_id": setup_id, "status": "ok", "encoder": CONSTANT_BASELINES[kind],
+            "compressor": "-", "tokens": 0, "schedule": "-", "phantoms": count, "arm": kind,
             "standardize": "-", **scores, "samples_per_s": None, "peak_gb": None, "minutes": 0.0}
 
 
@@ -758,8 +766,8 @@ def fmt(value: Any, digits: int = 3) -> str:
 
 
 def print_table(rows: list[dict[str, Any]], baselines: list[dict[str, Any]]) -> None:
-    """The study's table: one line per cell of this setup, the majority reports last."""
-    header = (f"{'encoder':<15} {'compressor':<13} {'tokens':>6} {'schedule':<11} {'phantoms':>8} {'arm':<8} "
+    """The study's table: one line per cell of this setup, the constant reports last."""
+    header = (f"{'encoder':<20} {'compressor':<13} {'tokens':>6} {'schedule':<11} {'phantoms':>8} {'arm':<8} "
               f"{'CE micro-F1 [95% CI]':<24} {'macro-F1':>8} {'BLEU-4':>6} {'METEOR':>6} {'words':>5} "
               f"{'clf F1':>6} {'samples/s':>9} {'peak GB':>7} {'minutes':>7}  status")
     print("\n" + header)
@@ -775,7 +783,7 @@ def print_table(rows: list[dict[str, Any]], baselines: list[dict[str, Any]]) -> 
         if status != "ok":
             lines = str(r.get("reason") or r.get("error") or "").strip().splitlines()
             status += f": {lines[-1] if lines else ''}"
-        print(f"{r['encoder']:<15} {r['compressor']:<13} {r['tokens']:>6} {schedule:<11} {r['phantoms']:>8} "
+        print(f"{r['encoder']:<20} {r['compressor']:<13} {r['tokens']:>6} {schedule:<11} {r['phantoms']:>8} "
               f"{r['arm']:<8} {ce:<24} {fmt(r.get('ce_macro_f1')):>8} {fmt(r.get('bleu_4')):>6} "
               f"{fmt(r.get('meteor')):>6} {fmt(r.get('words_per_report'), 0):>5} "
               f"{fmt(r.get('classifier_test_micro_f1')):>6} {fmt(r.get('samples_per_s'), 2):>9} "
@@ -785,7 +793,7 @@ def print_table(rows: list[dict[str, Any]], baselines: list[dict[str, Any]]) -> 
 
 def plot(rows: list[dict[str, Any]], baselines: list[dict[str, Any]], phantoms: int, path: Path) -> Path | None:
     """CE micro-F1 against visual tokens, one panel per encoder, one line per compressor and arm (single-scale
-    cells of the encoders grid at ``phantoms``), with the 95% intervals and the majority report's level."""
+    cells of the encoders grid at ``phantoms``), with the 95% intervals and the constant reports' levels."""
     chosen = [r for r in rows if r.get("status") == "ok" and r["schedule"] == "single" and r["phantoms"] == phantoms
               and r["standardize"] == "per_token"]
     if not chosen:
@@ -799,7 +807,8 @@ def plot(rows: list[dict[str, Any]], baselines: list[dict[str, Any]], phantoms: 
     figure, axes = plt.subplots(1, len(encoders), figsize=(max(6.0, 4.2 * len(encoders)), 3.8), sharey=True,
                                 squeeze=False)
     colours = dict(zip(COMPRESSORS, ("tab:blue", "tab:orange", "tab:green", "tab:red"), strict=True))
-    majority = next((b for b in baselines if b["phantoms"] == phantoms), None)
+    levels = [(b, style) for kind, style in (("majority", ":"), ("constant", "-."))
+              for b in baselines if b["phantoms"] == phantoms and b["arm"] == kind]
     for axis, encoder in zip(axes[0], encoders, strict=True):
         for compressor, arm in itertools.product(COMPRESSORS, ARMS):
             points = sorted((r for r in chosen if r["encoder"] == encoder and r["compressor"] == compressor
@@ -812,8 +821,8 @@ def plot(rows: list[dict[str, Any]], baselines: list[dict[str, Any]], phantoms: 
             high = [(r["ci95"][1] if r["ci95"][1] is not None else r["ce_micro_f1"]) - r["ce_micro_f1"] for r in points]
             axis.errorbar(x, y, yerr=[low, high], color=colours[compressor], linestyle="-" if arm == "image" else "--",
                           marker="o" if arm == "image" else "s", capsize=3, label=f"{compressor} ({arm})")
-        if majority is not None:
-            axis.axhline(majority["ce_micro_f1"], color="grey", linestyle=":", label="majority report")
+        for baseline, style in levels:
+            axis.axhline(baseline["ce_micro_f1"], color="grey", linestyle=style, label=baseline["encoder"])
         axis.set_xscale("log", base=2)
         ticks = sorted({r["tokens"] for r in chosen})
         axis.set_xticks(ticks, [str(t) for t in ticks])
@@ -988,12 +997,12 @@ def main(argv: list[str] | None = None) -> int:
                                               "test_references.jsonl", split="test", field=FIELD)
             if max_new_tokens is None:
                 max_new_tokens = text_lengths(manifests[count], args)
-            baseline_key = f"majority/{count}"
-            if not any(b.get("key") == baseline_key and b.get("setup_id") == setup_id
-                       for b in results.get("baselines", [])):
-                put_row(results, majority_baseline(manifests[count], references, count, manifests[count].parent,
-                                                   args, setup_id), "baselines")
-                save_results(out, results)
+            for kind in CONSTANT_BASELINES:
+                if not any(b.get("key") == f"{kind}/{count}" and b.get("setup_id") == setup_id
+                           for b in results.get("baselines", [])):
+                    put_row(results, constant_baseline(kind, manifests[count], references, count,
+                                                       manifests[count].parent, args, setup_id), "baselines")
+                    save_results(out, results)
         return manifests[count]
 
     clips: dict[tuple[str, int], dict[str, Any]] = {}
@@ -1081,6 +1090,8 @@ def main(argv: list[str] | None = None) -> int:
         current = [r for r in results["cells"] if r.get("setup_id") == setup_id]
         print_table(current, [b for b in results.get("baselines", []) if b.get("setup_id") == setup_id])
 
+    for count in sorted({cell.phantoms for cell in cells if finished_row(results, cell, setup_id)}):
+        data(count)  # the constant reports of a training-set size whose cells an earlier version trained
     current = [r for r in results.get("cells", []) if r.get("setup_id") == setup_id]
     baselines = [b for b in results.get("baselines", []) if b.get("setup_id") == setup_id]
     print_table(current, baselines)

@@ -208,8 +208,10 @@ def test_one_tiny_cell_end_to_end(study: ModuleType, tmp_path: Path) -> None:
 
     saved = yaml.safe_load((Path(row["runs"]["sft"]) / "final" / "rrg3d.yaml").read_text())["model"]["prompt"]
     assert saved["findings"] == study.FINDINGS_PROMPT and len(saved["findings_order"]) == 18
-    (baseline,) = results["baselines"]
-    assert baseline["arm"] == "majority" and baseline["phantoms"] == 8
+    majority, constant = results["baselines"]  # two image-blind reports, scored like the cells
+    assert (majority["arm"], constant["arm"]) == ("majority", "constant")
+    assert majority["phantoms"] == constant["phantoms"] == 8 and constant["test_studies"] == 3
+    assert constant["ce_micro_f1"] >= 0.0 and majority["key"] == "majority/8"
     assert Path(results["plot"]).is_file()
     calibration = json.loads((work / "calibration.json").read_text())
     assert {entry["recipe"] for entry in calibration.values()} == {"tiny_align", "tiny_sft"}
