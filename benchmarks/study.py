@@ -1090,8 +1090,17 @@ def main(argv: list[str] | None = None) -> int:
         current = [r for r in results["cells"] if r.get("setup_id") == setup_id]
         print_table(current, [b for b in results.get("baselines", []) if b.get("setup_id") == setup_id])
 
-    for count in sorted({cell.phantoms for cell in cells if finished_row(results, cell, setup_id)}):
-        data(count)  # the constant reports of a training-set size whose cells an earlier version trained
+    def has_baselines(count: int) -> bool:
+        return all(any(b.get("key") == f"{kind}/{count}" and b.get("setup_id") == setup_id
+                       for b in results.get("baselines", [])) for kind in CONSTANT_BASELINES)
+
+    trained_counts = {cell.phantoms for cell in cells
+                      if (finished_row(results, cell, setup_id) or {}).get("status") == "ok"}
+    for count in sorted(c for c in trained_counts if not has_baselines(c)):
+        # the constant reports of a training-set size whose cells an earlier version trained, where its data are
+        # at hand (nothing is generated for them)
+        if (work / "data" / data_id(args) / f"n{count}" / "manifest.jsonl").is_file():
+            data(count)
     current = [r for r in results.get("cells", []) if r.get("setup_id") == setup_id]
     baselines = [b for b in results.get("baselines", []) if b.get("setup_id") == setup_id]
     print_table(current, baselines)

@@ -175,6 +175,36 @@ def test_skipped_and_finished_cells_are_not_rerun(study: ModuleType, tmp_path: P
     assert set(study.ROW_KEYS) <= set(merged) and not (work / "phantoms").exists()
 
 
+def test_constant_reports_are_added_for_cells_trained_before_them(study: ModuleType, tmp_path: Path) -> None:
+    """Finished cells whose training set has no constant-report rows (an earlier version of the script) get the
+    majority and the best constant report, scored on the test studies, where the data are at hand; nothing is
+    generated or trained."""
+    from rrg3d.data.manifest import load_manifest, write_manifest
+    from rrg3d.data.phantom import PhantomConfig, generate_phantoms
+
+    work, out = tmp_path / "work", tmp_path / "study.json"
+    common = ["--work", str(work), "--out", str(out), "--grid", "encoders", "--encoders", "resnet3d", "--arms",
+              "image", "--compressors", "pool", "--tokens", "64", "--clip-minutes", "0", "--bootstrap", "50"]
+    args = parse(study, *common)
+    source = generate_phantoms(PhantomConfig(n=9, seed=3, shape=(16, 32, 32), styles=1), tmp_path / "phantoms",
+                               workers=1, progress=False)
+    splits = ["train"] * 5 + ["val"] * 2 + ["test"] * 2
+    records = [{**r, "split": split, "images": {"ct": str(source.parent / r["images"]["ct"]), "pet": None}}
+               for r, split in zip(load_manifest(source), splits, strict=True)]
+    write_manifest(records, work / "data" / study.data_id(args) / "n1200" / "manifest.jsonl")
+    setup_id = study.short_hash(study.setup_settings(args))
+    cell = study.Cell("resnet3d", "pool", 64, arm="image")
+    row = {**{k: getattr(cell, k) for k in study.KEY_FIELDS}, "key": cell.key, "setup_id": setup_id, "status": "ok",
+           "ce_micro_f1": 0.5, "ci95": [0.4, 0.6], "bleu_4": 0.1, "samples_per_s": 1.0, "peak_gb": 2.0,
+           "minutes": 8.0}
+    out.write_text(json.dumps({"cells": [row], "baselines": []}))
+    assert study.main(common) == 0
+    after = json.loads(out.read_text())
+    assert after["cells"] == [row] and not (work / "phantoms").exists()
+    assert [(b["key"], b["test_studies"]) for b in after["baselines"]] == [("majority/1200", 2), ("constant/1200", 2)]
+    assert after["baselines"][1]["encoder"] == "best constant report"
+
+
 def test_a_row_of_another_setup_moves_aside(study: ModuleType) -> None:
     results = {"cells": [{"key": "a", "setup_id": "old", "status": "ok"}, {"key": "b", "setup_id": "new"}]}
     study.put_row(results, {"key": "a", "setup_id": "new", "status": "ok"})
