@@ -408,6 +408,11 @@ def count_train(manifest: Path) -> int:
                if line.strip() and json.loads(line).get("split") == "train")
 
 
+def manifest_path(args: argparse.Namespace, work: Path, count: int) -> Path:
+    """Where :func:`study_data` writes the manifest of a training-set size."""
+    return work / "data" / data_id(args) / f"n{count}" / "manifest.jsonl"
+
+
 def study_data(args: argparse.Namespace, work: Path, count: int) -> Path:
     """The manifest of a training-set size: the first ``count`` training studies plus the fixed validation and test
     studies. Phantoms: a training pool of ``--seed`` (extended, never changed, when a larger count is asked) and an
@@ -415,7 +420,7 @@ def study_data(args: argparse.Namespace, work: Path, count: int) -> Path:
     ``--val-phantoms``; ids prefixed ``eval_``); image paths rewritten relative to the new manifest."""
     from rrg3d.data.manifest import load_manifest, relativize, resolve, write_manifest
 
-    out = work / "data" / data_id(args) / f"n{count}" / "manifest.jsonl"
+    out = manifest_path(args, work, count)
     if out.is_file():
         return out
     if args.manifest:
@@ -487,6 +492,12 @@ def score_predictions(predictions: Path, references: Path, out: Path, bootstrap:
 
 
 CONSTANT_BASELINES = {"majority": "majority report", "constant": "best constant report"}
+
+
+def has_baseline(results: dict[str, Any], kind: str, count: int, setup_id: str) -> bool:
+    """Whether ``results`` holds the ``kind`` constant report of a training-set size in this setup."""
+    return any(b.get("key") == f"{kind}/{count}" and b.get("setup_id") == setup_id
+               for b in results.get("baselines", []))
 
 
 def constant_baseline(kind: str, manifest: Path, references: Path, count: int, folder: Path,
@@ -998,8 +1009,7 @@ def main(argv: list[str] | None = None) -> int:
             if max_new_tokens is None:
                 max_new_tokens = text_lengths(manifests[count], args)
             for kind in CONSTANT_BASELINES:
-                if not any(b.get("key") == f"{kind}/{count}" and b.get("setup_id") == setup_id
-                           for b in results.get("baselines", [])):
+                if not has_baseline(results, kind, count, setup_id):
                     put_row(results, constant_baseline(kind, manifests[count], references, count,
                                                        manifests[count].parent, args, setup_id), "baselines")
                     save_results(out, results)
@@ -1090,16 +1100,13 @@ def main(argv: list[str] | None = None) -> int:
         current = [r for r in results["cells"] if r.get("setup_id") == setup_id]
         print_table(current, [b for b in results.get("baselines", []) if b.get("setup_id") == setup_id])
 
-    def has_baselines(count: int) -> bool:
-        return all(any(b.get("key") == f"{kind}/{count}" and b.get("setup_id") == setup_id
-                       for b in results.get("baselines", [])) for kind in CONSTANT_BASELINES)
-
     trained_counts = {cell.phantoms for cell in cells
                       if (finished_row(results, cell, setup_id) or {}).get("status") == "ok"}
-    for count in sorted(c for c in trained_counts if not has_baselines(c)):
+    for count in sorted(c for c in trained_counts
+                        if not all(has_baseline(results, kind, c, setup_id) for kind in CONSTANT_BASELINES)):
         # the constant reports of a training-set size whose cells an earlier version trained, where its data are
         # at hand (nothing is generated for them)
-        if (work / "data" / data_id(args) / f"n{count}" / "manifest.jsonl").is_file():
+        if manifest_path(args, work, count).is_file():
             data(count)
     current = [r for r in results.get("cells", []) if r.get("setup_id") == setup_id]
     baselines = [b for b in results.get("baselines", []) if b.get("setup_id") == setup_id]
