@@ -60,6 +60,7 @@ ARMS: dict[str, dict[str, Any]] = {
     "petct": {"pet": True, "style": False},
     "petct_style": {"pet": True, "style": True},
 }
+FINDINGS_PROMPT = "Findings the image classifier calls: {findings}."
 TARGETS = {"pet_all_gain": 0.10, "style_adherence": 0.95, "extractor_vs_truth": 0.95}
 SCORE_NAMES = ("pet_all", "pet_abnormal", "ct_all", "ct_abnormal")
 
@@ -68,17 +69,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="/tmp/exp/petct", help="phantoms, cache, runs and predictions")
     parser.add_argument("--train", type=int, default=320, help="training phantoms")
-    parser.add_argument("--val", type=int, default=4, help="validation phantoms")
+    parser.add_argument("--val", type=int, default=24,
+                        help="validation phantoms (the diagnosis classifier's threshold is chosen on them)")
     parser.add_argument("--test", type=int, default=40, help="test phantoms")
     parser.add_argument("--styles", type=int, default=3, help="hospital styles of the phantoms (2 or 3)")
     parser.add_argument("--shape", type=int, nargs=3, default=[64, 128, 128], help="phantom size when generated")
     parser.add_argument("--latents", type=int, default=16, help="perceiver latents (tokens) per modality")
-    parser.add_argument("--steps", type=int, default=160)
+    parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-new-tokens", type=int, default=320)
     parser.add_argument("--generate-batch", type=int, default=8)
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--diagnosis", choices=["uptake", "none"], default="uptake",
+                        help="uptake: every arm has a finding + FDG-uptake classifier on what it sees (histograms), "
+                             "its calls in the prompt; none: image tokens only")
+    parser.add_argument("--histogram-bins", type=int, default=24)
+    parser.add_argument("--histogram-blocks", type=int, nargs=3, default=[4, 2, 4])
     parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget-minutes", type=float, default=60.0)
@@ -144,6 +151,13 @@ def model_config(arm: str, args: argparse.Namespace) -> dict[str, Any]:
         config["preprocess"] = "tiny"
     if not ARMS[arm]["style"]:
         config["prompt"]["style"] = None
+    if args.diagnosis == "uptake":
+        from rrg3d.data.phantom.petrg import PHANTOM_REGIONS
+
+        vision["classifier"] = {"hidden": 0, "histogram_bins": args.histogram_bins,
+                                "histogram_blocks": list(args.histogram_blocks), "grid": False, "reads": "all",
+                                "uptake_regions": list(PHANTOM_REGIONS)}
+        config["prompt"]["findings"] = FINDINGS_PROMPT
     config["lm"]["lora"] = {"r": 16, "alpha": 32, "dropout": 0.0,
                             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                "down_proj"]}
@@ -161,6 +175,14 @@ def train_arm(arm: str, manifest: Path, work: Path, args: argparse.Namespace) ->
                  "phases.0.steps": args.steps, "phases.0.preset": preset, "optim.lr": args.lr,
                  "optim.warmup_steps": 10, "seed": args.seed, "model.train.encoder": True, "train.save_every": 0,
                  "train.progress": False, "train.threads": os.cpu_count() or 1, "train.tensorboard": False}
+    if args.diagnosis == "uptake":
+        # the head is its probe: fitted on the training studies before the first step and not trained further (lr
+        # multiplier and loss weight 0: trained at batch 2 its logits grow until one wrong call's loss dominates the
+        # clipped gradient), its threshold chosen on the validation split; training prompts list the true findings,
+        # so the LM learns to write what the list says
+        overrides.update({"model.train.classifier": True, "model.classifier_weight": 0.0,
+                          "optim.lr_multipliers": json.dumps({"vision.classifier": 0.0}),
+                          "model.true_findings_share": 1.0})
     key = hashlib.sha256(json.dumps([config, overrides], sort_keys=True).encode()).hexdigest()[:12]
     run = work / "runs" / f"{arm}_{key}"
     if (run / "final" / "rrg3d.yaml").is_file():
@@ -220,6 +242,33 @@ def adherence(predictions: Path, asked: dict[str, str], classifier: Any, args: a
     return interval(mean_statistic(hits), args)
 
 
+def classifier_calls(predictions: Path, refs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Micro-F1 of the diagnosis classifier's calls (``meta.findings_classifier`` of the predictions) against the
+    phantoms' truth: the 18 abnormalities and the FDG-uptake targets apart — what a report copying its prompt could
+    reach. None without a classifier."""
+    from rrg3d.models.classifier import UPTAKE_TARGETS, uptake_label, uptake_matrix
+    from rrg3d.text.labels import CTRATE_LABELS
+
+    records = {r["id"]: (r.get("meta") or {}).get("findings_classifier")
+               for r in map(json.loads, predictions.read_text().splitlines())}
+    if not all(isinstance(view, dict) for view in records.values()):
+        return None
+    counts = {"findings": [0, 0, 0], "uptake": [0, 0, 0]}  # true positives, calls, truths
+    for ref in refs:
+        called = set(records[ref["id"]].get("called") or [])
+        truth = [("findings", name, (ref.get("labels") or {}).get(name)) for name in CTRATE_LABELS]
+        uptake = uptake_matrix(ref.get("petrg"))
+        truth += [("uptake", uptake_label(r, c), v) for (r, c), v in zip(UPTAKE_TARGETS, uptake, strict=True)]
+        for kind, name, value in truth:
+            if value is None or value != value:  # unknown (NaN)
+                continue
+            counts[kind][0] += int(bool(value) and name in called)
+            counts[kind][1] += int(name in called)
+            counts[kind][2] += int(bool(value))
+    return {f"{kind}_micro_f1": round(2 * tp / (calls + truths), 4) if calls + truths else None
+            for kind, (tp, calls, truths) in counts.items()}
+
+
 def score_arm(arm: str, predictions: dict[str, Path], references: Path, refs: list[dict[str, Any]], out: Path,
               tools: dict[str, Any], args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     """The arm's metrics (with intervals) and its bootstrap statistics (for paired comparisons)."""
@@ -243,6 +292,7 @@ def score_arm(arm: str, predictions: dict[str, Path], references: Path, refs: li
     else:  # no style prompt: how often its reports happen to be in the style another study would have asked for
         asked = {r["id"]: r["style"] for r in map(json.loads, tools["other_inputs"].read_text().splitlines())}
         metrics["style_adherence_other"] = adherence(own, asked, tools["styles"], args)
+    metrics["classifier_calls"] = classifier_calls(own, refs)
     records = [json.loads(line) for line in own.read_text().splitlines()]
     metrics["distinct_reports"] = len({r.get("report") for r in records})
     metrics["words_per_report"] = float(np.mean([len((r.get("report") or "").split()) for r in records]))

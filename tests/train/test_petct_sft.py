@@ -52,6 +52,13 @@ def test_dataset_gives_ct_and_pet_on_one_grid_with_style_and_sex(pet_phantoms):
     assert item["style"] in ("hospital_a", "hospital_b") and item["sex"] in ("female", "male")
     batch = collate_reports([dataset[0], dataset[1]])
     assert batch["volumes"].shape[1] == 2 and len(batch["styles"]) == 2
+    # per-region FDG uptake targets from the phantoms' PETRG truth, the same through items and the whole set
+    from rrg3d.models.classifier import target_matrix, uptake_matrix
+
+    records = {r["id"]: r for r in _jsonl(pet_phantoms)}
+    assert item["uptake"].tolist() == pytest.approx(list(uptake_matrix(records[item["id"]]["petrg"])), nan_ok=True)
+    assert (~torch.isnan(item["uptake"])).sum() >= 2 * 14  # the chest regions in view are known
+    torch.testing.assert_close(target_matrix(batch), dataset.target_matrix()[:2], equal_nan=True)
     ct_only = build_dataset(pet_phantoms, "tiny", split="train", progress=False)
     assert ct_only[0]["volume"].shape == (1, 32, 64, 64)
 
@@ -166,3 +173,34 @@ def test_generate_pet_flag_and_missing_pet(petct_checkpoint, pet_phantoms, tmp_p
     missing = tmp_path / "missing.jsonl"
     assert main(["generate", str(ct), "--out", str(missing), *args]) == 2
     assert "needs the study's PET" in _jsonl(missing)[0]["error"]
+
+
+def test_an_uptake_prompted_petct_model_trains_and_lists_its_uptake_calls(pet_phantoms, tmp_path):
+    """A finding + FDG-uptake classifier on both modalities' histograms: fitted before the first step on the
+    training studies' PETRG truth, its threshold chosen on validation, its calls in every generated prompt."""
+    import yaml
+
+    config = load_model_config("tiny_petrg3d").to_dict()
+    config["vision"]["classifier"] = {"hidden": 0, "histogram_bins": 8, "histogram_blocks": [2, 1, 2], "grid": False,
+                                      "reads": "all", "uptake_regions": ["mediastinal_nodes", "hilar_nodes", "lung"]}
+    config["prompt"]["findings"] = "Findings the image classifier calls: {findings}."
+    model_file = tmp_path / "uptake.yaml"
+    model_file.write_text(yaml.safe_dump(config), encoding="utf-8")
+    result = train("tiny_petct_sft", [f"data.manifest={pet_phantoms}", f"data.cache_dir={tmp_path / 'cache'}",
+                                      f"model.config={model_file}", "model.train.classifier=true",
+                                      "model.true_findings_share=1.0", "train.threads=1", "train.progress=false",
+                                      "train.tensorboard=false", "phases.0.steps=2", "data.max_val_samples=2",
+                                      "train.save_every=0", f"run_dir={tmp_path / 'run'}"])
+    model = load_checkpoint(result.final)
+    head = model.vision.classifier
+    assert bool(head.fitted) and head.config.reads == "all" and head.grids == 0
+    assert head.labels[-6:] == ["Marked FDG uptake in mediastinal nodes", "Mild FDG uptake in mediastinal nodes",
+                                "Marked FDG uptake in hilar nodes", "Mild FDG uptake in hilar nodes",
+                                "Marked FDG uptake in lung", "Mild FDG uptake in lung"]
+    out = tmp_path / "pred.jsonl"
+    assert main(["generate", str(pet_phantoms), "--model", str(result.final), "--out", str(out),
+                 "--max-new-tokens", "4", "--quiet", "--no-progress"]) == 0
+    records = _jsonl(out)
+    views = [r["meta"]["findings_classifier"] for r in records]
+    assert all(set(view["probabilities"]) == set(head.labels) for view in views)
+    assert all(set(view["called"]) <= set(head.labels) for view in views)

@@ -19,19 +19,44 @@ exactly as it was validated.
 With ``histogram_blocks: [2, 2, 2]`` there is one histogram per octant of the volume, so a density change keeps a
 coarse location (the block histograms of Reg2RG-style texture features without a segmentation).
 
+PET/CT towers: with ``reads: all`` the head reads every modality the tower sees (each branch's pooled encoder grid
+and a histogram per input channel, the PET's included), and with ``uptake_regions`` it also calls abnormal FDG uptake
+per PETRG region — two targets a region, marked and mild (or equivocal) uptake, from the manifest's per-region PET
+status (``petrg``) — so the diagnosis line can say "marked FDG uptake in mediastinal nodes". A CT-only tower may
+have the same head: it then guesses uptake from the CT, the baseline that shows what the PET adds.
+
 Enable it in a model config with ``vision.classifier: {hidden: 0, histogram_bins: 32}`` and
 ``prompt.findings: "...{findings}..."``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from rrg3d.text.labels import CTRATE_LABELS as LABEL_NAMES
+from rrg3d.text.petrg import PETRG_REGIONS
+
+#: PET classes an uptake target calls (PETRG classes 1 and 2: the abnormal ones a report must state)
+UPTAKE_CLASSES: tuple[str, ...] = ("marked_uptake", "mild_uptake")
+#: every (region, class) uptake target, in the column order of a dataset's ``uptake`` matrix
+UPTAKE_TARGETS: tuple[tuple[str, str], ...] = tuple((r, c) for r in PETRG_REGIONS for c in UPTAKE_CLASSES)
+#: what a head reads: the CT branch only, or every modality of the tower
+READS = ("ct", "all")
+
+
+def uptake_label(region: str, pet_class: str) -> str:
+    """The name of an uptake target, as the diagnosis line writes it (``Marked FDG uptake in mediastinal nodes``)."""
+    grade = {"marked_uptake": "Marked", "mild_uptake": "Mild"}[pet_class]
+    return f"{grade} FDG uptake in {region.replace('_', ' ')}"
+
+
+#: every target a classifier may predict: the 18 abnormalities, then the uptake targets
+TARGET_NAMES: tuple[str, ...] = (*LABEL_NAMES, *(uptake_label(r, c) for r, c in UPTAKE_TARGETS))
 
 
 @dataclass
@@ -48,6 +73,15 @@ class ClassifierConfig:
     #: eight octants (upper/lower, anterior/posterior, right/left), so a density change keeps a coarse location
     histogram_blocks: tuple[int, int, int] = (1, 1, 1)
     labels: list[str] = field(default_factory=lambda: list(LABEL_NAMES))
+    #: PETRG regions whose abnormal FDG uptake (marked; mild or equivocal) the head also calls; their targets come
+    #: from the manifest's per-region ``petrg`` PET status
+    uptake_regions: list[str] = field(default_factory=list)
+    #: ``ct``: the CT branch's grid and channels; ``all``: every modality of the tower (PET/CT: both branches' grids
+    #: and every input channel's histogram)
+    reads: str = "ct"
+    #: read the pooled encoder grid(s); false: the histograms alone (needs ``histogram_bins``) — a head whose inputs
+    #: do not move while the encoder trains, so the probe fitted before the first step stays valid
+    grid: bool = True
 
     def __post_init__(self) -> None:
         self.histogram_blocks, self.histogram_range = check_histogram(  # type: ignore[assignment]
@@ -62,6 +96,22 @@ class ClassifierConfig:
         repeated = sorted({name for name in self.labels if self.labels.count(name) > 1})
         if repeated:
             raise ValueError(f"vision.classifier.labels names each finding once; repeated: {repeated}")
+        self.uptake_regions = list(self.uptake_regions)
+        unknown = sorted(set(self.uptake_regions) - set(PETRG_REGIONS))
+        if unknown:
+            raise ValueError(f"vision.classifier.uptake_regions must be PETRG regions; unknown: {unknown} (known: "
+                             f"{', '.join(PETRG_REGIONS)})")
+        if len(set(self.uptake_regions)) != len(self.uptake_regions):
+            raise ValueError("vision.classifier.uptake_regions names each region once")
+        if not self.grid and not self.histogram_bins:
+            raise ValueError("vision.classifier.grid: false leaves the head nothing to read; set histogram_bins")
+        if self.reads not in READS:
+            raise ValueError(f"vision.classifier.reads must be one of {READS}, got {self.reads!r}")
+
+    @property
+    def target_names(self) -> list[str]:
+        """Every name the head predicts: its abnormalities, then two uptake targets per uptake region."""
+        return [*self.labels, *(uptake_label(r, c) for r in self.uptake_regions for c in UPTAKE_CLASSES)]
 
 
 def check_histogram(bins: int, blocks: Sequence[int], value_range: Sequence[float],
@@ -76,6 +126,14 @@ def check_histogram(bins: int, blocks: Sequence[int], value_range: Sequence[floa
     if len(value_range) != 2 or not float(value_range[0]) < float(value_range[1]):
         raise ValueError(f"{where}.histogram_range must be (low, high), got {value_range}")
     return as_blocks, (float(value_range[0]), float(value_range[1]))  # type: ignore[return-value]
+
+
+def target_matrix(batch: Mapping[str, Any]) -> Tensor:
+    """A batch's label matrix for a classifier: its ``labels [B, 18]``, then its ``uptake [B, U]`` where it has
+    them (a :func:`~rrg3d.train.data.collate_reports` batch always does)."""
+    labels = batch["labels"]
+    uptake = batch.get("uptake")
+    return labels if uptake is None else torch.cat([labels.float(), uptake.float().to(labels.device)], dim=-1)
 
 
 def masked_bce(logits: Tensor, targets: Tensor) -> Tensor:
@@ -130,17 +188,37 @@ def soft_histogram(volumes: Tensor, bins: int, value_range: tuple[float, float],
     return histogram.flatten(1).float()
 
 
-class FindingClassifier(nn.Module):
-    """Encoder grid ``[B, ..., C]`` (and, with histogram bins, the input volumes) → one logit per finding
-    ``[B, L]``."""
+def uptake_matrix(statuses: dict[str, Any] | None) -> tuple[float, ...]:
+    """A record's per-region PETRG status (``{region: {"pet": class, ...}}``) as the :data:`UPTAKE_TARGETS` row:
+    1 where the region's PET class is that target's, 0 where the region has another PET class, NaN where the record
+    says nothing of the region (outside the field of view, or no ``petrg`` at all)."""
+    row = []
+    for region, pet_class in UPTAKE_TARGETS:
+        status = (statuses or {}).get(region)
+        known = isinstance(status, dict) and isinstance(status.get("pet"), str)
+        row.append(float(status["pet"] == pet_class) if known else float("nan"))  # type: ignore[index]
+    return tuple(row)
 
-    def __init__(self, in_dim: int, config: ClassifierConfig | None = None, in_channels: int = 1) -> None:
+
+class FindingClassifier(nn.Module):
+    """Encoder grid(s) ``[B, ..., C]`` (and, with histogram bins, the input volumes) → one logit per finding
+    ``[B, L]`` (the abnormalities, then the uptake targets)."""
+
+    def __init__(self, in_dim: int | Sequence[int], config: ClassifierConfig | None = None,
+                 in_channels: int = 1) -> None:
+        """``in_dim``: the channels of the encoder grid it reads, or of each grid (``reads: all``: one per
+        modality); ``in_channels``: the input volume's channels (for the histograms)."""
         super().__init__()
         self.config = config or ClassifierConfig()
-        self.labels = list(self.config.labels)
+        self.labels = self.config.target_names
+        dims = [int(in_dim)] if isinstance(in_dim, int) else [int(d) for d in in_dim]
+        if not self.config.grid:
+            dims = []
+        #: encoder grids :meth:`features` expects (0: histograms only)
+        self.grids = len(dims)
         blocks = self.config.histogram_blocks
-        # mean and max pooled channels (+ one histogram per channel and block)
-        width = 2 * in_dim + in_channels * blocks[0] * blocks[1] * blocks[2] * self.config.histogram_bins
+        # mean and max pooled channels of each grid (+ one histogram per input channel and block)
+        width = 2 * sum(dims) + in_channels * blocks[0] * blocks[1] * blocks[2] * self.config.histogram_bins
         if self.config.hidden:
             self.head: nn.Module = nn.Sequential(nn.Dropout(self.config.dropout), nn.Linear(width, self.config.hidden),
                                                  nn.GELU(), nn.Linear(self.config.hidden, len(self.labels)))
@@ -152,15 +230,26 @@ class FindingClassifier(nn.Module):
         self.register_buffer("feature_std", torch.ones(width))
         self.register_buffer("threshold", torch.tensor(0.5))
         self.register_buffer("fitted", torch.tensor(False))  # set by fit(): the head starts from its probe
-        #: dataset columns (in :data:`LABEL_NAMES` order) this head predicts, for picking its targets
-        self.register_buffer("columns", torch.tensor([LABEL_NAMES.index(n) for n in self.labels]), persistent=False)
+        #: columns of the label matrix (:data:`TARGET_NAMES` order) this head predicts, for picking its targets
+        self.register_buffer("columns", torch.tensor([TARGET_NAMES.index(n) for n in self.labels]), persistent=False)
 
-    def features(self, grid: Tensor, volumes: Tensor | None = None) -> Tensor:
-        """What the head reads: the grid's mean- and max-pooled channels (+ the volumes' intensity histogram)."""
-        if grid.dim() < 3:
-            raise ValueError(f"the classifier reads an encoder grid [B, ..., C], got shape {tuple(grid.shape)}")
-        tokens = grid.flatten(1, -2).float()
-        features = [tokens.mean(1), tokens.amax(1)]
+    @property
+    def uptake(self) -> bool:
+        """True when the head calls FDG uptake too (its targets need the dataset's ``uptake`` columns)."""
+        return bool(self.config.uptake_regions)
+
+    def features(self, grid: Tensor | Sequence[Tensor] | None, volumes: Tensor | None = None) -> Tensor:
+        """What the head reads: each grid's mean- and max-pooled channels (+ the volumes' intensity histogram); a
+        histogram-only head (``grid: false``) ignores ``grid``."""
+        grids = [] if not self.grids or grid is None else [grid] if isinstance(grid, Tensor) else list(grid)
+        if len(grids) != self.grids:
+            raise ValueError(f"this classifier reads {self.grids} encoder grid(s), got {len(grids)}")
+        features = []
+        for one in grids:
+            if one.dim() < 3:
+                raise ValueError(f"the classifier reads an encoder grid [B, ..., C], got shape {tuple(one.shape)}")
+            tokens = one.flatten(1, -2).float()
+            features += [tokens.mean(1), tokens.amax(1)]
         if self.config.histogram_bins:
             if volumes is None:
                 raise ValueError("this classifier reads an intensity histogram of the input: pass the volumes")
@@ -168,7 +257,7 @@ class FindingClassifier(nn.Module):
                                            self.config.histogram_blocks))
         return torch.cat(features, dim=-1)
 
-    def forward(self, grid: Tensor, volumes: Tensor | None = None) -> Tensor:
+    def forward(self, grid: Tensor | Sequence[Tensor] | None, volumes: Tensor | None = None) -> Tensor:
         return self.head(self.standardize(self.features(grid, volumes)))
 
     def standardize(self, features: Tensor) -> Tensor:
@@ -209,9 +298,16 @@ class FindingClassifier(nn.Module):
         return float(loss.detach())
 
     def targets(self, labels: Tensor) -> Tensor:
-        """This head's columns of a dataset label matrix ``[B, 18]`` (NaN: unknown)."""
-        if labels.shape[-1] != len(LABEL_NAMES):
-            raise ValueError(f"finding labels must have {len(LABEL_NAMES)} columns, got {labels.shape[-1]}")
+        """This head's columns of a label matrix (NaN: unknown): ``[B, 18]`` abnormalities, or ``[B, 18 + U]`` with
+        the dataset's uptake columns after them (:func:`target_matrix`); a head that calls uptake needs the latter."""
+        if labels.shape[-1] == len(LABEL_NAMES) and not self.uptake:
+            return labels.index_select(-1, self.columns.to(labels.device))
+        if labels.shape[-1] != len(TARGET_NAMES):
+            wanted = f"{len(TARGET_NAMES)} columns (the {len(LABEL_NAMES)} abnormalities, then {len(UPTAKE_TARGETS)}" \
+                     " uptake targets)"
+            if not self.uptake:
+                wanted = f"{len(LABEL_NAMES)} columns or {wanted}"
+            raise ValueError(f"finding labels must have {wanted}, got {labels.shape[-1]}")
         return labels.index_select(-1, self.columns.to(labels.device))
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:

@@ -96,11 +96,6 @@ class VisionTower(nn.Module):
         encoder = ENCODERS.build(vision.encoder)
         compressor = COMPRESSORS.build(vision.compressor, in_dim=encoder.out_dim)
         projector = PROJECTORS.build(vision.projector, in_dim=compressor.out_dim, out_dim=lm_dim)
-        classifier = None
-        if getattr(vision, "classifier", None) is not None:
-            settings = config_from_mapping(ClassifierConfig, vision.classifier, where="vision.classifier")
-            channels = int(getattr(encoder, "in_channels", 1))
-            classifier = FindingClassifier(encoder.out_dim, settings, in_channels=channels)
         regions = None
         if getattr(vision, "regions", None) is not None:
             region_settings = config_from_mapping(RegionSettings, vision.regions, where="vision.regions")
@@ -108,6 +103,14 @@ class VisionTower(nn.Module):
         branches = {name: ModalityBranch(name, config_from_mapping(BranchSettings, data,
                                                                    where=f"vision.branches.{name}"), encoder, lm_dim)
                     for name, data in (getattr(vision, "branches", None) or {}).items()}
+        classifier = None
+        if getattr(vision, "classifier", None) is not None:
+            settings = config_from_mapping(ClassifierConfig, vision.classifier, where="vision.classifier")
+            dims, channels = [int(encoder.out_dim)], int(getattr(encoder, "in_channels", 1))
+            if settings.reads == "all":  # every modality: one grid per branch, a histogram per input channel
+                dims += [int((branch.encoder or encoder).out_dim) for branch in branches.values()]
+                channels += sum(branch.settings.channels for branch in branches.values())
+            classifier = FindingClassifier(dims, settings, in_channels=channels)
         return cls(encoder, compressor, projector, classifier, regions, branches)
 
     # -- modalities ---------------------------------------------------------------------------------------------------
@@ -166,20 +169,39 @@ class VisionTower(nn.Module):
     def forward(self, volumes: torch.Tensor) -> torch.Tensor:
         return self.encode(volumes)[0]
 
-    def finding_logits(self, volumes: torch.Tensor) -> torch.Tensor:
-        """The finding classifier's logits [B, L] (encoder + classifier; the compressor and projector are skipped).
-        A PET/CT tower's classifier reads the CT branch."""
+    def classifier_features(self, volumes: torch.Tensor, ct_grid: torch.Tensor | None = None) -> torch.Tensor:
+        """What the finding classifier reads of ``volumes`` (its :meth:`~FindingClassifier.features`): the CT
+        branch, or with ``reads: all`` every modality (``ct_grid``: the CT encoder's output when already at hand)."""
         if self.classifier is None:
             raise ValueError("this vision tower has no finding classifier (vision.classifier)")
-        ct = self.ct_volumes(volumes)
-        return self.classifier(self.encoder(ct), ct)
+        every = self.classifier.config.reads == "all" and len(self.branches)
+        read = volumes if every else self.ct_volumes(volumes)
+        if not self.classifier.grids:  # a histogram-only head: no encoder pass
+            return self.classifier.features(None, read)
+        grids = [ct_grid if ct_grid is not None else self.encoder(self.ct_volumes(volumes))]
+        if every:
+            start = self.ct_channels
+            for branch in self.branches.values():
+                channels = volumes[:, start: start + branch.settings.channels]
+                start += branch.settings.channels
+                grids.append((branch.encoder if branch.encoder is not None else self.encoder)(channels))
+        return self.classifier.features(grids if every else grids[0], read)
+
+    def finding_logits(self, volumes: torch.Tensor) -> torch.Tensor:
+        """The finding classifier's logits [B, L] (encoder + classifier; the compressor and projector are skipped).
+        A PET/CT tower's classifier reads the CT branch, or every modality with ``reads: all``."""
+        if self.classifier is None:
+            raise ValueError("this vision tower has no finding classifier (vision.classifier)")
+        return self.classifier.head(self.classifier.standardize(self.classifier_features(volumes)))
 
     def encode(self, volumes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Visual embeddings [B, N, lm_dim] (a PET/CT tower: the CT tokens, then each branch's) and finding logits
         [B, L] (None without a classifier), one CT encoder pass for both."""
         ct = self.ct_volumes(volumes)
         grid = self.encoder(ct)
-        logits = self.classifier(grid, ct) if self.classifier is not None else None
+        logits = None
+        if self.classifier is not None:
+            logits = self.classifier.head(self.classifier.standardize(self.classifier_features(volumes, grid)))
         return self._branch_tokens(volumes, self.projector(self.compressor(grid))), logits
 
     def unfitted_parts(self) -> list[str]:
@@ -474,8 +496,9 @@ class ReportGenerator(nn.Module):
                      regions: RegionBatch | None = None,
                      styles: Sequence[tuple[str | None, str | None]] | None = None) -> dict[str, torch.Tensor]:
         """:meth:`training_batch` for these volumes: with a diagnosis prompt, each instruction lists the findings
-        the classifier calls in that volume (a gradient-free pass, as in generation). With ``true_labels`` [B, 18]
-        and ``true_share`` > 0, that share of the samples (drawn from torch's RNG) lists its true findings instead
+        the classifier calls in that volume (a gradient-free pass, as in generation). With ``true_labels`` (its
+        :func:`~rrg3d.models.classifier.target_matrix`: [B, 18], or [B, 18 + U] with the uptake columns) and
+        ``true_share`` > 0, that share of the samples (drawn from torch's RNG) lists its true findings instead
         — teacher forcing of the prompt, which teaches the LM to write what the list says. A region-guided model
         needs ``regions`` (slots in the order given: shuffle them before for alignment); its prompt gains the slot
         lines and its target is the region reports (:func:`~rrg3d.models.regions.region_target`), not

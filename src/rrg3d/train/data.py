@@ -33,9 +33,13 @@ import torch
 
 from rrg3d.data.manifest import check_manifest, resolve
 from rrg3d.errors import RRG3DError
+from rrg3d.models.classifier import UPTAKE_TARGETS, uptake_matrix
 from rrg3d.preprocess.batch import load_model_input, load_petct_input, preprocess_manifest
 from rrg3d.preprocess.presets import Preset, load_preset
 from rrg3d.text.labels import CTRATE_LABELS
+
+#: the uptake row of a study without per-region PET status
+UNKNOWN_UPTAKE: tuple[float, ...] = (float("nan"),) * len(UPTAKE_TARGETS)
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,9 @@ class Entry:
     #: the reporting style (hospital) and sex, for style-adaptive prompts
     style: str | None = None
     sex: str | None = None
+    #: per-region abnormal FDG uptake from the record's ``petrg`` status (NaN: unknown), the targets of a finding
+    #: classifier that calls uptake (:data:`rrg3d.models.classifier.UPTAKE_TARGETS` order)
+    uptake: tuple[float, ...] | None = None
 
 
 def labels_vector(labels: dict[str, Any] | None, names: Sequence[str] = LABEL_NAMES) -> tuple[float, ...]:
@@ -209,6 +216,7 @@ class ReportDataset(torch.utils.data.Dataset):
                 pet_units=(record.get("meta") or {}).get("pet_units"),
                 style=record.get("style") if isinstance(record.get("style"), str) else None,
                 sex=normalize_sex(record.get("sex")),
+                uptake=uptake_matrix(record.get("petrg")) if isinstance(record.get("petrg"), dict) else None,
             ))
         reasons = {"no_report": "no report", "no_ct": "no images.ct", "no_masks": "no masks (a region model needs a "
                    "label map)", "no_region_reports": "no region_reports",
@@ -256,6 +264,7 @@ class ReportDataset(torch.utils.data.Dataset):
             "volume": volume,
             "report": entry.report,
             "labels": torch.tensor(entry.labels, dtype=torch.float32),
+            "uptake": torch.tensor(entry.uptake if entry.uptake is not None else UNKNOWN_UPTAKE, dtype=torch.float32),
             "style": entry.style,
             "sex": entry.sex,
         }
@@ -281,6 +290,13 @@ class ReportDataset(torch.utils.data.Dataset):
         """``[N, 18]`` labels of every item (NaN where unknown) without reading any volume."""
         return torch.tensor([e.labels for e in self.entries], dtype=torch.float32).reshape(len(self.entries),
                                                                                            len(LABEL_NAMES))
+
+    def target_matrix(self) -> torch.Tensor:
+        """``[N, 18 + U]``: :meth:`label_matrix`, then each item's uptake targets (NaN where unknown) — the label
+        matrix a finding classifier that calls uptake reads (:func:`rrg3d.models.classifier.target_matrix`)."""
+        uptake = torch.tensor([e.uptake if e.uptake is not None else UNKNOWN_UPTAKE for e in self.entries],
+                              dtype=torch.float32).reshape(len(self.entries), len(UPTAKE_TARGETS))
+        return torch.cat([self.label_matrix(), uptake], dim=-1)
 
     def __repr__(self) -> str:
         return (f"ReportDataset({len(self)} studies, preset={self.preset.name!r} {self.shape}, mode={self.mode}, "
@@ -311,8 +327,8 @@ def region_item(volume: torch.Tensor, label_map: np.ndarray, labels: dict[str, s
 
 
 def collate_reports(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Batch items: ``{"ids": [B], "volumes": [B, C, D, H, W], "reports": [B], "labels": [B, 18], "styles": [B]
-    (style, sex) pairs}``, and
+    """Batch items: ``{"ids": [B], "volumes": [B, C, D, H, W], "reports": [B], "labels": [B, 18], "uptake": [B, U]
+    (per-region FDG uptake targets, NaN: unknown), "styles": [B] (style, sex) pairs}``, and
     ``regions`` (a :class:`~rrg3d.models.regions.RegionBatch`) when the items carry region inputs."""
     if not items:
         raise ValueError("collate_reports needs at least one item")
@@ -321,6 +337,8 @@ def collate_reports(items: list[dict[str, Any]]) -> dict[str, Any]:
         "volumes": torch.stack([item["volume"] for item in items]),
         "reports": [item["report"] for item in items],
         "labels": torch.stack([item["labels"] for item in items]),
+        "uptake": torch.stack([item["uptake"] if "uptake" in item else torch.tensor(UNKNOWN_UPTAKE)
+                               for item in items]),
         "styles": [(item.get("style"), item.get("sex")) for item in items],
     }
     if any("regions" in item for item in items):

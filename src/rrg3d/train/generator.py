@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from rrg3d.errors import ConfigError
+from rrg3d.models.classifier import target_matrix
 from rrg3d.train.loop import RunContext, iterate_batches
 from rrg3d.train.recipe import Recipe
 
@@ -213,9 +214,8 @@ def fit_generator_statistics(model: nn.Module, dataset: Any, recipe: Recipe, dev
             with torch.no_grad():
                 for batch in iterate_batches(subset, batch_size):
                     volumes = batch["volumes"].to(device=device, dtype=torch.float32)
-                    ct = model.vision.ct_volumes(volumes)
-                    features.append(classifier.features(model.vision.encoder(ct), ct).cpu())
-                    labels.append(batch["labels"])
+                    features.append(model.vision.classifier_features(volumes).cpu())
+                    labels.append(target_matrix(batch))
         finally:
             model.vision.train(was_training)
         loss = classifier.fit(torch.cat(features), torch.cat(labels))
@@ -234,7 +234,7 @@ def prepare_generator_batch(raw: nn.Module, batch: dict[str, Any], recipe: Recip
     if regions is not None and raw.region_settings is not None and raw.region_settings.alignment:
         regions = regions.shuffled()  # region–report alignment: a new slot order at every step (torch's RNG)
     tokens = raw.report_batch(volumes, batch["reports"], max_length=recipe.data.max_length, ids=batch["ids"],
-                              true_labels=batch["labels"], true_share=recipe.model.true_findings_share,
+                              true_labels=target_matrix(batch), true_share=recipe.model.true_findings_share,
                               regions=regions, styles=batch.get("styles"))
     from rrg3d.models.vlm import IGNORE_INDEX
 
@@ -255,7 +255,7 @@ def generator_loss(model: nn.Module, raw: nn.Module, batch: dict[str, Any], reci
     if batch.get("num_items_in_batch") is not None:
         extra["num_items_in_batch"] = batch["num_items_in_batch"]
     output = model(volumes, tokens["input_ids"], tokens["attention_mask"], tokens["labels"],
-                   finding_labels=batch["labels"] if train_classifier else None, **extra)
+                   finding_labels=target_matrix(batch) if train_classifier else None, **extra)
     loss = output.loss
     if train_classifier:
         loss = loss + recipe.model.classifier_weight * output.classifier_loss
@@ -326,7 +326,7 @@ def validate_classifier(model: nn.Module, dataset: Any, batch_size: int, context
         with context.accelerator.autocast():
             batch_logits = model.vision.finding_logits(batch["volumes"].to(device))
         logits.append(batch_logits.float().cpu())
-        labels.append(batch["labels"])
+        labels.append(target_matrix(batch))
     all_logits, all_labels = torch.cat(logits), torch.cat(labels)
     metrics: dict[str, float] = {}
     if any(p.requires_grad for p in classifier.parameters()):
