@@ -17,6 +17,16 @@ hospital style — so that only what the model sees changes:
                     ``<template>`` tags (templates from the training split)
 ==================  ==============================================================================================
 
+Diagnosis prompting (``--diagnosis uptake``, the default; ``none``: image tokens only): every arm also has a finding
+classifier (:mod:`rrg3d.models.classifier`) that reads what the arm sees — a soft histogram of each input channel in
+``--histogram-blocks`` blocks of the volume, the CT's alone or the CT's and the PET's (``reads: all``, ``grid: false``)
+— and calls the 18 abnormalities and marked or mild FDG uptake in each PETRG region the phantoms show; its calls are
+written into the prompt. The head is its logistic probe, fitted on the training studies before the first step and
+kept as fitted, its threshold chosen on the ``--val`` validation studies; training prompts list the true findings
+(the LM learns to write what the list says), generation lists the classifier's calls. The CT-only arm's head guesses
+uptake from the CT: the difference between the arms is what the PET adds. ``classifier_calls`` scores the calls
+themselves against the truth.
+
 Each arm writes greedy reports for the test phantoms (images, style and sex only; no report of any kind), scored
 against the reference reports: PETRG-Score (PET-All, PET-Abnormal, CT-All, CT-Abnormal macro-F1 over patient × region
 pairs, statuses from the rule extractor; study-bootstrap 95% intervals), CE micro-F1 against the phantoms' true labels,
@@ -31,8 +41,8 @@ with style prompts (own and other style) and clearly above the arm without them;
 ≥ 0.95 on all four scores; within 60 minutes on 2 CPU cores (``budget_minutes``: every arm's training and
 generation; phantom generation and scoring left out).
 
-    python benchmarks/petct.py [--work /tmp/exp/petct] [--train 320] [--test 40] [--steps 160] [--batch-size 2]
-        [--arms ct petct petct_style]
+    python benchmarks/petct.py [--work /tmp/exp/petct] [--train 320] [--test 40] [--steps 120] [--batch-size 2]
+        [--arms ct petct petct_style] [--diagnosis uptake|none]
 
 Each arm's run and predictions stay in ``--work`` and are reused when their settings match, so a rerun only redoes
 what is missing.
@@ -80,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-new-tokens", type=int, default=320)
     parser.add_argument("--generate-batch", type=int, default=8)
+    parser.add_argument("--repetition-penalty", type=float, default=1.05,
+                        help="greedy decoding's repetition penalty (petrg3d's shipped setting; 1.0: none)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--diagnosis", choices=["uptake", "none"], default="uptake",
                         help="uptake: every arm has a finding + FDG-uptake classifier on what it sees (histograms), "
@@ -206,7 +218,7 @@ def generate(checkpoint: Path, inputs: Path, out: Path, args: argparse.Namespace
     out.unlink(missing_ok=True)
     model = load_checkpoint(checkpoint, merge_lora=True)
     settings = model.config.generation.replace(max_new_tokens=args.max_new_tokens, temperature=0.0,
-                                               repetition_penalty=1.0)
+                                               repetition_penalty=args.repetition_penalty)
     generate_reports(model, [inputs], out, settings=settings, batch_size=args.generate_batch, progress=False)
     errors = [r for r in iter_predictions(out) if r.get("error")]
     if errors:
@@ -345,10 +357,11 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint, trained = train_arm(arm, manifest, work, args)
         train_minutes = (time.perf_counter() - tick) / 60
         tick = time.perf_counter()
-        predictions = {"own": work / "predictions" / f"{checkpoint.parent.name}.jsonl"}
+        decoding = "" if args.repetition_penalty == 1.0 else f".rp{args.repetition_penalty:g}"
+        predictions = {"own": work / "predictions" / f"{checkpoint.parent.name}{decoding}.jsonl"}
         generated = generate(checkpoint, inputs, predictions["own"], args)
         if ARMS[arm]["style"]:
-            predictions["other"] = work / "predictions" / f"{checkpoint.parent.name}.other_style.jsonl"
+            predictions["other"] = work / "predictions" / f"{checkpoint.parent.name}{decoding}.other_style.jsonl"
             generated = generate(checkpoint, tools["other_inputs"], predictions["other"], args) or generated
         generate_minutes = (time.perf_counter() - tick) / 60
         metrics, stats[arm] = score_arm(arm, predictions, references, refs, work / "eval" / arm, tools, args)
@@ -356,6 +369,10 @@ def main(argv: list[str] | None = None) -> int:
         minutes[arm] = reused_minutes(previous, arm, checkpoint, trained or generated) or {
             "train": round(train_minutes, 2), "generate": round(generate_minutes, 2),
             "measured": trained and generated, "run": str(checkpoint)}
+        earlier = reused_minutes(previous, arm, checkpoint, False)
+        if generated and not trained and earlier is not None:  # new decoding of a reused run: its training minutes
+            minutes[arm].update(train=earlier["train"], measured=bool(earlier.get("train_measured", earlier.get(
+                "measured"))), train_measured_earlier=True)
         print(f"{arm:12s} PET-All {metrics['petrg']['pet_all']['value']:.3f} "
               f"CT-All {metrics['petrg']['ct_all']['value']:.3f} CE {metrics['ce_micro_f1']['value']:.3f} "
               f"style {metrics['style_adherence']['value']:.2f}/{metrics['style_adherence_other']['value']:.2f} "

@@ -176,31 +176,35 @@ def test_generate_pet_flag_and_missing_pet(petct_checkpoint, pet_phantoms, tmp_p
 
 
 def test_an_uptake_prompted_petct_model_trains_and_lists_its_uptake_calls(pet_phantoms, tmp_path):
-    """A finding + FDG-uptake classifier on both modalities' histograms: fitted before the first step on the
-    training studies' PETRG truth, its threshold chosen on validation, its calls in every generated prompt."""
-    import yaml
-
-    config = load_model_config("tiny_petrg3d").to_dict()
-    config["vision"]["classifier"] = {"hidden": 0, "histogram_bins": 8, "histogram_blocks": [2, 1, 2], "grid": False,
-                                      "reads": "all", "uptake_regions": ["mediastinal_nodes", "hilar_nodes", "lung"]}
-    config["prompt"]["findings"] = "Findings the image classifier calls: {findings}."
-    model_file = tmp_path / "uptake.yaml"
-    model_file.write_text(yaml.safe_dump(config), encoding="utf-8")
-    result = train("tiny_petct_sft", [f"data.manifest={pet_phantoms}", f"data.cache_dir={tmp_path / 'cache'}",
-                                      f"model.config={model_file}", "model.train.classifier=true",
-                                      "model.true_findings_share=1.0", "train.threads=1", "train.progress=false",
-                                      "train.tensorboard=false", "phases.0.steps=2", "data.max_val_samples=2",
-                                      "train.save_every=0", f"run_dir={tmp_path / 'run'}"])
+    """tiny_petct_dx_sft: a finding + FDG-uptake classifier on both modalities' histograms, fitted before the first
+    step on the training studies' PETRG truth and kept as fitted, its threshold chosen on validation, its calls in
+    every generated prompt."""
+    result = train("tiny_petct_dx_sft", [f"data.manifest={pet_phantoms}", f"data.cache_dir={tmp_path / 'cache'}",
+                                         "train.threads=1", "train.progress=false", "train.tensorboard=false",
+                                         "phases.0.steps=2", "data.max_val_samples=2", "train.save_every=0",
+                                         f"run_dir={tmp_path / 'run'}"])
     model = load_checkpoint(result.final)
     head = model.vision.classifier
     assert bool(head.fitted) and head.config.reads == "all" and head.grids == 0
     assert head.labels[-6:] == ["Marked FDG uptake in mediastinal nodes", "Mild FDG uptake in mediastinal nodes",
                                 "Marked FDG uptake in hilar nodes", "Mild FDG uptake in hilar nodes",
                                 "Marked FDG uptake in lung", "Mild FDG uptake in lung"]
+    # kept as fitted: a second run's probe (the same deterministic fit) equals the trained checkpoint's head
+    from rrg3d.models.vlm import ReportGenerator
+    from rrg3d.train.data import build_dataset
+    from rrg3d.train.generator import fit_generator_statistics
+    from rrg3d.train.recipe import load_recipe
+
+    fresh = ReportGenerator.from_config("tiny_petrg3d_dx", seed=0)
+    fresh.vision.classifier.requires_grad_(True)
+    recipe = load_recipe("tiny_petct_dx_sft")
+    dataset = build_dataset(pet_phantoms, "tiny_petct", split="train", cache_dir=tmp_path / "cache", progress=False)
+    fit_generator_statistics(fresh, dataset, recipe, torch.device("cpu"))
+    for name, value in fresh.vision.classifier.head.state_dict().items():
+        torch.testing.assert_close(head.head.state_dict()[name], value, msg=name)
     out = tmp_path / "pred.jsonl"
     assert main(["generate", str(pet_phantoms), "--model", str(result.final), "--out", str(out),
                  "--max-new-tokens", "4", "--quiet", "--no-progress"]) == 0
-    records = _jsonl(out)
-    views = [r["meta"]["findings_classifier"] for r in records]
-    assert all(set(view["probabilities"]) == set(head.labels) for view in views)
+    views = [r["meta"]["findings_classifier"] for r in _jsonl(out)]
+    assert len(views) == 8 and all(set(view["probabilities"]) == set(head.labels) for view in views)
     assert all(set(view["called"]) <= set(head.labels) for view in views)
