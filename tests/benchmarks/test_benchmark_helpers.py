@@ -3,29 +3,16 @@ by folder, so two setups must never share one), its prompt wordings, and phantom
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"_benchmark_{name}", BENCHMARKS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
-def learnability() -> ModuleType:
-    return load("learnability")
+def learnability(load_benchmark) -> ModuleType:
+    return load_benchmark("learnability")
 
 
 def test_every_clip_setup_gets_its_own_run_folder(learnability: ModuleType) -> None:
@@ -65,10 +52,10 @@ def test_prompt_wordings_are_valid_pairs_and_the_ensemble_holds_the_negated_ones
     assert [absent for _, absent in wordings["there_is_vs_normal"]] == list(NORMAL_STUDY_PROMPTS)
 
 
-def test_phantom_learnability_reads_windows_or_a_preset(tmp_path: Path) -> None:
+def test_phantom_learnability_reads_windows_or_a_preset(load_benchmark, tmp_path: Path) -> None:
     from rrg3d.data.phantom import PhantomConfig, generate_phantoms
 
-    module = load("phantom_learnability")
+    module = load_benchmark("phantom_learnability")
     manifest = generate_phantoms(PhantomConfig(n=2, seed=0, shape=(32, 64, 64)), tmp_path / "phantoms",
                                  workers=1, progress=False)
     windows, labels, ids = module.load_inputs(manifest, "windows")

@@ -3,33 +3,22 @@ diagnosis classifier on each arm's channels), and the classifier's calls are sco
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+@pytest.fixture(scope="module")
+def petct(load_benchmark) -> ModuleType:
+    return load_benchmark("petct")
 
 
-def load_petct() -> ModuleType:
-    sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("_benchmark_petct", BENCHMARKS / "petct.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_arms_share_the_diagnosis_classifier_and_differ_in_what_they_see():
+def test_arms_share_the_diagnosis_classifier_and_differ_in_what_they_see(petct):
     from rrg3d.data.phantom.petrg import PHANTOM_REGIONS
     from rrg3d.models.config import load_model_config
     from rrg3d.models.vlm import VisionTower
 
-    petct = load_petct()
     args = petct.build_parser().parse_args([])
     configs = {arm: petct.model_config(arm, args) for arm in petct.ARMS}
     heads = [config["vision"]["classifier"] for config in configs.values()]
@@ -50,8 +39,7 @@ def test_arms_share_the_diagnosis_classifier_and_differ_in_what_they_see():
     assert not plain["vision"].get("classifier") and not plain["prompt"].get("findings")
 
 
-def test_classifier_calls_are_scored_against_the_truth(tmp_path):
-    petct = load_petct()
+def test_classifier_calls_are_scored_against_the_truth(petct, tmp_path):
     refs = [{"id": "a", "labels": {"Lymphadenopathy": 1, "Emphysema": 0},
              "petrg": {"mediastinal_nodes": {"pet": "marked_uptake", "ct": "enlarged_node"},
                        "lung": {"pet": "normal", "ct": "normal"}}},
