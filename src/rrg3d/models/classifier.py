@@ -258,7 +258,11 @@ class FindingClassifier(nn.Module):
         return torch.cat(features, dim=-1)
 
     def forward(self, grid: Tensor | Sequence[Tensor] | None, volumes: Tensor | None = None) -> Tensor:
-        return self.head(self.standardize(self.features(grid, volumes)))
+        return self.logits(self.features(grid, volumes))
+
+    def logits(self, features: Tensor) -> Tensor:
+        """The head's logits ``[B, L]`` for :meth:`features` already computed."""
+        return self.head(self.standardize(features))
 
     def standardize(self, features: Tensor) -> Tensor:
         return (features.float() - self.feature_mean) / self.feature_std

@@ -128,26 +128,34 @@ class VisionTower(nn.Module):
         """The channels of ``volumes`` [B, C, D, H, W] the CT branch reads (all of them for a CT-only tower)."""
         return volumes[:, : self.ct_channels] if len(self.branches) else volumes
 
-    def _branch_tokens(self, volumes: torch.Tensor, ct_tokens: torch.Tensor,
-                       project: bool = True) -> torch.Tensor:
-        """The CT tokens followed by each branch's tokens for its channels of ``volumes`` (counts checked)."""
-        if not len(self.branches):
-            return ct_tokens
-        parts, start = [ct_tokens], self.ct_channels
-        for name, branch in self.branches.items():
+    def branch_grids(self, volumes: torch.Tensor) -> list[torch.Tensor]:
+        """Each branch's encoder grid for its channels of ``volumes``, in branch order (channel count checked)."""
+        grids, start = [], self.ct_channels
+        for branch in self.branches.values():
             channels = volumes[:, start: start + branch.settings.channels]
             start += branch.settings.channels
-            encoder = branch.encoder if branch.encoder is not None else self.encoder
-            tokens = branch.compressor(encoder(channels))
+            grids.append((branch.encoder if branch.encoder is not None else self.encoder)(channels))
+        if len(self.branches) and start != volumes.shape[1]:
+            raise ValueError(f"the vision tower reads {start} channels (CT + {', '.join(self.branches)}), the volumes "
+                             f"have {volumes.shape[1]}; use the model's PET/CT preset")
+        return grids
+
+    def _branch_tokens(self, volumes: torch.Tensor, ct_tokens: torch.Tensor, project: bool = True,
+                       grids: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The CT tokens followed by each branch's tokens for its channels of ``volumes`` (counts checked);
+        ``grids``: the branches' encoder grids when already at hand (:meth:`branch_grids`)."""
+        if not len(self.branches):
+            return ct_tokens
+        parts = [ct_tokens]
+        for (name, branch), grid in zip(self.branches.items(), grids if grids is not None
+                                        else self.branch_grids(volumes), strict=True):
+            tokens = branch.compressor(grid)
             tokens = branch.projector(tokens) if project else tokens
             if tokens.shape[1] != ct_tokens.shape[1]:
                 raise ValueError(f"the {name} branch gives {tokens.shape[1]} tokens, the CT branch "
                                  f"{ct_tokens.shape[1]}: every modality must give as many tokens (compressors with "
                                  "the same output count)")
             parts.append(tokens)
-        if start != volumes.shape[1]:
-            raise ValueError(f"the vision tower reads {start} channels (CT + {', '.join(self.branches)}), the volumes "
-                             f"have {volumes.shape[1]}; use the model's PET/CT preset")
         return torch.cat(parts, dim=1)
 
     def region_embeddings(self, regions: RegionBatch) -> torch.Tensor:
@@ -169,40 +177,39 @@ class VisionTower(nn.Module):
     def forward(self, volumes: torch.Tensor) -> torch.Tensor:
         return self.encode(volumes)[0]
 
-    def classifier_features(self, volumes: torch.Tensor, ct_grid: torch.Tensor | None = None) -> torch.Tensor:
+    def classifier_features(self, volumes: torch.Tensor, ct_grid: torch.Tensor | None = None,
+                            branch_grids: list[torch.Tensor] | None = None) -> torch.Tensor:
         """What the finding classifier reads of ``volumes`` (its :meth:`~FindingClassifier.features`): the CT
-        branch, or with ``reads: all`` every modality (``ct_grid``: the CT encoder's output when already at hand)."""
+        branch, or with ``reads: all`` every modality (``ct_grid``, ``branch_grids``: the encoders' outputs when
+        already at hand)."""
         if self.classifier is None:
             raise ValueError("this vision tower has no finding classifier (vision.classifier)")
-        every = self.classifier.config.reads == "all" and len(self.branches)
+        every = self.classifier.config.reads == "all" and bool(len(self.branches))
         read = volumes if every else self.ct_volumes(volumes)
         if not self.classifier.grids:  # a histogram-only head: no encoder pass
             return self.classifier.features(None, read)
-        grids = [ct_grid if ct_grid is not None else self.encoder(self.ct_volumes(volumes))]
-        if every:
-            start = self.ct_channels
-            for branch in self.branches.values():
-                channels = volumes[:, start: start + branch.settings.channels]
-                start += branch.settings.channels
-                grids.append((branch.encoder if branch.encoder is not None else self.encoder)(channels))
-        return self.classifier.features(grids if every else grids[0], read)
+        grid = ct_grid if ct_grid is not None else self.encoder(self.ct_volumes(volumes))
+        if not every:
+            return self.classifier.features(grid, read)
+        return self.classifier.features([grid, *(branch_grids if branch_grids is not None
+                                                 else self.branch_grids(volumes))], read)
 
     def finding_logits(self, volumes: torch.Tensor) -> torch.Tensor:
         """The finding classifier's logits [B, L] (encoder + classifier; the compressor and projector are skipped).
         A PET/CT tower's classifier reads the CT branch, or every modality with ``reads: all``."""
         if self.classifier is None:
             raise ValueError("this vision tower has no finding classifier (vision.classifier)")
-        return self.classifier.head(self.classifier.standardize(self.classifier_features(volumes)))
+        return self.classifier.logits(self.classifier_features(volumes))
 
     def encode(self, volumes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Visual embeddings [B, N, lm_dim] (a PET/CT tower: the CT tokens, then each branch's) and finding logits
-        [B, L] (None without a classifier), one CT encoder pass for both."""
-        ct = self.ct_volumes(volumes)
-        grid = self.encoder(ct)
+        [B, L] (None without a classifier), one encoder pass per modality for both."""
+        grid = self.encoder(self.ct_volumes(volumes))
+        branch_grids = self.branch_grids(volumes) if len(self.branches) else None
         logits = None
         if self.classifier is not None:
-            logits = self.classifier.head(self.classifier.standardize(self.classifier_features(volumes, grid)))
-        return self._branch_tokens(volumes, self.projector(self.compressor(grid))), logits
+            logits = self.classifier.logits(self.classifier_features(volumes, grid, branch_grids))
+        return self._branch_tokens(volumes, self.projector(self.compressor(grid)), grids=branch_grids), logits
 
     def unfitted_parts(self) -> list[str]:
         """Parts with data-dependent statistics not fitted yet: a PCA compressor, a standardising projector."""
