@@ -21,6 +21,17 @@ same target — the region reports, one line each — so that only what the mode
 The geometry token carries the mask's shape statistics (``geometry_descriptors``, as in the shipped configs) in every
 arm that has one. Training runs at ``--mixed-precision`` (default ``auto``: bf16 on a CPU that computes it natively).
 
+Diagnosis prompting (``--diagnosis regions``, the default): every arm gets a finding classifier on what it sees,
+its calls in the prompt — the lever that made global models read their images in the learnability and PET/CT
+benchmarks, here given to both sides of the comparison. The ``global`` arm: one head on soft intensity histograms of
+the volume in 2 × 2 × 2 blocks (``vision.classifier``, ``--histogram-bins``), its calls in a diagnosis line. The region
+arms: one head per region on the histogram inside that region's mask (``vision.regions.classifier``,
+:mod:`rrg3d.models.region_classifier`), targets the region's own abnormalities (the phantoms' ``region_truth``), its
+calls in that region's slot line. Both are probes: fitted on the training studies before the first step, threshold
+chosen on the validation studies, frozen; training prompts list the true findings (``true_findings_share`` 1), as
+``petrg3d_dx_sft`` does. ``classifier_calls`` scores each arm's calls (the union over regions for the region arms)
+against the true labels. ``--diagnosis none``: the image tokens alone (the run of 2026-12-05).
+
 Without alignment the prompt names each region and the slots keep their order. Each arm writes greedy reports for
 the test phantoms (regions from their label maps alone) that are scored against the phantoms' true labels: CE
 micro-F1 / precision / recall of the merged report (the 18 CT-RATE labels from the labeler), with study-bootstrap 95%
@@ -38,7 +49,7 @@ for every region; texture-branch peak memory ≤ 8 GB; all within 60 minutes on 
 CT-CLIP stage, every arm's training and its generation, phantom generation and scoring left out).
 
     python benchmarks/regions.py [--work /tmp/exp/regions] [--train 480] [--test 40] [--clip-steps 1200]
-        [--steps 100] [--batch-size 2] [--mixed-precision auto|bf16|no]
+        [--steps 100] [--batch-size 2] [--mixed-precision auto|bf16|no] [--diagnosis regions|none]
         [--arms global texture texture_geometry texture_geometry_global full]
 
 Each arm's run and predictions stay in ``--work`` and are reused when their settings match, so a rerun only redoes
@@ -73,6 +84,7 @@ ARMS: dict[str, dict[str, Any]] = {
 for _switches in ARMS.values():  # the recognition head names shuffled slots: it belongs to alignment
     _switches["recognizer"] = _switches["alignment"]
 TARGETS = {"ce_micro_f1_gain": 0.05, "recognition_f1": 0.95, "texture_memory_gb": 8.0}
+FINDINGS_PROMPT = "Findings the image classifier calls: {findings}."
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--work", default="/tmp/exp/regions", help="phantoms, cache, runs and predictions")
     parser.add_argument("--phantoms", default=None, help="an existing phantom folder to read (default WORK/phantoms)")
     parser.add_argument("--train", type=int, default=480, help="training phantoms")
-    parser.add_argument("--val", type=int, default=8, help="validation phantoms")
+    parser.add_argument("--val", type=int, default=24, help="validation phantoms (the region classifier's threshold)")
     parser.add_argument("--test", type=int, default=40, help="test phantoms")
     parser.add_argument("--shape", type=int, nargs=3, default=[64, 128, 128], help="phantom size when generated")
     parser.add_argument("--clip-steps", type=int, default=1200,
@@ -94,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=400)
     parser.add_argument("--generate-batch", type=int, default=8)
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--diagnosis", default="regions", choices=["regions", "none"],
+                        help="regions: the global arm gets a block-histogram finding classifier, the region arms a "
+                             "per-region one, their calls in the prompt; none: image tokens alone")
+    parser.add_argument("--histogram-bins", type=int, default=16, help="bins of the diagnosis classifiers' histograms")
     parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget-minutes", type=float, default=60.0)
@@ -134,8 +150,9 @@ def test_inputs(manifest: Path, out: Path) -> Path:
     return write_manifest(records, out)
 
 
-def model_config(arm: str) -> dict[str, Any]:
-    """The arm's architecture: ``tiny_reg2rg`` at learnability width with the arm's region switches."""
+def model_config(arm: str, diagnosis: str = "none", bins: int = 16) -> dict[str, Any]:
+    """The arm's architecture: ``tiny_reg2rg`` at learnability width with the arm's region switches; with
+    ``diagnosis`` ``regions`` also the arm's finding classifier (see the module doc)."""
     from rrg3d.models.config import load_model_config
 
     config = load_model_config("tiny_reg2rg").to_dict()
@@ -146,6 +163,11 @@ def model_config(arm: str) -> dict[str, Any]:
     vision["compressor"].update({"num_latents": 16, "dim": 128})
     vision["regions"].update({"texture_compressor": dict(vision["regions"]["texture_compressor"], num_latents=8,
                                                          dim=128), **ARMS[arm]})
+    if diagnosis == "regions" and not (ARMS[arm]["texture"] or ARMS[arm]["geometry"]):
+        vision["classifier"] = {"hidden": 0, "histogram_bins": bins, "histogram_blocks": [2, 2, 2], "grid": False}
+        config["prompt"]["findings"] = FINDINGS_PROMPT
+    elif diagnosis == "regions":
+        vision["regions"]["classifier"] = {"histogram_bins": bins}
     config["lm"]["lora"] = {"r": 16, "alpha": 32, "dropout": 0.0,
                             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                "down_proj"]}
@@ -185,7 +207,7 @@ def train_arm(arm: str, manifest: Path, work: Path, args: argparse.Namespace, en
     With a pretrained ``encoder`` it stays frozen (as in Reg2RG); without one every arm trains its own."""
     from rrg3d.train import train
 
-    config = model_config(arm)
+    config = model_config(arm, args.diagnosis, args.histogram_bins)
     overrides = {"data.manifest": str(manifest), "data.cache_dir": str(work / "cache"),
                  "data.batch_size": args.batch_size, "data.max_length": 768, "data.max_val_samples": args.val,
                  "phases.0.steps": args.steps, "optim.lr": args.lr, "optim.warmup_steps": 10, "seed": args.seed,
@@ -194,6 +216,11 @@ def train_arm(arm: str, manifest: Path, work: Path, args: argparse.Namespace, en
                  "train.mixed_precision": args.mixed_precision}
     if encoder is not None:
         overrides["model.vision_init"] = str(encoder)
+    if args.diagnosis == "regions":  # probes fitted before the first step, then kept; true findings in training
+        overrides["model.true_findings_share"] = 1.0
+        if "classifier" in config["vision"]:
+            overrides.update({"model.train.classifier": True, "model.classifier_weight": 0.0,
+                              "optim.lr_multipliers": json.dumps({"vision.classifier": 0.0})})
     key = hashlib.sha256(json.dumps([config, overrides], sort_keys=True).encode()).hexdigest()[:12]
     run = work / "runs" / f"{arm}_{key}"
     if (run / "final" / "rrg3d.yaml").is_file():
@@ -226,6 +253,17 @@ def generate(checkpoint: Path, inputs: Path, out: Path, args: argparse.Namespace
     return True
 
 
+def logged_minutes(train_log: Path) -> float | None:
+    """A finished run's training minutes from its ``train_log.csv`` (the last step's ``elapsed_s``)."""
+    if not train_log.is_file():
+        return None
+    rows = train_log.read_text().splitlines()
+    if len(rows) < 2:
+        return None
+    header, last = rows[0].split(","), rows[-1].split(",")
+    return round(float(last[header.index("elapsed_s")]) / 60, 2) if "elapsed_s" in header else None
+
+
 # -- scores --------------------------------------------------------------------------------------------------------
 def recognition_counts(records: dict[str, dict[str, Any]], ids: list[str], names: list[str]) -> np.ndarray:
     """Per test study and region: [tp, fp, fn] of region recognition (the name given to each region shown)."""
@@ -244,6 +282,30 @@ def recognition_counts(records: dict[str, dict[str, Any]], ids: list[str], names
             if guess in index:
                 counts[row, index[guess], 1] += 1
     return counts
+
+
+def classifier_calls(records: list[dict[str, Any]], references: Path) -> dict[str, Any] | None:
+    """Micro-F1 (and precision, recall) of an arm's diagnosis calls against the true labels: the global classifier's
+    (``meta.findings_classifier``) or the union of the region classifier's over the regions
+    (``meta.region_findings_classifier``); None without a classifier."""
+    from rrg3d.data.manifest import load_manifest
+    from rrg3d.text.labels import CTRATE_LABELS
+
+    truth = {r["id"]: {n for n in CTRATE_LABELS if (r.get("labels") or {}).get(n) == 1}
+             for r in load_manifest(references)}
+    tp = fp = fn = 0
+    for record in records:
+        meta = record.get("meta") or {}
+        if meta.get("findings_classifier"):
+            called = set(meta["findings_classifier"]["called"])
+        elif meta.get("region_findings_classifier"):
+            called = {n for region in meta["region_findings_classifier"]["regions"].values() for n in region["called"]}
+        else:
+            return None
+        true = truth[record["id"]]
+        tp, fp, fn = tp + len(called & true), fp + len(called - true), fn + len(true - called)
+    return {"micro_f1": 2 * tp / max(1, 2 * tp + fp + fn), "precision": tp / max(1, tp + fp),
+            "recall": tp / max(1, tp + fn)}
 
 
 def f1_statistic(counts: np.ndarray) -> Any:
@@ -285,6 +347,7 @@ def score_arm(predictions: Path, references: Path, out: Path, labeler: Any, args
         ci = bootstrap_ci(statistic, args.bootstrap, args.seed)
         recognition[name] = {"value": float(statistic.value()), "ci95": [ci["low"], ci["high"]], "shown": shown}
     metrics["region_recognition_f1"] = recognition
+    metrics["classifier_calls"] = classifier_calls(records, references)
     metrics["words_per_report"] = float(np.mean([len((r.get("report") or "").split()) for r in records]))
     # a model that ignores its inputs writes one report for every study shown the same regions; its CE is then that
     # report's, not the image's: count the studies whose report differs from their region set's most common one
@@ -376,6 +439,10 @@ def main(argv: list[str] | None = None) -> int:
         minutes["clip"] = reused_minutes(previous, "clip", encoder, pretrained) or {
             "train": round((time.perf_counter() - tick) / 60, 2), "generate": 0.0, "measured": pretrained,
             "run": str(encoder)}
+        if not minutes["clip"]["measured"]:  # reused from another invocation: its own training log's clock
+            logged = logged_minutes(encoder.parent / "train_log.csv")
+            if logged is not None:
+                minutes["clip"].update(train=logged, measured=True, source="train_log.csv")
         print(f"shared encoder: CT-CLIP {args.clip_steps} steps -> {encoder} ({minutes['clip']['train']:.1f} min)",
               flush=True)
     for arm in args.arms:
@@ -391,9 +458,11 @@ def main(argv: list[str] | None = None) -> int:
         minutes[arm] = reused_minutes(previous, arm, checkpoint, trained or generated) or {
             "train": round(train_minutes, 2), "generate": round(generate_minutes, 2),
             "measured": trained and generated, "run": str(checkpoint)}
+        calls = metrics["classifier_calls"]
         print(f"{arm:26s} CE micro-F1 {metrics['ce_micro_f1']['value']:.3f} "
               f"[{metrics['ce_micro_f1']['ci95'][0]:.3f}, {metrics['ce_micro_f1']['ci95'][1]:.3f}]  "
               f"recognition min F1 {min_f1(metrics['region_recognition_f1']):.3f}  "
+              + (f"calls F1 {calls['micro_f1']:.3f}  " if calls else "") +
               f"({train_minutes:.1f} + {generate_minutes:.1f} min)", flush=True)
     result: dict[str, Any] = {"benchmark": "regions", "args": vars(args), "arms": arms, "minutes_per_arm": minutes,
                               "texture_memory": memory, "targets": TARGETS}

@@ -443,11 +443,17 @@ def generate_reports(model: Any, inputs: Sequence[str | os.PathLike[str]], out: 
         if region_settings is not None:
             from rrg3d.models.regions import collate_regions
 
-            outputs = model.generate_regions(volumes, collate_regions([g["item"] for g in grounding]), settings,
+            region_batch = collate_regions([g["item"] for g in grounding])
+            outputs = model.generate_regions(volumes, region_batch, settings,
                                              styles=[(s.style, s.sex) for s in ready] if styled else None)
             reports = [o.report for o in outputs]
             grounded = [_grounded_fields(study, g, o, mask_dir, out_path)
                         for study, g, o in zip(ready, grounding, outputs, strict=True)]
+            # with a region classifier: each region's probabilities and the calls its slot line listed
+            region_calls = model.classify_regions(region_batch)
+            if region_calls is not None:
+                for fields, seen in zip(grounded, region_calls, strict=True):
+                    fields["meta"]["region_findings_classifier"] = seen
         else:
             reports = model.generate(volumes, settings,
                                      styles=[(s.style, s.sex) for s in ready] if styled else None)

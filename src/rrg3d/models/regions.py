@@ -44,6 +44,7 @@ from torch import nn
 
 from rrg3d.data.adapters.radgenome import RADGENOME_REGIONS
 from rrg3d.errors import ConfigError
+from rrg3d.models.region_classifier import RegionFindingClassifier, region_classifier_config
 from rrg3d.preprocess.regions import region_key
 
 #: The 10 regions of RadGenome-ChestCT and Reg2RG, in the order targets list them.
@@ -88,6 +89,10 @@ class RegionSettings:
     min_voxels: int = 8
     #: the value outside a region in its texture crop; None: air (−1000 HU) under the model's preset
     air: float | None = None
+    #: a per-region finding classifier on each region's masked intensity histogram, its calls written into the
+    #: region's slot line (:mod:`rrg3d.models.region_classifier`; keys: hidden, dropout, histogram_bins,
+    #: histogram_range, labels); None: no calls
+    classifier: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         names = tuple(region_key(n) for n in self.names)
@@ -107,6 +112,11 @@ class RegionSettings:
                 raise ConfigError(f"vision.regions.{key} must be three positive integers, got {value!r}")
         if self.min_voxels < 1:
             raise ConfigError("vision.regions.min_voxels must be >= 1")
+        if self.classifier is not None:
+            if not isinstance(self.classifier, Mapping):
+                raise ConfigError("vision.regions.classifier must be a mapping (e.g. {histogram_bins: 16})")
+            self.classifier = dict(self.classifier)
+            region_classifier_config(self.classifier)
         if self.recognizer and not (self.geometry and self.alignment):
             raise ConfigError("vision.regions.recognizer reads the geometry feature and names shuffled slots: it "
                               "needs geometry: true and alignment: true")
@@ -124,12 +134,16 @@ class RegionBatch:
     """The regions of a batch: ``texture`` [N, C, ...] and ``geometry`` [N, 1, ...] (None when the model does not
     read them) hold the regions of every sample one after the other, ``counts[b]`` of them for sample ``b``;
     ``names[b]`` / ``label_ids[b]`` say which region each of sample ``b``'s slots holds, ``reports[b]`` its reference
-    region reports (None at inference) and ``dropped[b]`` the regions left out."""
+    region reports (None at inference) and ``dropped[b]`` the regions left out. Models with a region classifier also
+    get each slot's masked intensity ``histograms`` [N, C × bins] and, in training, its abnormalities ``findings``
+    [N, 18] (NaN: unknown)."""
 
     names: list[list[str]]
     label_ids: list[list[int]]
     texture: torch.Tensor | None = None
     geometry: torch.Tensor | None = None
+    histograms: torch.Tensor | None = None
+    findings: torch.Tensor | None = None
     reports: list[dict[str, str] | None] = field(default_factory=list)
     dropped: list[dict[str, str]] = field(default_factory=list)
 
@@ -141,8 +155,11 @@ class RegionBatch:
         return len(self.names)
 
     def to(self, device: Any) -> RegionBatch:
-        return replace(self, texture=None if self.texture is None else self.texture.to(device),
-                       geometry=None if self.geometry is None else self.geometry.to(device))
+        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(device)
+
+        return replace(self, texture=move(self.texture), geometry=move(self.geometry),
+                       histograms=move(self.histograms), findings=move(self.findings))
 
     def permuted(self, orders: Sequence[Sequence[int]]) -> RegionBatch:
         """The same regions with sample ``b``'s slots in ``orders[b]`` (indices into its current slots)."""
@@ -161,7 +178,8 @@ class RegionBatch:
 
         return replace(self, names=[[n[i] for i in o] for n, o in zip(self.names, orders, strict=True)],
                        label_ids=[[n[i] for i in o] for n, o in zip(self.label_ids, orders, strict=True)],
-                       texture=take(self.texture), geometry=take(self.geometry))
+                       texture=take(self.texture), geometry=take(self.geometry), histograms=take(self.histograms),
+                       findings=take(self.findings))
 
     def shuffled(self, generator: torch.Generator | None = None) -> RegionBatch:
         """Each sample's slots in a random order (torch's RNG, or ``generator``): deterministic per seed."""
@@ -171,14 +189,15 @@ class RegionBatch:
 def collate_regions(items: Sequence[Mapping[str, Any]]) -> RegionBatch:
     """The ``regions`` entries of dataset items (see :func:`rrg3d.train.data.region_item`) as one batch."""
     def stack(key: str) -> torch.Tensor | None:
-        parts = [item[key] for item in items]
+        parts = [item.get(key) for item in items]
         if any(p is None for p in parts):
             return None
         return torch.cat(parts)
 
     return RegionBatch(names=[list(item["names"]) for item in items],
                        label_ids=[list(item["label_ids"]) for item in items],
-                       texture=stack("texture"), geometry=stack("geometry"),
+                       texture=stack("texture"), geometry=stack("geometry"), histograms=stack("histograms"),
+                       findings=stack("findings"),
                        reports=[item.get("reports") for item in items],
                        dropped=[dict(item.get("dropped") or {}) for item in items])
 
@@ -189,7 +208,7 @@ def collate_regions(items: Sequence[Mapping[str, Any]]) -> RegionBatch:
 class RegionTower(nn.Module):
     """Region inputs → region embeddings [N, tokens_per_region, lm_dim]: texture tokens then the geometry token."""
 
-    def __init__(self, settings: RegionSettings, shared_encoder_dim: int, lm_dim: int) -> None:
+    def __init__(self, settings: RegionSettings, shared_encoder_dim: int, lm_dim: int, in_channels: int = 1) -> None:
         super().__init__()
         from rrg3d.models.registry import COMPRESSORS, ENCODERS, PROJECTORS
 
@@ -221,6 +240,10 @@ class RegionTower(nn.Module):
             # volume fraction alone tells lung from pleura, which share a centroid and a bounding box
             width = int(self.geometry_encoder.out_dim) + (DESCRIPTOR_SIZE if settings.geometry_descriptors else 0)
             self.recognizer = nn.Linear(width, len(settings.names))
+        self.classifier: RegionFindingClassifier | None = None
+        if settings.classifier is not None:
+            self.classifier = RegionFindingClassifier(settings.names, region_classifier_config(settings.classifier),
+                                                      in_channels=in_channels)
 
     def set_trainable(self, *, encoder: bool, compressor: bool, projector: bool) -> None:
         """A texture encoder of its own trains with ``encoder``, the texture compressor with ``compressor``, the
@@ -289,6 +312,17 @@ class RegionTower(nn.Module):
             start += count
         return names
 
+    def region_calls(self, regions: RegionBatch) -> list[list[list[str]]]:
+        """The region classifier's calls for each slot of each sample (``[sample][slot] → abnormalities``)."""
+        if self.classifier is None:
+            raise ValueError("this region model has no region classifier (vision.regions.classifier)")
+        if regions.histograms is None:
+            raise ValueError("this region model calls findings from each region's histogram, the batch has none")
+        flat = [name for names in regions.names for name in names]
+        device = self.classifier.columns.device
+        calls = self.classifier.calls(self.classifier(regions.histograms.to(device), flat))
+        return split_slots(calls, regions.counts)
+
     def recognition_loss(self, regions: RegionBatch) -> torch.Tensor:
         """Cross-entropy of the head against each slot's true region."""
         index = {name: i for i, name in enumerate(self.settings.names)}
@@ -301,6 +335,15 @@ class RegionTower(nn.Module):
         if not target.numel():  # no slot in the batch: no loss, but a graph
             return logits.float().sum() * 0.0
         return nn.functional.cross_entropy(logits.float(), target)
+
+
+def split_slots(flat: Sequence[Any], counts: Sequence[int]) -> list[list[Any]]:
+    """Per-slot values of a whole batch (samples' slots one after the other) as one list per sample."""
+    out, start = [], 0
+    for count in counts:
+        out.append(list(flat[start: start + count]))
+        start += count
+    return out
 
 
 #: the length of :func:`mask_descriptors`' vectors
@@ -367,21 +410,30 @@ def splice_regions(embeddings: torch.Tensor, input_ids: torch.Tensor, region_emb
 # ------------------------------------------------------------------------------------------------ prompts and text
 
 
-def region_block(names: Sequence[str], settings: RegionSettings, recognized: Sequence[str] | None = None) -> str:
+def region_block(names: Sequence[str], settings: RegionSettings, recognized: Sequence[str] | None = None,
+                 calls: Sequence[Sequence[str]] | None = None) -> str:
     """The prompt lines of a sample's region slots (empty without region tokens); ``recognized``: the name a
-    recognition head gave each slot (models with ``recognizer``)."""
+    recognition head gave each slot (models with ``recognizer``); ``calls``: the abnormalities the region classifier
+    calls in each slot (models with ``classifier``), written as ``calls: a, b`` (or ``calls: none``)."""
     from rrg3d.models.language import REGION_TOKEN
 
     if not settings.has_region_tokens:
         return ""
+    if calls is not None and len(calls) != len(names):
+        raise ValueError(f"{len(calls)} call lists for {len(names)} region slots")
     if settings.alignment and settings.recognizer:
         if recognized is None or len(recognized) != len(names):
             raise ValueError("a model with a recognition head needs the recognised name of every region slot")
-        lines = [f"Region {k + 1} (recognised: {name}): {REGION_TOKEN.format(k)}" for k, name in enumerate(recognized)]
+        notes = [[f"recognised: {name}"] for name in recognized]
     elif settings.alignment:
-        lines = [f"Region {k + 1}: {REGION_TOKEN.format(k)}" for k in range(len(names))]
+        notes = [[] for _ in names]
     else:
-        lines = [f"Region {k + 1} ({name}): {REGION_TOKEN.format(k)}" for k, name in enumerate(names)]
+        notes = [[name] for name in names]
+    if calls is not None:
+        notes = [[*note, "calls: " + (", ".join(c.lower() for c in called) or "none")]
+                 for note, called in zip(notes, calls, strict=True)]
+    lines = [f"Region {k + 1}" + (f" ({'; '.join(note)})" if note else "") + f": {REGION_TOKEN.format(k)}"
+             for k, note in enumerate(notes)]
     return "\n".join(lines)
 
 

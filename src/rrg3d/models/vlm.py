@@ -43,6 +43,7 @@ from rrg3d.models.regions import (
     region_block,
     region_target,
     splice_regions,
+    split_slots,
 )
 from rrg3d.models.registry import COMPRESSORS, ENCODERS, PROJECTORS, config_from_mapping
 
@@ -99,7 +100,8 @@ class VisionTower(nn.Module):
         regions = None
         if getattr(vision, "regions", None) is not None:
             region_settings = config_from_mapping(RegionSettings, vision.regions, where="vision.regions")
-            regions = RegionTower(region_settings, int(encoder.out_dim), lm_dim)
+            regions = RegionTower(region_settings, int(encoder.out_dim), lm_dim,
+                                  in_channels=int(getattr(encoder, "in_channels", 1)))
         branches = {name: ModalityBranch(name, config_from_mapping(BranchSettings, data,
                                                                    where=f"vision.branches.{name}"), encoder, lm_dim)
                     for name, data in (getattr(vision, "branches", None) or {}).items()}
@@ -348,9 +350,12 @@ class ReportGenerator(nn.Module):
         return self.vision.regions.tokens_per_region(size, self.vision.encoder)
 
     def region_instructions(self, instructions: Sequence[str | None] | None, regions: RegionBatch,
-                            recognized: Sequence[Sequence[str]] | None = None) -> list[str]:
+                            recognized: Sequence[Sequence[str]] | None = None,
+                            calls: Sequence[Sequence[Sequence[str]] | None] | None = None) -> list[str]:
         """Each sample's instruction with its region slot lines after the image placeholder. A model with a
-        recognition head names each slot: ``recognized`` (training: the true names), else the head's names."""
+        recognition head names each slot: ``recognized`` (training: the true names), else the head's names. A model
+        with a region classifier lists each slot's calls: ``calls[b]`` where given (training: the true findings of
+        a teacher-forced sample), else the classifier's."""
         settings = self.region_settings
         if settings is None:
             raise ValueError("this model is not region-guided (vision.regions)")
@@ -361,10 +366,18 @@ class ReportGenerator(nn.Module):
             assert self.vision.regions is not None
             recognized = self.vision.regions.recognize(regions.to(self.device))
         shown = list(recognized) if recognized is not None else [None] * len(regions)
+        tower = self.vision.regions
+        listed: list[Sequence[Sequence[str]] | None] = [None] * len(regions)
+        if tower is not None and tower.classifier is not None and settings.has_region_tokens:
+            given = list(calls) if calls is not None else [None] * len(regions)
+            if len(given) != len(regions):
+                raise ValueError(f"{len(given)} region call lists for {len(regions)} region sets")
+            found = tower.region_calls(regions) if any(g is None for g in given) else given
+            listed = [g if g is not None else f for g, f in zip(given, found, strict=True)]
         out = []
-        for text, names, named in zip(base, regions.names, shown, strict=True):
+        for text, names, named, called in zip(base, regions.names, shown, listed, strict=True):
             text = text or self.config.prompt.instruction
-            block = region_block(names, settings, named)
+            block = region_block(names, settings, named, called)
             out.append(text.replace(IMAGE_TOKEN, f"{IMAGE_TOKEN}\n{block}", 1) if block else text)
         return out
 
@@ -534,8 +547,16 @@ class ReportGenerator(nn.Module):
             reports = [region_target(slots, given or {}, self.region_settings, where=name)
                        for slots, given, name in zip(regions.names, regions.reports or [None] * len(regions), names,
                                                      strict=True)]
-            # a recognition head's slot names are teacher-forced in training: the true ones
-            instructions = self.region_instructions(instructions, regions, recognized=regions.names)
+            # a recognition head's slot names are teacher-forced in training: the true ones; so are a region
+            # classifier's calls for a ``true_share`` of the samples (their slots' true findings)
+            region_calls = None
+            tower = self.vision.regions
+            if tower is not None and tower.classifier is not None and true_share > 0 and regions.findings is not None:
+                true_calls = split_slots(tower.classifier.named(regions.findings.cpu()), regions.counts)
+                chosen = (torch.rand(len(true_calls)) < true_share).tolist()
+                region_calls = [found if pick else None for found, pick in zip(true_calls, chosen, strict=True)]
+            instructions = self.region_instructions(instructions, regions, recognized=regions.names,
+                                                    calls=region_calls)
             region_tokens = self.region_tokens_per_slot(regions)
         return self.training_batch(reports, self.num_image_tokens(volumes.shape[-3:]), max_length=max_length,
                                    instructions=instructions, ids=ids, region_tokens=region_tokens)
@@ -671,6 +692,24 @@ class ReportGenerator(nn.Module):
                                                                           strict=True)},
                  "called": called}
                 for row, called in zip(logits, classifier.calls(logits), strict=True)]
+
+    @torch.inference_mode()
+    def classify_regions(self, regions: RegionBatch) -> list[dict[str, Any]] | None:
+        """The region classifier's view of each study — ``{"threshold", "regions": {region: {"probabilities":
+        {label: p}, "called": [labels]}}}``, what its slot lines list — or None without a region classifier."""
+        tower = self.vision.regions
+        if tower is None or tower.classifier is None:
+            return None
+        classifier = tower.classifier
+        if regions.histograms is None:
+            raise ValueError("this region model calls findings from each region's histogram, the batch has none")
+        flat = [name for names in regions.names for name in names]
+        logits = classifier(regions.histograms.to(classifier.columns.device), flat).float().cpu()
+        rows = [{"probabilities": {n: round(float(p), 4) for n, p in zip(classifier.labels, row.sigmoid().tolist(),
+                                                                          strict=True)},
+                 "called": called} for row, called in zip(logits, classifier.calls(logits), strict=True)]
+        return [{"threshold": classifier.threshold, "regions": dict(zip(names, slots, strict=True))}
+                for names, slots in zip(regions.names, split_slots(rows, regions.counts), strict=True)]
 
     def decode_text(self, token_ids: torch.Tensor) -> list[str]:
         return [str(t).strip() for t in self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)]

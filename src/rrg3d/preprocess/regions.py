@@ -64,13 +64,15 @@ def air_value(preset: Any) -> float:
 class RegionInputs:
     """The regions of one study in a fixed order: ``names`` (rrg3d spellings), ``label_ids`` (their values in the
     label map), ``texture`` [R, C, *texture_size] and ``geometry`` [R, 1, *geometry_size] (None when not asked for),
-    and ``dropped`` (name → why the region is left out)."""
+    ``dropped`` (name → why the region is left out) and, when asked for, each kept region's boolean ``masks`` on the
+    volume's grid."""
 
     names: list[str]
     label_ids: list[int]
     texture: torch.Tensor | None
     geometry: torch.Tensor | None
     dropped: dict[str, str] = field(default_factory=dict)
+    masks: list[np.ndarray] | None = None
 
 
 def named_masks(label_map: np.ndarray, labels: Mapping[Any, Any], names: Sequence[str], *, min_voxels: int = 1,
@@ -129,9 +131,10 @@ def geometry_mask(mask: np.ndarray, size: Sequence[int]) -> torch.Tensor:
 
 def region_inputs(volume: torch.Tensor, label_map: np.ndarray, labels: Mapping[Any, Any], names: Sequence[str], *,
                   texture_size: Sequence[int] | None, geometry_size: Sequence[int] | None, air: float,
-                  min_voxels: int = 1, where: str = "label map") -> RegionInputs:
+                  min_voxels: int = 1, where: str = "label map", keep_masks: bool = False) -> RegionInputs:
     """The region inputs of one study (see the module doc); ``texture_size`` / ``geometry_size`` None: that input is
-    not made. ``volume`` [C, D, H, W] and ``label_map`` [D, H, W] must share the grid."""
+    not made; ``keep_masks``: also return the kept regions' masks. ``volume`` [C, D, H, W] and ``label_map``
+    [D, H, W] must share the grid."""
     if tuple(label_map.shape) != tuple(volume.shape[-3:]):
         raise RRG3DError(f"{where}: label map shape {tuple(label_map.shape)} differs from the volume's "
                          f"{tuple(volume.shape[-3:])}; both must be on the model's input grid")
@@ -143,7 +146,8 @@ def region_inputs(volume: torch.Tensor, label_map: np.ndarray, labels: Mapping[A
     if geometry_size is not None:
         geometry = torch.stack([geometry_mask(m, geometry_size) for _, _, m in found]) if found else \
             torch.zeros((0, 1, *geometry_size))
-    return RegionInputs([n for n, _, _ in found], [i for _, i, _ in found], texture, geometry, dropped)
+    return RegionInputs([n for n, _, _ in found], [i for _, i, _ in found], texture, geometry, dropped,
+                        masks=[m for _, _, m in found] if keep_masks else None)
 
 
 def load_label_map(path: str | os.PathLike[str], preset: Any, *, cached: bool,

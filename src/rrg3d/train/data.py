@@ -21,6 +21,7 @@ keeps no file open.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -64,6 +65,9 @@ class Entry:
     mask: str | None = None
     mask_labels: dict[str, str] | None = None
     region_reports: dict[str, str] | None = None
+    #: region-guided models with a region classifier: the abnormalities of each region (``{region: [labels]}`` or
+    #: ``{region: {label: 0/1}}``; :func:`region_labels_of`)
+    region_labels: dict[str, Any] | None = None
     #: PET/CT presets: the study's PET (on the CT's grid when cached) and its units when the file is already SUV
     pet: str | None = None
     pet_units: str | None = None
@@ -187,6 +191,9 @@ class ReportDataset(torch.utils.data.Dataset):
                 if self.require_report and not region_reports:
                     self.skipped["no_region_reports"] = self.skipped.get("no_region_reports", 0) + 1
                     continue
+            region_labels = None
+            if self.regions is not None and getattr(self.regions, "classifier", None) is not None:
+                region_labels = region_labels_of(record, region_reports)
             report = record_text(record, self.report_field)
             if self.regions is not None and (not isinstance(report, str) or not report.strip()):
                 report = "\n".join(region_reports.values()) if region_reports else ""
@@ -212,6 +219,7 @@ class ReportDataset(torch.utils.data.Dataset):
                 mask=str(resolve(source, masks["path"])) if masks.get("path") else None,
                 mask_labels={str(k): str(v) for k, v in (masks.get("labels") or {}).items()} or None,
                 region_reports=region_reports,
+                region_labels=region_labels,
                 pet=str(resolve(source, pet)) if pet and self.preset.pet is not None else None,
                 pet_units=(record.get("meta") or {}).get("pet_units"),
                 style=record.get("style") if isinstance(record.get("style"), str) else None,
@@ -284,7 +292,8 @@ class ReportDataset(torch.utils.data.Dataset):
         except RRG3DError as exc:
             raise RRG3DError(f"study {entry.id!r}: {exc}") from exc
         return region_item(volume, label_map, entry.mask_labels, self.regions, self.preset,
-                           reports=entry.region_reports, where=f"study {entry.id!r}: {entry.mask}")
+                           reports=entry.region_reports, region_labels=entry.region_labels,
+                           where=f"study {entry.id!r}: {entry.mask}")
 
     def label_matrix(self) -> torch.Tensor:
         """``[N, 18]`` labels of every item (NaN where unknown) without reading any volume."""
@@ -311,19 +320,56 @@ def record_text(record: dict[str, Any], field: str = "report") -> str | None:
 
 
 def region_item(volume: torch.Tensor, label_map: np.ndarray, labels: dict[str, str], settings: Any, preset: Preset,
-                *, reports: dict[str, str] | None = None, where: str = "label map") -> dict[str, Any]:
+                *, reports: dict[str, str] | None = None, region_labels: dict[str, Any] | None = None,
+                where: str = "label map") -> dict[str, Any]:
     """The ``regions`` entry of an item: :func:`rrg3d.preprocess.regions.region_inputs` as a dict (``names``,
     ``label_ids``, ``texture``, ``geometry``, ``dropped``) plus the reference region ``reports`` (None at
-    inference). Texture crops are ``settings.texture_size`` (default the preset's shape), air outside the region."""
+    inference). Texture crops are ``settings.texture_size`` (default the preset's shape), air outside the region.
+    With a region classifier (``settings.classifier``) also each region's masked intensity ``histograms`` and its
+    abnormalities ``findings`` [R, 18] from ``region_labels`` (NaN where unknown: always at inference)."""
     from rrg3d.preprocess.regions import air_value, region_inputs
 
     texture_size = (settings.texture_size or tuple(preset.shape)) if settings.texture else None
+    classifier = getattr(settings, "classifier", None)
     inputs = region_inputs(volume, label_map, labels, settings.names, texture_size=texture_size,
                            geometry_size=settings.geometry_size if settings.geometry else None,
                            air=settings.air if settings.air is not None else air_value(preset),
-                           min_voxels=settings.min_voxels, where=where)
-    return {"names": inputs.names, "label_ids": inputs.label_ids, "texture": inputs.texture,
+                           min_voxels=settings.min_voxels, where=where, keep_masks=classifier is not None)
+    item = {"names": inputs.names, "label_ids": inputs.label_ids, "texture": inputs.texture,
             "geometry": inputs.geometry, "dropped": inputs.dropped, "reports": reports}
+    if classifier is not None:
+        from rrg3d.models.region_classifier import region_classifier_config, region_histograms, region_label_rows
+
+        config = region_classifier_config(classifier)
+        assert inputs.masks is not None
+        item["histograms"] = region_histograms(volume, inputs.masks, config.histogram_bins, config.histogram_range)
+        try:
+            rows = region_label_rows(inputs.names, region_labels)
+        except ValueError as exc:
+            raise RRG3DError(f"{where}: region_labels: {exc}") from exc
+        item["findings"] = torch.tensor(rows, dtype=torch.float32).reshape(len(inputs.names), len(LABEL_NAMES))
+    return item
+
+
+@functools.cache
+def _rule_labeler() -> Any:
+    from rrg3d.text.labeler import RuleLabeler
+
+    return RuleLabeler()
+
+
+def region_labels_of(record: dict[str, Any], region_reports: dict[str, str] | None) -> dict[str, Any] | None:
+    """A record's abnormalities per region, the targets of a region classifier: its ``region_labels``, a phantom's
+    ``meta.region_truth``, or else the rule labeler's reading of its region reports (None without any of them)."""
+    given = record.get("region_labels") or (record.get("meta") or {}).get("region_truth")
+    if isinstance(given, dict):
+        return given
+    if not region_reports:
+        return None
+    names = list(region_reports)
+    rows = _rule_labeler().predict([region_reports[n] for n in names])
+    return {name: [label for label, on in zip(LABEL_NAMES, row.tolist(), strict=True) if on]
+            for name, row in zip(names, rows, strict=True)}
 
 
 def collate_reports(items: list[dict[str, Any]]) -> dict[str, Any]:

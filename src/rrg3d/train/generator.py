@@ -191,8 +191,10 @@ def fit_generator_statistics(model: nn.Module, dataset: Any, recipe: Recipe, dev
     classifier = model.vision.classifier
     fit_classifier = (classifier is not None and not bool(classifier.fitted)
                       and any(p.requires_grad for p in classifier.parameters()))
+    region_classifier = model.vision.regions.classifier if model.vision.regions is not None else None
+    fit_regions = region_classifier is not None and not region_classifier.fitted
     parts = model.vision.unfitted_parts()
-    if not parts and not fit_classifier:
+    if not parts and not fit_classifier and not fit_regions:
         return
     count = min(recipe.data.fit_samples, len(dataset))
     subset = torch.utils.data.Subset(dataset, range(count))
@@ -220,6 +222,34 @@ def fit_generator_statistics(model: nn.Module, dataset: Any, recipe: Recipe, dev
             model.vision.train(was_training)
         loss = classifier.fit(torch.cat(features), torch.cat(labels))
         log.info("fitted the finding classifier on %d training studies (loss %.4f)", count, loss)
+    if fit_regions:
+        fit_region_classifier(region_classifier, subset, batch_size)
+
+
+def region_classifier_inputs(dataset: Any, batch_size: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """Every region slot of ``dataset``: its masked histogram, its region and its abnormalities ``[N, 18]``."""
+    histograms, names, findings = [], [], []
+    for batch in iterate_batches(dataset, batch_size):
+        regions = batch["regions"]
+        if regions.histograms is None or regions.findings is None:
+            raise ValueError("the dataset's region items carry no histograms or findings: build it with the model's "
+                             "region settings (vision.regions.classifier)")
+        histograms.append(regions.histograms)
+        findings.append(regions.findings)
+        names += [name for slots in regions.names for name in slots]
+    return torch.cat(histograms), names, torch.cat(findings)
+
+
+def fit_region_classifier(classifier: nn.Module, dataset: Any, batch_size: int) -> None:
+    """Fit a region classifier's heads on the region slots of ``dataset`` (training studies); raises when no
+    region has known labels (the manifest gives no region_labels, region_truth or region reports)."""
+    histograms, names, findings = region_classifier_inputs(dataset, batch_size)
+    losses = classifier.fit(histograms, names, findings)
+    if not losses:
+        raise ValueError("the region classifier found no region with known abnormalities among the training studies "
+                         "(give region_labels or region_reports in the manifest)")
+    log.info("fitted the region classifier on %d region slots of %d training studies (%d regions; mean loss %.4f)",
+             len(names), len(dataset), len(losses), sum(losses.values()) / len(losses))
 
 
 def set_generator_preset(model: nn.Module, preset: Any) -> None:
@@ -340,6 +370,18 @@ def validate_classifier(model: nn.Module, dataset: Any, batch_size: int, context
 
 
 @torch.no_grad()
+def validate_region_classifier(classifier: nn.Module, dataset: Any, batch_size: int) -> dict[str, float]:
+    """A region classifier on the validation split's region slots: its common threshold chosen there (best pooled
+    micro-F1; the probe does not change while the model trains, so every validation picks the same value) and the
+    micro-F1 at it."""
+    histograms, names, findings = region_classifier_inputs(dataset, batch_size)
+    logits = classifier(histograms.to(classifier.columns.device), names).cpu()
+    threshold = classifier.calibrate(logits, findings)
+    return {"region_classifier_threshold": threshold,
+            "region_classifier_micro_f1": classifier.micro_f1(logits, findings)}
+
+
+@torch.no_grad()
 def validate_generator(model: nn.Module, dataset: Any, recipe: Recipe, context: RunContext) -> dict[str, float]:
     """Validation loss, the loss with other studies' images and the image gain (see
     :func:`image_conditioned_losses`), and a few greedy reports written to ``samples.jsonl`` when asked."""
@@ -347,6 +389,9 @@ def validate_generator(model: nn.Module, dataset: Any, recipe: Recipe, context: 
     metrics: dict[str, float] = {}
     if model.vision.classifier is not None:
         metrics.update(validate_classifier(model, dataset, batch_size, context))
+    region_classifier = model.vision.regions.classifier if model.vision.regions is not None else None
+    if region_classifier is not None and region_classifier.fitted:
+        metrics.update(validate_region_classifier(region_classifier, dataset, batch_size))
     losses = image_conditioned_losses(model, dataset, batch_size, recipe.data.max_length, context.accelerator.autocast,
                                       context.accelerator.device)
     metrics["val_loss"] = losses["loss"]
