@@ -31,7 +31,7 @@ Enable it in a model config with ``vision.classifier: {hidden: 0, histogram_bins
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -329,22 +329,35 @@ class FindingClassifier(nn.Module):
     @torch.no_grad()
     def micro_f1(self, logits: Tensor, labels: Tensor, threshold: float | None = None) -> float:
         """Micro-F1 of the calls at ``threshold`` (default: the buffer) against ``labels [B, 18]`` (NaN ignored)."""
-        probs = torch.sigmoid(logits.float().cpu())
-        targets = self.targets(labels.cpu()).float()
-        known = ~torch.isnan(targets)
-        truth = targets.nan_to_num(0.0).bool() & known
-        called = (probs >= (float(self.threshold) if threshold is None else threshold)) & known
-        denominator = float(called.sum() + truth.sum())
-        return 2 * float((called & truth).sum()) / denominator if denominator else 0.0
+        return calls_micro_f1(logits, self.targets(labels.cpu()),
+                              float(self.threshold) if threshold is None else threshold)
 
     @torch.no_grad()
     def calibrate(self, logits: Tensor, labels: Tensor, grid: Sequence[float] | None = None) -> float:
         """Set ``threshold`` to the value of ``grid`` (default 0.05 … 0.95) with the best micro-F1 on these studies
         (NaN labels ignored; ties: the value nearest 0.5). Returns the threshold."""
-        best: tuple[float, float] = (-1.0, 0.5)
-        for value in grid or [round(0.05 * i, 2) for i in range(1, 20)]:
-            f1 = self.micro_f1(logits, labels, float(value))
-            if f1 > best[0] + 1e-12 or (abs(f1 - best[0]) <= 1e-12 and abs(value - 0.5) < abs(best[1] - 0.5)):
-                best = (f1, float(value))
-        self.threshold.fill_(best[1])
-        return best[1]
+        best = best_threshold(lambda value: self.micro_f1(logits, labels, value), grid)
+        self.threshold.fill_(best)
+        return best
+
+
+def calls_micro_f1(logits: Tensor, targets: Tensor, threshold: float) -> float:
+    """Micro-F1 of the calls ``sigmoid(logits) ≥ threshold`` against ``targets`` of the same shape (NaN: unknown,
+    ignored); 0 when nothing is called or true."""
+    probs = torch.sigmoid(logits.float().cpu())
+    targets = targets.cpu().float()
+    known = ~torch.isnan(targets)
+    truth = targets.nan_to_num(0.0).bool() & known
+    called = (probs >= threshold) & known
+    denominator = float(called.sum() + truth.sum())
+    return 2 * float((called & truth).sum()) / denominator if denominator else 0.0
+
+
+def best_threshold(score: Callable[[float], float], grid: Sequence[float] | None = None) -> float:
+    """The value of ``grid`` (default 0.05 … 0.95) with the highest ``score``; ties: the value nearest 0.5."""
+    best: tuple[float, float] = (-1.0, 0.5)
+    for value in grid or [round(0.05 * i, 2) for i in range(1, 20)]:
+        found = score(float(value))
+        if found > best[0] + 1e-12 or (abs(found - best[0]) <= 1e-12 and abs(value - 0.5) < abs(best[1] - 0.5)):
+            best = (found, float(value))
+    return best[1]

@@ -30,7 +30,13 @@ import torch
 from torch import Tensor, nn
 
 from rrg3d.errors import ConfigError
-from rrg3d.models.classifier import ClassifierConfig, FindingClassifier, soft_histogram
+from rrg3d.models.classifier import (
+    ClassifierConfig,
+    FindingClassifier,
+    best_threshold,
+    calls_micro_f1,
+    soft_histogram,
+)
 from rrg3d.text.labels import CTRATE_LABELS as LABEL_NAMES
 
 #: the ``vision.regions.classifier`` keys a region classifier accepts
@@ -201,22 +207,14 @@ class RegionFindingClassifier(nn.Module):
     @torch.no_grad()
     def micro_f1(self, logits: Tensor, labels: Tensor, threshold: float | None = None) -> float:
         """Micro-F1 of the slots' calls against their ``[N, 18]`` labels (NaN ignored)."""
-        targets = self.targets(labels.cpu().float())
-        known = ~torch.isnan(targets)
-        truth = targets.nan_to_num(0.0).bool() & known
-        called = (torch.sigmoid(logits.float().cpu()) >= (self.threshold if threshold is None else threshold)) & known
-        denominator = float(called.sum() + truth.sum())
-        return 2 * float((called & truth).sum()) / denominator if denominator else 0.0
+        return calls_micro_f1(logits, self.targets(labels.cpu().float()),
+                              self.threshold if threshold is None else threshold)
 
     @torch.no_grad()
     def calibrate(self, logits: Tensor, labels: Tensor, grid: Sequence[float] | None = None) -> float:
         """Set every head's threshold to the value of ``grid`` (default 0.05 … 0.95) with the best pooled micro-F1
         on these slots (ties: the value nearest 0.5). Returns it."""
-        best: tuple[float, float] = (-1.0, 0.5)
-        for value in grid or [round(0.05 * i, 2) for i in range(1, 20)]:
-            f1 = self.micro_f1(logits, labels, float(value))
-            if f1 > best[0] + 1e-12 or (abs(f1 - best[0]) <= 1e-12 and abs(value - 0.5) < abs(best[1] - 0.5)):
-                best = (f1, float(value))
+        best = best_threshold(lambda value: self.micro_f1(logits, labels, value), grid)
         for head in self.heads.values():
-            head.threshold.fill_(best[1])
-        return best[1]
+            head.threshold.fill_(best)
+        return best
