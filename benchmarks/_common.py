@@ -80,3 +80,18 @@ def reused_minutes(previous: dict[str, Any], stage: str, run: Path, redone: bool
     if redone or not earlier or earlier.get("run") != str(run):
         return None
     return earlier
+
+
+def arm_minutes(previous: dict[str, Any], arm: str, run: Path, *, trained: bool, generated: bool,
+                train_minutes: float, generate_minutes: float) -> dict[str, Any]:
+    """An arm's minutes: what this invocation measured, an earlier invocation's for the same run when nothing was
+    redone, and, when only the decoding was redone on a reused run, the new generation minutes with the training
+    minutes that invocation measured (``train_measured_earlier``)."""
+    minutes = reused_minutes(previous, arm, run, trained or generated) or {
+        "train": round(train_minutes, 2), "generate": round(generate_minutes, 2), "measured": trained and generated,
+        "run": str(run)}
+    earlier = reused_minutes(previous, arm, run, False)
+    if generated and not trained and earlier is not None:  # new decoding of a reused run: its training minutes
+        minutes.update(train=earlier["train"], measured=bool(earlier.get("train_measured", earlier.get("measured"))),
+                       train_measured_earlier=True)
+    return minutes

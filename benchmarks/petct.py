@@ -63,7 +63,7 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import reused_minutes, statistics, truth_scores
+from _common import arm_minutes, statistics, truth_scores
 
 ARMS: dict[str, dict[str, Any]] = {
     "ct": {"pet": False, "style": False},
@@ -366,13 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         generate_minutes = (time.perf_counter() - tick) / 60
         metrics, stats[arm] = score_arm(arm, predictions, references, refs, work / "eval" / arm, tools, args)
         arms[arm] = {"settings": ARMS[arm], "checkpoint": str(checkpoint), **metrics}
-        minutes[arm] = reused_minutes(previous, arm, checkpoint, trained or generated) or {
-            "train": round(train_minutes, 2), "generate": round(generate_minutes, 2),
-            "measured": trained and generated, "run": str(checkpoint)}
-        earlier = reused_minutes(previous, arm, checkpoint, False)
-        if generated and not trained and earlier is not None:  # new decoding of a reused run: its training minutes
-            minutes[arm].update(train=earlier["train"], measured=bool(earlier.get("train_measured", earlier.get(
-                "measured"))), train_measured_earlier=True)
+        minutes[arm] = arm_minutes(previous, arm, checkpoint, trained=trained, generated=generated,
+                                   train_minutes=train_minutes, generate_minutes=generate_minutes)
         print(f"{arm:12s} PET-All {metrics['petrg']['pet_all']['value']:.3f} "
               f"CT-All {metrics['petrg']['ct_all']['value']:.3f} CE {metrics['ce_micro_f1']['value']:.3f} "
               f"style {metrics['style_adherence']['value']:.2f}/{metrics['style_adherence_other']['value']:.2f} "

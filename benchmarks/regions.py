@@ -72,7 +72,7 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import reused_minutes, statistics, truth_scores
+from _common import arm_minutes, reused_minutes, statistics, truth_scores
 
 ARMS: dict[str, dict[str, Any]] = {
     "global": {"texture": False, "geometry": False, "global_tokens": True, "alignment": False},
@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mixed-precision", default="auto", choices=["no", "bf16", "auto"],
                         help="training precision of the arms (auto: bf16 where the CPU computes it natively)")
     parser.add_argument("--max-new-tokens", type=int, default=400)
-    parser.add_argument("--generate-batch", type=int, default=8)
+    parser.add_argument("--generate-batch", type=int, default=40,
+                        help="test studies decoded together (greedy: the reports do not depend on it)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--diagnosis", default="regions", choices=["regions", "none"],
                         help="regions: the global arm gets a block-histogram finding classifier, the region arms a "
@@ -218,7 +219,7 @@ def train_arm(arm: str, manifest: Path, work: Path, args: argparse.Namespace, en
         overrides["model.vision_init"] = str(encoder)
     if args.diagnosis == "regions":  # probes fitted before the first step, then kept; true findings in training
         overrides["model.true_findings_share"] = 1.0
-        if "classifier" in config["vision"]:
+        if config["vision"].get("classifier"):
             overrides.update({"model.train.classifier": True, "model.classifier_weight": 0.0,
                               "optim.lr_multipliers": json.dumps({"vision.classifier": 0.0})})
     key = hashlib.sha256(json.dumps([config, overrides], sort_keys=True).encode()).hexdigest()[:12]
@@ -455,9 +456,8 @@ def main(argv: list[str] | None = None) -> int:
         generate_minutes = (time.perf_counter() - tick) / 60
         metrics, truths[arm] = score_arm(predictions, references, work / "eval" / arm, labeler, args)
         arms[arm] = {"settings": ARMS[arm], "checkpoint": str(checkpoint), **metrics}
-        minutes[arm] = reused_minutes(previous, arm, checkpoint, trained or generated) or {
-            "train": round(train_minutes, 2), "generate": round(generate_minutes, 2),
-            "measured": trained and generated, "run": str(checkpoint)}
+        minutes[arm] = arm_minutes(previous, arm, checkpoint, trained=trained, generated=generated,
+                                   train_minutes=train_minutes, generate_minutes=generate_minutes)
         calls = metrics["classifier_calls"]
         print(f"{arm:26s} CE micro-F1 {metrics['ce_micro_f1']['value']:.3f} "
               f"[{metrics['ce_micro_f1']['ci95'][0]:.3f}, {metrics['ce_micro_f1']['ci95'][1]:.3f}]  "
