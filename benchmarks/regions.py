@@ -486,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
         "recognition_f1": bool(recognition) and all(v is None or v >= TARGETS["recognition_f1"]
                                                     for v in recognition.values()),
         "texture_memory_gb": memory["peak_gb"] <= TARGETS["texture_memory_gb"],
-        "budget": measured <= args.budget_minutes,
+        # every stage's minutes measured (here or by the invocation that ran it), none reused unmeasured
+        "budget": measured <= args.budget_minutes and all(m.get("measured") for m in minutes.values()),
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2) + "\n")
