@@ -404,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         "style_above_without": bool(style and without) and style["other"]["ci95"][0] > without["other"]["ci95"][1],
         "extractor_vs_truth": bool(truth) and all(truth[k] is not None and truth[k] >= TARGETS["extractor_vs_truth"]
                                                   for k in SCORE_NAMES),
-        "budget": measured <= args.budget_minutes,
+        # every stage's minutes measured (here or by the invocation that ran it), none reused unmeasured
+        "budget": measured <= args.budget_minutes and all(m.get("measured") for m in minutes.values()),
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2) + "\n")
