@@ -116,7 +116,8 @@ class RegionSettings:
             if not isinstance(self.classifier, Mapping):
                 raise ConfigError("vision.regions.classifier must be a mapping (e.g. {histogram_bins: 16})")
             self.classifier = dict(self.classifier)
-            region_classifier_config(self.classifier)
+        #: ``classifier`` parsed (None without one), read by the tower and by every dataset item
+        self.classifier_config = region_classifier_config(self.classifier) if self.classifier is not None else None
         if self.recognizer and not (self.geometry and self.alignment):
             raise ConfigError("vision.regions.recognizer reads the geometry feature and names shuffled slots: it "
                               "needs geometry: true and alignment: true")
@@ -150,6 +151,11 @@ class RegionBatch:
     @property
     def counts(self) -> list[int]:
         return [len(n) for n in self.names]
+
+    @property
+    def slot_names(self) -> list[str]:
+        """The region of every slot of the batch, samples one after the other (the row order of its tensors)."""
+        return [name for names in self.names for name in names]
 
     def __len__(self) -> int:
         return len(self.names)
@@ -241,8 +247,8 @@ class RegionTower(nn.Module):
             width = int(self.geometry_encoder.out_dim) + (DESCRIPTOR_SIZE if settings.geometry_descriptors else 0)
             self.recognizer = nn.Linear(width, len(settings.names))
         self.classifier: RegionFindingClassifier | None = None
-        if settings.classifier is not None:
-            self.classifier = RegionFindingClassifier(settings.names, region_classifier_config(settings.classifier),
+        if settings.classifier_config is not None:
+            self.classifier = RegionFindingClassifier(settings.names, settings.classifier_config,
                                                       in_channels=in_channels)
 
     def set_trainable(self, *, encoder: bool, compressor: bool, projector: bool) -> None:
@@ -306,31 +312,29 @@ class RegionTower(nn.Module):
         """The region the head names for each slot of each sample."""
         with torch.no_grad():
             best = self.recognition_logits(regions).argmax(dim=-1).tolist()
-        names, start = [], 0
-        for count in regions.counts:
-            names.append([self.settings.names[i] for i in best[start: start + count]])
-            start += count
-        return names
+        return split_slots([self.settings.names[i] for i in best], regions.counts)
 
-    def region_calls(self, regions: RegionBatch) -> list[list[list[str]]]:
-        """The region classifier's calls for each slot of each sample (``[sample][slot] → abnormalities``)."""
+    def region_logits(self, regions: RegionBatch) -> torch.Tensor:
+        """The region classifier's logits [N, L] for every slot of the batch, in slot order."""
         if self.classifier is None:
             raise ValueError("this region model has no region classifier (vision.regions.classifier)")
         if regions.histograms is None:
             raise ValueError("this region model calls findings from each region's histogram, the batch has none")
-        flat = [name for names in regions.names for name in names]
-        device = self.classifier.columns.device
-        calls = self.classifier.calls(self.classifier(regions.histograms.to(device), flat))
-        return split_slots(calls, regions.counts)
+        return self.classifier(regions.histograms.to(self.classifier.columns.device), regions.slot_names)
+
+    def region_calls(self, regions: RegionBatch) -> list[list[list[str]]]:
+        """The region classifier's calls for each slot of each sample (``[sample][slot] → abnormalities``)."""
+        assert self.classifier is not None  # region_logits raises without one
+        return split_slots(self.classifier.calls(self.region_logits(regions)), regions.counts)
 
     def recognition_loss(self, regions: RegionBatch) -> torch.Tensor:
         """Cross-entropy of the head against each slot's true region."""
         index = {name: i for i, name in enumerate(self.settings.names)}
-        unknown = sorted({n for names in regions.names for n in names if n not in index})
+        unknown = sorted({n for n in regions.slot_names if n not in index})
         if unknown:
             raise ValueError(f"regions {unknown} are not among the model's region names")
         logits = self.recognition_logits(regions)
-        target = torch.tensor([index[n] for names in regions.names for n in names], device=logits.device,
+        target = torch.tensor([index[n] for n in regions.slot_names], device=logits.device,
                               dtype=torch.long)
         if not target.numel():  # no slot in the batch: no loss, but a graph
             return logits.float().sum() * 0.0

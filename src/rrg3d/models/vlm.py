@@ -701,10 +701,7 @@ class ReportGenerator(nn.Module):
         if tower is None or tower.classifier is None:
             return None
         classifier = tower.classifier
-        if regions.histograms is None:
-            raise ValueError("this region model calls findings from each region's histogram, the batch has none")
-        flat = [name for names in regions.names for name in names]
-        logits = classifier(regions.histograms.to(classifier.columns.device), flat).float().cpu()
+        logits = tower.region_logits(regions).float().cpu()
         rows = [{"probabilities": {n: round(float(p), 4) for n, p in zip(classifier.labels, row.sigmoid().tolist(),
                                                                           strict=True)},
                  "called": called} for row, called in zip(logits, classifier.calls(logits), strict=True)]

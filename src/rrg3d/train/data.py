@@ -330,7 +330,7 @@ def region_item(volume: torch.Tensor, label_map: np.ndarray, labels: dict[str, s
     from rrg3d.preprocess.regions import air_value, region_inputs
 
     texture_size = (settings.texture_size or tuple(preset.shape)) if settings.texture else None
-    classifier = getattr(settings, "classifier", None)
+    classifier = getattr(settings, "classifier_config", None)
     inputs = region_inputs(volume, label_map, labels, settings.names, texture_size=texture_size,
                            geometry_size=settings.geometry_size if settings.geometry else None,
                            air=settings.air if settings.air is not None else air_value(preset),
@@ -338,11 +338,11 @@ def region_item(volume: torch.Tensor, label_map: np.ndarray, labels: dict[str, s
     item = {"names": inputs.names, "label_ids": inputs.label_ids, "texture": inputs.texture,
             "geometry": inputs.geometry, "dropped": inputs.dropped, "reports": reports}
     if classifier is not None:
-        from rrg3d.models.region_classifier import region_classifier_config, region_histograms, region_label_rows
+        from rrg3d.models.region_classifier import region_histograms, region_label_rows
 
-        config = region_classifier_config(classifier)
         assert inputs.masks is not None
-        item["histograms"] = region_histograms(volume, inputs.masks, config.histogram_bins, config.histogram_range)
+        item["histograms"] = region_histograms(volume, inputs.masks, classifier.histogram_bins,
+                                               classifier.histogram_range)
         try:
             rows = region_label_rows(inputs.names, region_labels)
         except ValueError as exc:

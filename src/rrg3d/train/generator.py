@@ -236,7 +236,7 @@ def region_classifier_inputs(dataset: Any, batch_size: int) -> tuple[torch.Tenso
                              "region settings (vision.regions.classifier)")
         histograms.append(regions.histograms)
         findings.append(regions.findings)
-        names += [name for slots in regions.names for name in slots]
+        names += regions.slot_names
     return torch.cat(histograms), names, torch.cat(findings)
 
 
