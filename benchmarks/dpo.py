@@ -4,7 +4,10 @@ Starts from an SFT checkpoint of the learnability benchmark (``--sft``; by defau
 with diagnosis prompting in ``--work``, trained by ``benchmarks/learnability.py``, whose command is below; its
 minutes are not in this script's budget). Then, timed:
 
-1. ``rrg3d prefs build`` on the first ``--prefs-studies`` training phantoms: ``--samples`` impressions per study at
+1. ``rrg3d prefs build`` on ``--prefs-studies`` training phantoms that the SFT model's finding classifier was not
+   fitted on (``--prefs-skip``, by default its run's ``data.fit_samples``: on the studies it was fitted on its calls
+   are better than on unseen ones, and pairs built there would not show the hallucinations it causes at test time):
+   ``--samples`` impressions per study at
    temperature 1.0 (seeded per study), each scored by the label judge against the phantom's true labels
    (``max(1, 5 − wrong abnormalities)``), paired by strategy 1 (``split``: a random candidate scoring ≥ ``--threshold``
    chosen, a random one below rejected) and, from the same candidates, strategy 2 (``best-worst``, the reference
@@ -27,11 +30,13 @@ minutes (``budget_minutes``). Writes ``benchmarks/results/dpo.json``: ``sft``, `
 summaries, minutes per step and ``targets``. Each step's outputs stay in ``--work``/dpo and are reused when
 present (the stage runs resume), so a rerun only redoes what is missing.
 
-The SFT checkpoint (learnability's setup 7, about 45 minutes here)::
+The SFT checkpoint (learnability's setup 7 with the classifier's probe fitted on the first 600 of the 960 training
+phantoms and not trained further, so that 360 training phantoms are unseen by it; about 45 minutes here)::
 
     python benchmarks/learnability.py --encoders small_resnet3d --clip-steps 1200 --clip-label-weight 1.0 \\
         --findings-prompt --histogram-bins 16 --histogram-blocks 2 2 2 --true-findings-share 1.0 \\
-        --findings-order reports --max-new-tokens 128 --arms image --work /tmp/exp/p1200
+        --findings-order reports --max-new-tokens 128 --arms image --fit-samples 600 --classifier-lr-mult 0 \\
+        --work /tmp/exp/p1200
 
 then::
 
@@ -54,7 +59,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import statistics, truth_scores
 
-SFT_ARM = "small_resnet3d/image_labels1_findings_b222_ord_true100/sft/final"
+SFT_ARM = "small_resnet3d/image_labels1_findings_b222_ord_true100_fit600_clr0/sft/final"
 TARGETS = {"hallucinated_reduction": 0.25, "judge_gain": 0.3}
 
 
@@ -66,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--field", default="impression", choices=("report", "findings", "impression"),
                         help="the text the SFT model writes (learnability: impression)")
     parser.add_argument("--prefs-studies", type=int, default=200, help="training phantoms sampled for pairs")
+    parser.add_argument("--prefs-skip", type=int, default=None,
+                        help="leave out the first N training phantoms (default: the SFT run's data.fit_samples when "
+                             "its model has a finding classifier, the studies the classifier was fitted on; else 0)")
     parser.add_argument("--samples", type=int, default=6)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--threshold", type=float, default=4.0,
@@ -189,6 +197,18 @@ def train_dpo(pairs: Path, sft: Path, run_dir: Path, cache: Path, args: argparse
     return Path(train(recipe, resume=same).final), True
 
 
+def classifier_fit_studies(sft: Path) -> int:
+    """How many of the first training studies the SFT model's finding classifier was fitted on (its run's
+    ``data.fit_samples``); 0 when the model has no classifier or the run's config is not beside the checkpoint."""
+    from rrg3d.models.checkpoint import load_checkpoint
+    from rrg3d.train.recipe import recipe_from_yaml
+
+    config = sft.parent / "config.yaml"
+    if load_checkpoint(sft).vision.classifier is None or not config.is_file():
+        return 0
+    return int(recipe_from_yaml(config.read_text()).data.fit_samples)
+
+
 def minutes_since(tick: float) -> float:
     return round((time.perf_counter() - tick) / 60, 2)
 
@@ -230,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
                                                               num_beams=1)
     labeler = load_labeler(None)
     minutes = StepMinutes(folder / "step_minutes.json")
+    skip = classifier_fit_studies(sft) if args.prefs_skip is None else args.prefs_skip
+    print(f"pairs from training phantoms {skip}..{skip + args.prefs_studies - 1} (the finding classifier was fitted on "
+          f"the first {skip})", flush=True)
 
     tick = time.perf_counter()
     candidates = folder / "candidates.jsonl"
@@ -239,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = build_preferences(manifest, sft, folder / f"pairs_{strategy}.jsonl", judge="label",
                                     samples=args.samples, temperature=args.temperature, strategy=strategy,
                                     threshold=args.threshold, field=args.field, max_new_tokens=args.max_new_tokens,
-                                    candidates=candidates, cache_dir=cache, limit=args.prefs_studies, seed=args.seed)
+                                    candidates=candidates, cache_dir=cache, limit=args.prefs_studies, skip=skip,
+                                    seed=args.seed)
         summaries[strategy] = summary.as_dict()
         sampled += summary.sampled
         print(f"pairs ({strategy}): {summary.pairs} of {summary.studies} studies; dropped {summary.dropped}; "
@@ -286,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         "within_budget": bool(total <= args.budget_minutes),
     }
     result = {"benchmark": "dpo", "args": vars(args), "sft_checkpoint": str(sft), "budget_minutes": args.budget_minutes,
+              "prefs_skipped": skip,
               "minutes": {**minutes.used, "total": total, "this_invocation": minutes_since(start)},
               "pairs": summaries, "pairs_at_threshold_3": at_three, "sft": sft_metrics,
               "sft_hallucination_origin": hallucination_origin(sft_predictions, references, labeler),

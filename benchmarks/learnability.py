@@ -88,13 +88,18 @@ FINDINGS_PROMPT = "Findings the image classifier calls: {findings}."
 def findings_variant(args: argparse.Namespace, teacher: bool = True) -> str:
     """The suffix of a diagnosis-prompt arm's folder (and, without ``teacher``, its model config): ``_findings``,
     + ``_b222`` with block histograms, + ``_ord`` with calls in report order, + ``_true100`` with teacher-forced
-    prompts."""
+    prompts, + ``_fit600`` / ``_clr0`` with a classifier fitted on 600 studies / not trained in align."""
     if not args.findings_prompt:
         return ""
     blocks = "".join(str(b) for b in args.histogram_blocks)
     share = round(100 * args.true_findings_share) if teacher else 0
     order = "_ord" if args.findings_order == "reports" else ""
-    return "_findings" + ("" if blocks == "111" else f"_b{blocks}") + order + (f"_true{share}" if share else "")
+    fitted = ""
+    if teacher:
+        fitted = (f"_fit{args.fit_samples}" if args.fit_samples else "") + \
+            (f"_clr{args.classifier_lr_mult:g}" if args.classifier_lr_mult != 1 else "")
+    return ("_findings" + ("" if blocks == "111" else f"_b{blocks}") + order + (f"_true{share}" if share else "")
+            + fitted)
 
 
 def generator_architecture(architecture: str, work: Path, args: argparse.Namespace) -> str:
@@ -336,10 +341,10 @@ def train_arm(architecture: str, manifest: Path, run_dir: Path, args: argparse.N
         clip = train_clip(architecture, manifest, run_dir, args, common, clip_metrics)
         vision_init = [f"model.vision_init={clip}"]
     common[0] = f"model.config={generator}"  # CLIP trained the encoder alone; the generator may add a classifier
-    # a finding classifier is fitted on every training study before align (its probe), then trains beside the
-    # projector; its threshold is chosen on the whole validation split
+    # a finding classifier is fitted on the first --fit-samples training studies (default: every one) before align
+    # (its probe), then trains beside the projector; its threshold is chosen on the whole validation split
     classifier_rate = [f"optim.lr_multipliers={{vision.classifier: {args.classifier_lr_mult}}}",
-                       f"data.fit_samples={args.phantoms}"]
+                       f"data.fit_samples={args.fit_samples or args.phantoms}"]
     # teacher-forced diagnosis prompts (a share of the training prompts list the true findings): align and sft
     teacher = ([f"model.true_findings_share={args.true_findings_share}"]
                if args.findings_prompt and args.true_findings_share else [])
@@ -557,6 +562,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --findings-prompt: one intensity histogram per block of this grid (2 2 2: octants)")
     parser.add_argument("--classifier-lr-mult", type=float, default=1.0,
                         help="with --findings-prompt: the classifier's lr in align as a multiple of --align-lr")
+    parser.add_argument("--fit-samples", type=int, default=None,
+                        help="with --findings-prompt: fit the classifier's probe on the first N training phantoms "
+                             "(default: all); with --classifier-lr-mult 0 the rest are studies it never saw, where "
+                             "its calls err as on test studies (benchmarks/dpo.py builds its pairs there)")
     parser.add_argument("--true-findings-share", type=float, default=1.0,
                         help="with --findings-prompt: share of the align and SFT training prompts that list the true "
                              "findings instead of the classifier's calls (teacher forcing; validation and the test "

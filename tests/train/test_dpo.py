@@ -93,6 +93,18 @@ def test_prefs_build_refuses_held_out_splits_and_records_failures(tmp_path, phan
     assert main([*args, "--temperature", "0.7"]) == 2
 
 
+def test_prefs_build_skips_the_studies_a_classifier_was_fitted_on(tmp_path, phantoms, sft_checkpoint, cache_dir):
+    out = tmp_path / "pairs.jsonl"
+    base = ["prefs", "build", str(phantoms), "--model", str(sft_checkpoint), "--out", str(out), "--samples", "2",
+            "--max-new-tokens", "4", "--cache-dir", str(cache_dir), "--no-progress"]
+    train_ids = [r["id"] for r in _jsonl(phantoms) if r["split"] == "train"]
+    assert main([*base, "--skip", str(len(train_ids))]) == 2 and main([*base, "--skip", "-1"]) == 2
+    assert main([*base, "--skip", "4", "--limit", "1"]) in (0, 1)
+    assert [r["id"] for r in _jsonl(f"{out}.candidates.jsonl")] == train_ids[4:5]
+    summary = json.loads(Path(f"{out}.summary.json").read_text())
+    assert summary["studies"] == 1 and summary["skip"] == 4 and summary["limit"] == 1
+
+
 def _log(run):
     with open(run / "train_log.csv", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))

@@ -49,7 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--candidates", default=None, metavar="PATH",
                        help="candidates file (default PAIRS.jsonl.candidates.jsonl); share it to re-pair")
     build.add_argument("--cache-dir", default=None, help="preprocessing cache root (default: on the fly)")
-    build.add_argument("--limit", type=int, default=None, help="only the first N studies of the split")
+    build.add_argument("--limit", type=int, default=None, help="only the first N studies of the split (after --skip)")
+    build.add_argument("--skip", type=int, default=0,
+                       help="leave out the split's first N studies: those a finding classifier was fitted on "
+                            "(data.fit_samples), where its calls are better than on unseen studies (default 0)")
     build.add_argument("--device", default=None, help="torch device (default cpu)")
     build.add_argument("--strict", action="store_true", help=STRICT_HELP)
     build.add_argument("--no-progress", action="store_true")
@@ -67,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
                                 temperature=args.temperature, strategy=args.strategy, threshold=args.threshold,
                                 split=args.split, seed=args.seed, field=args.field,
                                 max_new_tokens=args.max_new_tokens, candidates=args.candidates,
-                                cache_dir=args.cache_dir, limit=args.limit, device=args.device,
+                                cache_dir=args.cache_dir, limit=args.limit, skip=args.skip, device=args.device,
                                 progress=not args.no_progress)
     rows = [("studies", summary.studies), ("sampled now", summary.sampled), ("resumed", summary.resumed),
             ("failed", summary.failed), ("pairs", summary.pairs),

@@ -204,11 +204,14 @@ def build_preferences(manifest: str | os.PathLike[str], model_path: str | os.Pat
                       temperature: float = 1.0, strategy: str = "split", threshold: float = 3.0,
                       split: str = "train", seed: int = 0, field: str = "report", max_new_tokens: int | None = None,
                       candidates: str | os.PathLike[str] | None = None, cache_dir: str | os.PathLike[str] | None = None,
-                      limit: int | None = None, device: str | None = None, progress: bool = True,
+                      limit: int | None = None, skip: int = 0, device: str | None = None, progress: bool = True,
                       judge_options: dict[str, Any] | None = None) -> PrefsSummary:
     """Sample ``samples`` reports per study of ``split`` from the checkpoint ``model_path``, score each with
     ``judge`` (a :func:`rrg3d.judge.make_judge` spec), pair them by ``strategy`` and write ``out`` (see the module
-    doc for the files). Resumable; failures are recorded and the batch goes on."""
+    doc for the files). ``skip`` leaves out the split's first studies and ``limit`` keeps the next ones: skip those a
+    finding classifier was fitted on (the first ``data.fit_samples`` training studies), whose calls are better there
+    than on studies it never saw, so pairs built on them would not show the errors it makes at test time. Resumable;
+    failures are recorded and the batch goes on."""
     import torch
     from tqdm.auto import tqdm
 
@@ -220,6 +223,8 @@ def build_preferences(manifest: str | os.PathLike[str], model_path: str | os.Pat
     check_split(split)
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown pairing strategy {strategy!r} (use {' or '.join(STRATEGIES)})")
+    if skip < 0:
+        raise ConfigError(f"--skip must be >= 0, got {skip}")
     if samples < 2:
         raise ConfigError(f"--samples must be >= 2 to form a pair, got {samples}")
     if temperature <= 0:
@@ -244,7 +249,9 @@ def build_preferences(manifest: str | os.PathLike[str], model_path: str | os.Pat
         raise RRG3DError(f"{manifest}: no study of split {split!r} has a {field!r} text and a CT")
     records_by_id = {str(r["id"]): r for r in _manifest_records(manifest)}
     label_names = getattr(scorer, "label_names", None)
-    indices = list(range(len(dataset)))[: limit if limit is not None else None]
+    indices = list(range(len(dataset)))[skip:][: limit if limit is not None else None]
+    if not indices:
+        raise RRG3DError(f"{manifest}: --skip {skip} leaves none of the {len(dataset)} studies of split {split!r}")
     summary = PrefsSummary(studies=len(indices))
     generation = model.config.generation.replace(temperature=float(temperature), num_beams=1,
                                                  **({"max_new_tokens": int(max_new_tokens)} if max_new_tokens else {}))
@@ -294,6 +301,7 @@ def build_preferences(manifest: str | os.PathLike[str], model_path: str | os.Pat
     summary.seconds = time.perf_counter() - start
     atomic_write_json(files["summary"], {**summary.as_dict(), "settings": dataclasses.asdict(settings),
                                          "strategy": strategy, "threshold": threshold, "manifest": str(manifest),
+                                         "skip": skip, "limit": limit,
                                          "files": {k: str(v) for k, v in files.items()}})
     if cache is not None:
         scorer.close()
