@@ -1,12 +1,18 @@
 """Does DPO on judge-scored pairs make the reports more faithful? SFT vs DPO on held-out phantoms.
 
 Starts from an SFT checkpoint of the learnability benchmark (``--sft``; by default the ``small_resnet3d`` image arm
-with diagnosis prompting in ``--work``, trained by ``benchmarks/learnability.py``, whose command is below; its
-minutes are not in this script's budget). Then, timed:
+without diagnosis prompting in ``--work`` — the language model decides the findings from the visual tokens, as in
+3D-CT-GPT++ — trained by ``benchmarks/learnability.py``, whose command is below; its minutes are not in this
+script's budget). With diagnosis prompting the model copies its classifier's calls into every sample, so the
+candidates of a study hardly differ in their findings and DPO has little to choose between (the earlier runs, kept
+in ``benchmarks/results/dpo_classifier_fitted_on_all.json``). Then, timed:
 
-1. ``rrg3d prefs build`` on ``--prefs-studies`` training phantoms that the SFT model's finding classifier was not
-   fitted on (``--prefs-skip``, by default its run's ``data.fit_samples``: on the studies it was fitted on its calls
-   are better than on unseen ones, and pairs built there would not show the hallucinations it causes at test time):
+1. ``rrg3d prefs build`` on ``--prefs-studies`` training phantoms that the SFT model never saw: by default
+   (``--prefs-from fresh``) the training split of a new phantom set of the same shape (``--prefs-seed``), because
+   the SFT model has learnt its own training studies — its samples there are nearly all right (mean label-judge
+   score 4.3 where its greedy test reports score about 2.6), so pairs built on them do not show the mistakes it makes
+   on new scans; ``--prefs-from train`` uses the SFT run's training split, skipping the first ``--prefs-skip``
+   studies (by default the run's ``data.fit_samples``, those its finding classifier was fitted on).
    ``--samples`` impressions per study at
    temperature 1.0 (seeded per study), each scored by the label judge against the phantom's true labels
    (``max(1, 5 − wrong abnormalities)``), paired by strategy 1 (``split``: a random candidate scoring ≥ ``--threshold``
@@ -30,13 +36,14 @@ minutes (``budget_minutes``). Writes ``benchmarks/results/dpo.json``: ``sft``, `
 summaries, minutes per step and ``targets``. Each step's outputs stay in ``--work``/dpo and are reused when
 present (the stage runs resume), so a rerun only redoes what is missing.
 
-The SFT checkpoint (learnability's setup 7 with the classifier's probe fitted on the first 600 of the 960 training
-phantoms and not trained further, so that 360 training phantoms are unseen by it; about 45 minutes here)::
+The SFT checkpoint (learnability's image arm: CT-CLIP with label supervision, align, LoRA SFT on the impressions;
+about 45 minutes here)::
 
     python benchmarks/learnability.py --encoders small_resnet3d --clip-steps 1200 --clip-label-weight 1.0 \\
-        --findings-prompt --histogram-bins 16 --histogram-blocks 2 2 2 --true-findings-share 1.0 \\
-        --findings-order reports --max-new-tokens 128 --arms image --fit-samples 600 --classifier-lr-mult 0 \\
-        --work /tmp/exp/p1200
+        --no-findings-prompt --max-new-tokens 128 --arms image --work /tmp/exp/p1200
+
+For a diagnosis-prompting SFT model (``--sft``) fit its classifier on part of the training split
+(``--findings-prompt ... --fit-samples 600 --classifier-lr-mult 0``) and use ``--prefs-from train``.
 
 then::
 
@@ -59,7 +66,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import statistics, truth_scores
 
-SFT_ARM = "small_resnet3d/image_labels1_findings_b222_ord_true100_fit600_clr0/sft/final"
+SFT_ARM = "small_resnet3d/image_labels1/sft/final"
 TARGETS = {"hallucinated_reduction": 0.25, "judge_gain": 0.3}
 
 
@@ -71,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--field", default="impression", choices=("report", "findings", "impression"),
                         help="the text the SFT model writes (learnability: impression)")
     parser.add_argument("--prefs-studies", type=int, default=200, help="training phantoms sampled for pairs")
+    parser.add_argument("--prefs-from", choices=("fresh", "train"), default="fresh",
+                        help="fresh: the training split of a new phantom set (studies the SFT model never saw); "
+                             "train: the SFT run's own training split")
+    parser.add_argument("--prefs-seed", type=int, default=5000, help="seed of the fresh phantom set")
     parser.add_argument("--prefs-skip", type=int, default=None,
                         help="leave out the first N training phantoms (default: the SFT run's data.fit_samples when "
                              "its model has a finding classifier, the studies the classifier was fitted on; else 0)")
@@ -175,7 +186,7 @@ def generate(checkpoint: Path, references: Path, out: Path, settings: Any) -> bo
 
 def dpo_run_name(strategy: str, args: argparse.Namespace) -> str:
     """A DPO run's folder: the strategy and the settings that change it (reruns with others keep both)."""
-    return f"run_{strategy}_{args.loss}_b{args.beta:g}_lr{args.lr:g}_e{args.epochs}"
+    return f"run_{args.prefs_from}_{strategy}_{args.loss}_b{args.beta:g}_lr{args.lr:g}_e{args.epochs}"
 
 
 def train_dpo(pairs: Path, sft: Path, run_dir: Path, cache: Path, args: argparse.Namespace) -> tuple[Path, bool]:
@@ -207,6 +218,18 @@ def classifier_fit_studies(sft: Path) -> int:
     if load_checkpoint(sft).vision.classifier is None or not config.is_file():
         return 0
     return int(recipe_from_yaml(config.read_text()).data.fit_samples)
+
+
+def fresh_phantoms(work: Path, folder: Path, args: argparse.Namespace) -> Path:
+    """A new phantom set like ``work/phantoms`` (shape, styles) of seed ``--prefs-seed``, with at least
+    ``--prefs-studies`` studies in its training split (phantoms split 80/10/10; only the training split is used)."""
+    from rrg3d.data.phantom import PhantomConfig, generate_phantoms
+
+    like = json.loads((work / "phantoms" / "phantom.json").read_text())
+    count = -(-args.prefs_studies * 10 // 8) + 8
+    return generate_phantoms(PhantomConfig(n=count, seed=args.prefs_seed, shape=tuple(like["shape"]),
+                                           styles=int(like.get("styles") or 1)),
+                             folder / f"prefs_phantoms_seed{args.prefs_seed}", workers=2, progress=False)
 
 
 def minutes_since(tick: float) -> float:
@@ -250,25 +273,31 @@ def main(argv: list[str] | None = None) -> int:
                                                               num_beams=1)
     labeler = load_labeler(None)
     minutes = StepMinutes(folder / "step_minutes.json")
-    skip = classifier_fit_studies(sft) if args.prefs_skip is None else args.prefs_skip
-    print(f"pairs from training phantoms {skip}..{skip + args.prefs_studies - 1} (the finding classifier was fitted on "
-          f"the first {skip})", flush=True)
-
     tick = time.perf_counter()
-    candidates = folder / "candidates.jsonl"
+    if args.prefs_from == "fresh":
+        prefs_manifest = fresh_phantoms(work, folder, args)
+        prefs_cache = prefs_manifest.parent.parent / f"{prefs_manifest.parent.name}_cache"  # ids repeat across sets
+        skip = 0
+    else:
+        prefs_manifest, prefs_cache = manifest, cache
+        skip = classifier_fit_studies(sft) if args.prefs_skip is None else args.prefs_skip
+    print(f"pairs from {prefs_manifest}, training studies {skip}..{skip + args.prefs_studies - 1}", flush=True)
+
+    candidates = folder / f"candidates_{args.prefs_from}.jsonl"
     summaries = {}
     sampled = 0
     for strategy in args.strategies:
-        summary = build_preferences(manifest, sft, folder / f"pairs_{strategy}.jsonl", judge="label",
+        summary = build_preferences(prefs_manifest, sft, folder / f"pairs_{args.prefs_from}_{strategy}.jsonl",
+                                    judge="label",
                                     samples=args.samples, temperature=args.temperature, strategy=strategy,
                                     threshold=args.threshold, field=args.field, max_new_tokens=args.max_new_tokens,
-                                    candidates=candidates, cache_dir=cache, limit=args.prefs_studies, skip=skip,
+                                    candidates=candidates, cache_dir=prefs_cache, limit=args.prefs_studies, skip=skip,
                                     seed=args.seed)
         summaries[strategy] = summary.as_dict()
         sampled += summary.sampled
         print(f"pairs ({strategy}): {summary.pairs} of {summary.studies} studies; dropped {summary.dropped}; "
               f"scores {summary.score_histogram}", flush=True)
-    minutes.record(f"prefs_{args.prefs_studies}x{args.samples}", tick, sampled > 0)
+    minutes.record(f"prefs_{args.prefs_from}_{args.prefs_studies}x{args.samples}", tick, sampled > 0)
     from rrg3d.train.prefs import pair_records
 
     records = [json.loads(line) for line in candidates.read_text().splitlines() if line.strip()][: args.prefs_studies]
@@ -286,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     for strategy in args.strategies:
         tick = time.perf_counter()
         name = dpo_run_name(strategy, args)
-        final, fresh = train_dpo(folder / f"pairs_{strategy}.jsonl", sft, folder / name, cache, args)
+        final, fresh = train_dpo(folder / f"pairs_{args.prefs_from}_{strategy}.jsonl", sft, folder / name, prefs_cache,
+                                 args)
         minutes.record(name, tick, fresh)
         tick = time.perf_counter()
         predictions = folder / f"predictions_{name}.jsonl"
@@ -310,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         "within_budget": bool(total <= args.budget_minutes),
     }
     result = {"benchmark": "dpo", "args": vars(args), "sft_checkpoint": str(sft), "budget_minutes": args.budget_minutes,
-              "prefs_skipped": skip,
+              "prefs_manifest": str(prefs_manifest), "prefs_skipped": skip,
               "minutes": {**minutes.used, "total": total, "this_invocation": minutes_since(start)},
               "pairs": summaries, "pairs_at_threshold_3": at_three, "sft": sft_metrics,
               "sft_hallucination_origin": hallucination_origin(sft_predictions, references, labeler),
