@@ -128,6 +128,28 @@ def hallucination_origin(predictions: Path, references: Path, labeler: Any) -> d
     return {"hallucinated": total, "called_by_classifier": called, "by_label": dict(by_label.most_common())}
 
 
+def pair_contrast(pairs: Path, labeler: Any) -> dict[str, Any]:
+    """What a pair set teaches: the mean hallucinated and omitted findings (against each study's true labels) of
+    its chosen and of its rejected reports, and the share of pairs whose chosen report hallucinates less."""
+    from rrg3d.judge.label import LabelJudge
+    from rrg3d.train.data import labels_vector
+
+    records = [json.loads(line) for line in Path(pairs).read_text().splitlines() if line.strip()]
+    if not records:
+        return {"pairs": 0}
+    judge = LabelJudge(labeler)
+    truth = [labels_vector(r.get("labels"), judge.label_names) for r in records]
+    sides = {}
+    for side in ("chosen", "rejected"):
+        counts = judge.counts([r.get("reference") or "" for r in records], [r[side] for r in records], truth)
+        sides[side] = counts
+    fewer = float(np.mean(sides["chosen"][:, 1] < sides["rejected"][:, 1]))
+    return {"pairs": len(records), "chosen_from_reference": sum(r.get("chosen_index") is None for r in records),
+            **{side: {"hallucinated": float(c[:, 1].mean()), "omitted": float(c[:, 2].mean())}
+               for side, c in sides.items()},
+            "chosen_hallucinates_less": fewer}
+
+
 def suite_scores(predictions: Path, references: Path, out: Path, compare: Path | None, args: argparse.Namespace
                  ) -> dict[str, Any]:
     """BLEU-4 and ROUGE-L (pycocoevalcap's) from the evaluation suite, with its paired bootstrap against
@@ -293,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
                                     threshold=args.threshold, field=args.field, max_new_tokens=args.max_new_tokens,
                                     candidates=candidates, cache_dir=prefs_cache, limit=args.prefs_studies, skip=skip,
                                     seed=args.seed)
-        summaries[strategy] = summary.as_dict()
+        summaries[strategy] = {**summary.as_dict(), "contrast": pair_contrast(
+            folder / f"pairs_{args.prefs_from}_{strategy}.jsonl", labeler)}
         sampled += summary.sampled
         print(f"pairs ({strategy}): {summary.pairs} of {summary.studies} studies; dropped {summary.dropped}; "
               f"scores {summary.score_histogram}", flush=True)

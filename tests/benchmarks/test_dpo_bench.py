@@ -42,3 +42,23 @@ def test_runs_with_other_settings_keep_their_own_folders(dpo):
              ([], ["--prefs-from", "train"], ["--lr", "1e-3"], ["--beta", "0.2"], ["--epochs", "2"], ["--loss", "ipo"])}
     assert len(names) == 6
     assert dpo.dpo_run_name("split", parse([])) != dpo.dpo_run_name("best-worst", parse([]))
+
+
+def test_pair_contrast_counts_what_chosen_and_rejected_reports_get_wrong(dpo, tmp_path):
+    from rrg3d.text.labeler import load_labeler
+    from rrg3d.text.labels import CTRATE_LABELS as LABELS
+
+    truth = dict.fromkeys(LABELS, 0) | {"Emphysema": 1}
+    pairs = [{"id": "a", "chosen": "Mild centrilobular emphysema.", "chosen_index": 0,
+              "rejected": "Mild centrilobular emphysema. Moderate right pleural effusion.", "labels": truth},
+             {"id": "b", "chosen": "Moderate right pleural effusion.", "chosen_index": None,
+              "rejected": "Normal CT of the chest.", "labels": truth}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    contrast = dpo.pair_contrast(path, load_labeler(None))
+    assert contrast["pairs"] == 2 and contrast["chosen_from_reference"] == 1
+    assert contrast["chosen"] == {"hallucinated": 0.5, "omitted": 0.5}
+    assert contrast["rejected"] == {"hallucinated": 0.5, "omitted": 0.5}
+    assert contrast["chosen_hallucinates_less"] == 0.5
+    (tmp_path / "none.jsonl").write_text("")
+    assert dpo.pair_contrast(tmp_path / "none.jsonl", None) == {"pairs": 0}
