@@ -13,13 +13,13 @@ in ``benchmarks/results/dpo_classifier_fitted_on_all.json``). Then, timed:
    score 4.3 where its greedy test reports score about 2.6), so pairs built on them do not show the mistakes it makes
    on new scans; ``--prefs-from train`` uses the SFT run's training split, skipping the first ``--prefs-skip``
    studies (by default the run's ``data.fit_samples``, those its finding classifier was fitted on).
-   ``--samples`` impressions per study at
-   temperature 1.0 (seeded per study), each scored by the label judge against the phantom's true labels
+   ``--samples`` impressions per study at temperature 1.0 (seeded per study), each scored by the label judge
+   against the phantom's true labels
    (``max(1, 5 − wrong abnormalities)``), paired by strategy 1 (``split``: a random candidate scoring ≥ ``--threshold``
    chosen, a random one below rejected) and, from the same candidates, strategy 2 (``best-worst``, the reference
-   chosen when nothing reaches the threshold). The threshold is 4 (at most one wrong abnormality): the paper's 3 is a
-   point on its LLM judge's scale; on the label judge's it calls two wrong abnormalities good (the pairs it would
-   give from the same candidates are counted in ``pairs_at_threshold_3``);
+   chosen when nothing reaches the threshold). The threshold is the paper's 3 (at most two wrong abnormalities): the
+   image arm's samples of a new scan mostly get three or more wrong, and 4 leaves a third of the studies pairable
+   (``pairs_at_threshold_3`` counts the pairs 3 gives when another threshold is chosen);
 2. the ``dpo`` stage on each pair set (the recipe ``tiny_dpo`` with the overrides below: sigmoid DPO, β 0.1, one
    epoch at batch 1, linear schedule with 10% warm-up, the LoRA adapter trains, the vision tower and the finding
    classifier stay frozen);
@@ -47,8 +47,8 @@ For a diagnosis-prompting SFT model (``--sft``) fit its classifier on part of th
 
 then::
 
-    python benchmarks/dpo.py --work /tmp/exp/p1200 [--prefs-studies 200] [--threshold 4] [--samples 6] \\
-        [--lr 1e-4] [--beta 0.1]
+    python benchmarks/dpo.py --work /tmp/exp/p1200 [--prefs-studies 200] [--threshold 3] [--samples 6] \\
+        [--lr 1e-4] [--beta 0.1] [--loss rpo]
 """
 
 from __future__ import annotations
@@ -87,10 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "its model has a finding classifier, the studies the classifier was fitted on; else 0)")
     parser.add_argument("--samples", type=int, default=6)
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--threshold", type=float, default=4.0,
-                        help="good from this label-judge score: 4 = at most one wrong abnormality (the paper's 3 is "
-                             "on an LLM judge's scale; on this one it means two wrong)")
-    parser.add_argument("--lr", type=float, default=1e-4, help="DPO learning rate (LoRA adapter)")
+    parser.add_argument("--threshold", type=float, default=3.0,
+                        help="good from this label-judge score (the paper's 3: at most two wrong abnormalities)")
+    parser.add_argument("--lr", type=float, default=1e-4,
+                        help="DPO learning rate (LoRA adapter; sigmoid DPO at 3e-4 collapsed to empty reports)")
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--loss", default="sigmoid", choices=("sigmoid", "ipo", "rpo"))
     parser.add_argument("--epochs", type=int, default=1)
