@@ -32,9 +32,9 @@ def vm_hwm_gb() -> float:
 
 def truth_scores(predictions: Path, references: Path, labeler: Any) -> dict[str, Any]:
     """Per test study, in reference order: the report's labels against the phantom's true labels (the label judge's
-    counts and score)."""
+    counts, its score and the score of its ``f1`` mode)."""
     from rrg3d.data.manifest import load_manifest
-    from rrg3d.judge.label import LabelJudge, label_score
+    from rrg3d.judge.label import LabelJudge, f1_score, label_score
     from rrg3d.train.data import labels_vector
 
     refs = load_manifest(references)
@@ -47,7 +47,8 @@ def truth_scores(predictions: Path, references: Path, labeler: Any) -> dict[str,
                           [labels_vector(r.get("labels"), judge.label_names) for r in refs])
     tp, fp, fn = counts[:, 0], counts[:, 1], counts[:, 2]
     scores = np.array([label_score(int(a), int(b)) for a, b in zip(fp, fn, strict=True)])
-    return {"ids": [r["id"] for r in refs], "tp": tp, "fp": fp, "fn": fn, "judge": scores}
+    f1_scores = np.array([f1_score(int(a), int(b), int(c)) for a, b, c in zip(tp, fp, fn, strict=True)])
+    return {"ids": [r["id"] for r in refs], "tp": tp, "fp": fp, "fn": fn, "judge": scores, "judge_f1": f1_scores}
 
 
 def statistics(scores: dict[str, Any]) -> dict[str, Any]:
@@ -71,7 +72,9 @@ def statistics(scores: dict[str, Any]) -> dict[str, Any]:
             "ce_recall": Statistic(counts, recall),
             "hallucinated_per_report": mean_statistic(scores["fp"].astype(float)),
             "omitted_per_report": mean_statistic(scores["fn"].astype(float)),
-            "label_judge_score": mean_statistic(scores["judge"].astype(float))}
+            "label_judge_score": mean_statistic(scores["judge"].astype(float)),
+            **({"label_f1_judge_score": mean_statistic(scores["judge_f1"].astype(float))} if "judge_f1" in scores
+               else {})}
 
 
 def reused_minutes(previous: dict[str, Any], stage: str, run: Path, redone: bool) -> dict[str, Any] | None:

@@ -85,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefs-skip", type=int, default=None,
                         help="leave out the first N training phantoms (default: the SFT run's data.fit_samples when "
                              "its model has a finding classifier, the studies the classifier was fitted on; else 0)")
+    parser.add_argument("--judge", default="label", choices=("label", "label:f1"),
+                        help="the pair judge: label (5 − wrong abnormalities) or label:f1 (1 + 4·F1 of the study); "
+                             "another judge rescores the label judge's candidates when they exist")
+    parser.add_argument("--eval-split", default="test", choices=("test", "val"),
+                        help="the phantoms the systems are compared on: choose settings on val, report test")
+    parser.add_argument("--pairs-per-study", type=int, default=1,
+                        help="split pairs per study (distinct chosen and rejected candidates, default 1)")
     parser.add_argument("--samples", type=int, default=6)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--threshold", type=float, default=3.0,
@@ -206,9 +213,26 @@ def generate(checkpoint: Path, references: Path, out: Path, settings: Any) -> bo
     return True
 
 
+def judge_tag(args: argparse.Namespace) -> str:
+    """The judge's part of file names: empty for the label judge (the names it always had), ``_f1`` for label:f1."""
+    return "" if args.judge == "label" else "_" + args.judge.partition(":")[2]
+
+
+def pairs_name(strategy: str, args: argparse.Namespace) -> str:
+    per_study = f"_k{args.pairs_per_study}" if args.pairs_per_study != 1 else ""
+    return f"pairs_{args.prefs_from}{judge_tag(args)}_{strategy}{per_study}.jsonl"
+
+
 def dpo_run_name(strategy: str, args: argparse.Namespace) -> str:
     """A DPO run's folder: the strategy and the settings that change it (reruns with others keep both)."""
-    return f"run_{args.prefs_from}_{strategy}_{args.loss}_b{args.beta:g}_lr{args.lr:g}_e{args.epochs}"
+    per_study = f"_k{args.pairs_per_study}" if args.pairs_per_study != 1 else ""
+    return (f"run_{args.prefs_from}{judge_tag(args)}_{strategy}{per_study}_{args.loss}_b{args.beta:g}_lr{args.lr:g}"
+            f"_e{args.epochs}")
+
+
+def split_suffix(args: argparse.Namespace) -> str:
+    """File-name suffix of the evaluation split: none for test (the names it always had)."""
+    return "" if args.eval_split == "test" else f"_{args.eval_split}"
 
 
 def train_dpo(pairs: Path, sft: Path, run_dir: Path, cache: Path, args: argparse.Namespace) -> tuple[Path, bool]:
@@ -290,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     folder = work / args.folder
     folder.mkdir(parents=True, exist_ok=True)
     cache = work / "cache"
-    references = write_references(manifest, folder / "test_references.jsonl", split="test", field=args.field)
+    references = write_references(manifest, folder / f"{args.eval_split}_references.jsonl", split=args.eval_split,
+                                  field=args.field)
     settings = load_checkpoint(sft).config.generation.replace(max_new_tokens=args.max_new_tokens, temperature=0.0,
                                                               num_beams=1)
     labeler = load_labeler(None)
@@ -305,48 +330,65 @@ def main(argv: list[str] | None = None) -> int:
         skip = classifier_fit_studies(sft) if args.prefs_skip is None else args.prefs_skip
     print(f"pairs from {prefs_manifest}, training studies {skip}..{skip + args.prefs_studies - 1}", flush=True)
 
-    candidates = folder / f"candidates_{args.prefs_from}.jsonl"
+    # the label judge samples the candidates; another judge scores those same candidates (no sampling of its own)
+    sampled_candidates = folder / f"candidates_{args.prefs_from}.jsonl"
+    candidates = folder / f"candidates_{args.prefs_from}{judge_tag(args)}.jsonl"
+    rescore_from = None
+    sampling_step = f"prefs_{args.prefs_from}_{args.prefs_studies}x{args.samples}"
+    if candidates != sampled_candidates:
+        if not sampled_candidates.is_file():  # sample them first, with the label judge
+            args_label = argparse.Namespace(**{**vars(args), "judge": "label"})
+            build_preferences(prefs_manifest, sft, folder / pairs_name("split", args_label), judge="label",
+                              samples=args.samples, temperature=args.temperature, threshold=args.threshold,
+                              field=args.field, max_new_tokens=args.max_new_tokens, candidates=sampled_candidates,
+                              cache_dir=prefs_cache, limit=args.prefs_studies, skip=skip, seed=args.seed)
+            minutes.record(sampling_step, tick, True)
+        else:
+            minutes.record(sampling_step, tick, False)
+        rescore_from = sampled_candidates
+        tick = time.perf_counter()
     summaries = {}
-    sampled = 0
+    judged = 0
     for strategy in args.strategies:
-        summary = build_preferences(prefs_manifest, sft, folder / f"pairs_{args.prefs_from}_{strategy}.jsonl",
-                                    judge="label",
+        summary = build_preferences(prefs_manifest, sft, folder / pairs_name(strategy, args), judge=args.judge,
                                     samples=args.samples, temperature=args.temperature, strategy=strategy,
                                     threshold=args.threshold, field=args.field, max_new_tokens=args.max_new_tokens,
                                     candidates=candidates, cache_dir=prefs_cache, limit=args.prefs_studies, skip=skip,
-                                    seed=args.seed)
-        summaries[strategy] = {**summary.as_dict(), "contrast": pair_contrast(
-            folder / f"pairs_{args.prefs_from}_{strategy}.jsonl", labeler)}
-        sampled += summary.sampled
+                                    seed=args.seed, rescore_from=rescore_from,
+                                    pairs_per_study=args.pairs_per_study if strategy == "split" else 1)
+        summaries[strategy] = {**summary.as_dict(), "contrast": pair_contrast(folder / pairs_name(strategy, args),
+                                                                              labeler)}
+        judged += summary.sampled + summary.rescored
         print(f"pairs ({strategy}): {summary.pairs} of {summary.studies} studies; dropped {summary.dropped}; "
               f"scores {summary.score_histogram}", flush=True)
-    minutes.record(f"prefs_{args.prefs_from}_{args.prefs_studies}x{args.samples}", tick, sampled > 0)
+    minutes.record(sampling_step if rescore_from is None else f"rescore_{args.prefs_from}{judge_tag(args)}", tick,
+                   judged > 0)
     from rrg3d.train.prefs import pair_records
 
     records = [json.loads(line) for line in candidates.read_text().splitlines() if line.strip()][: args.prefs_studies]
     at_three = {strategy: len(pair_records(records, strategy=strategy, threshold=3.0, seed=args.seed,
-                                           judge="label")[0]) for strategy in args.strategies}
+                                           judge=args.judge)[0]) for strategy in args.strategies}
 
     tick = time.perf_counter()
-    sft_predictions = folder / "predictions_sft.jsonl"
+    sft_predictions = folder / f"predictions_sft{split_suffix(args)}.jsonl"
     fresh = generate(sft, references, sft_predictions, settings)
     sft_scores = truth_scores(sft_predictions, references, labeler)
-    sft_suite = suite_scores(sft_predictions, references, folder / "eval_sft", None, args)
-    minutes.record("sft_eval", tick, fresh)
+    sft_suite = suite_scores(sft_predictions, references, folder / f"eval_sft{split_suffix(args)}", None, args)
+    minutes.record(f"sft_eval{split_suffix(args)}", tick, fresh)
 
     arms: dict[str, Any] = {}
     for strategy in args.strategies:
         tick = time.perf_counter()
         name = dpo_run_name(strategy, args)
-        final, fresh = train_dpo(folder / f"pairs_{args.prefs_from}_{strategy}.jsonl", sft, folder / name, prefs_cache,
-                                 args)
+        final, fresh = train_dpo(folder / pairs_name(strategy, args), sft, folder / name, prefs_cache, args)
         minutes.record(name, tick, fresh)
         tick = time.perf_counter()
-        predictions = folder / f"predictions_{name}.jsonl"
+        predictions = folder / f"predictions_{name}{split_suffix(args)}.jsonl"
         fresh = generate(final, references, predictions, settings)
         scores = truth_scores(predictions, references, labeler)
-        suite = suite_scores(predictions, references, folder / f"eval_{name}", sft_predictions, args)
-        minutes.record(f"{name}_eval", tick, fresh)
+        suite = suite_scores(predictions, references, folder / f"eval_{name}{split_suffix(args)}", sft_predictions,
+                             args)
+        minutes.record(f"{name}_eval{split_suffix(args)}", tick, fresh)
         arms[strategy] = {"metrics": summarise(scores, suite), "delta": compare(scores, sft_scores, suite, args)}
 
     sft_metrics = summarise(sft_scores, sft_suite)
@@ -373,8 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
-    names = ["ce_micro_f1", "ce_precision", "hallucinated_per_report", "omitted_per_report", "label_judge_score",
-             "bleu_4", "rouge_l"]
+    names = ["ce_micro_f1", "ce_precision", "ce_recall", "hallucinated_per_report", "omitted_per_report",
+             "label_judge_score", "label_f1_judge_score", "bleu_4", "rouge_l"]
     header = f"{'metric':26s} {'SFT':>8s}" + "".join(f" {'DPO ' + s:>14s} {'Δ [95% CI]':>26s}" for s in arms)
     print(header)
     for name in names:

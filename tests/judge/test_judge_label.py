@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from rrg3d.judge import make_judge
-from rrg3d.judge.label import LabelJudge, label_score
+from rrg3d.judge import JudgeError, make_judge
+from rrg3d.judge.label import LabelJudge, f1_score, label_score
 from rrg3d.text.labels import CTRATE_LABELS
 
 
@@ -58,3 +58,23 @@ def test_make_judge_builds_it_and_it_needs_no_cache(stub_labeler):
     judge = make_judge("label", labeler=stub_labeler, cache=False)
     assert isinstance(judge, LabelJudge) and judge.id.startswith("label:") and judge.uses_truth
     assert judge.label_names == tuple(CTRATE_LABELS)
+
+
+def test_f1_mode_scores_one_plus_four_times_the_study_f1(stub_labeler):
+    assert [f1_score(0, 0, 0), f1_score(2, 0, 0), f1_score(0, 3, 0), f1_score(0, 0, 2), f1_score(1, 1, 1)] == \
+        [5.0, 5.0, 1.0, 1.0, 3.0]
+    judge = make_judge("label:f1", labeler=stub_labeler, cache=False)
+    assert isinstance(judge, LabelJudge) and judge.mode == "f1" and judge.id.startswith("label:f1-")
+    assert judge.id != make_judge("label", labeler=stub_labeler, cache=False).id  # cached scores never mix
+    truth = _truth(cardiomegaly=1, effusion=1)
+    candidates = ["Cardiomegaly and effusion.", "Cardiomegaly.", "Cardiomegaly, effusion and a nodule.", "Normal.",
+                  "Nodule and emphysema."]
+    scores = [r.score for r in judge.evaluate(["x"] * 5, candidates, truths=[truth] * 5)]
+    # F1 = 1, 2/3, 4/5, 0, 0: unlike the errors mode, saying nothing about an abnormal study is the worst answer
+    assert scores == pytest.approx([5.0, 1 + 8 / 3, 1 + 16 / 5, 1.0, 1.0])
+    errors = [r.score for r in LabelJudge(stub_labeler).evaluate(["x"] * 5, candidates, truths=[truth] * 5)]
+    assert errors == [5.0, 4.0, 4.0, 3.0, 1.0]
+    with pytest.raises(JudgeError, match="label-judge mode"):
+        make_judge("label:recall", labeler=stub_labeler, cache=False)
+    with pytest.raises(ValueError, match="label-judge mode"):
+        LabelJudge(stub_labeler, mode="recall")

@@ -105,6 +105,39 @@ def test_prefs_build_skips_the_studies_a_classifier_was_fitted_on(tmp_path, phan
     assert summary["studies"] == 1 and summary["skip"] == 4 and summary["limit"] == 1
 
 
+
+def test_prefs_build_rescores_another_judges_candidates_without_sampling(tmp_path, pairs, phantoms, sft_checkpoint,
+                                                                       cache_dir, monkeypatch):
+    """--rescore-from: the same candidates scored by label:f1, no model sampling; a file of other samples is refused."""
+    from rrg3d.models.vlm import ReportGenerator
+
+    source = Path(f"{pairs}.candidates.jsonl")
+    out = tmp_path / "pairs_f1.jsonl"
+    args = ["prefs", "build", str(phantoms), "--model", str(sft_checkpoint), "--out", str(out), "--samples", "3",
+            "--max-new-tokens", "24", "--cache-dir", str(cache_dir), "--no-progress", "--judge", "label:f1"]
+
+    def no_sampling(*_args, **_kwargs):
+        raise AssertionError("rescoring must not sample")
+
+    monkeypatch.setattr(ReportGenerator, "sample_reports", no_sampling)
+    assert main([*args, "--rescore-from", str(source)]) == 0
+    before = {r["id"]: r for r in _jsonl(source)}
+    after = _jsonl(f"{out}.candidates.jsonl")
+    assert {r["id"] for r in after} == set(before)
+    for record in after:
+        old = before[record["id"]]
+        assert record["candidates"] == old["candidates"] and record["sampling"] == old["sampling"]
+        assert record["judge"].startswith("label:f1-") and old["judge"].startswith("label:errors-")
+        assert record["settings"] != old["settings"] and record["rescored_from"] == str(source.resolve())
+        assert all(1.0 <= s <= 5.0 for s in record["scores"])
+    summary = json.loads(Path(f"{out}.summary.json").read_text())
+    assert summary["rescored"] == 6 and summary["sampled"] == 0 and summary["rescore_from"] == str(source)
+    # other sampling settings share nothing with the source: refused, not mixed in
+    assert main([*args, "--out", str(tmp_path / "other.jsonl"), "--temperature", "0.7",
+                 "--rescore-from", str(source)]) == 2
+    assert main([*args, "--rescore-from", str(f"{out}.candidates.jsonl")]) == 2  # its own file
+
+
 def _log(run):
     with open(run / "train_log.csv", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))

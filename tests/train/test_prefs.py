@@ -84,3 +84,27 @@ def test_held_out_splits_are_refused(tmp_path):
     path.write_text("{not json\n")
     with pytest.raises(RRG3DError, match="invalid JSON"):
         read_pairs(path)
+
+
+def test_several_split_pairs_per_study_are_distinct_combinations():
+    texts = [["a", "b", "c", "d", "e", "f"], ["a", "b", "c", "d", "e", "f"], ["a", "b", "b", "b", "a", "b"]]
+    records = [{"id": f"s{i}", "candidates": candidates, "scores": scores, "split": "train"}
+               for i, (candidates, scores) in enumerate(zip(texts, [[5, 1, 4, 2, 1, 3], [5, 5, 4, 3, 4, 4],
+                                                                     [4, 1, 1, 1, 1, 1]], strict=True))]
+    one, _ = pair_records(records, strategy="split", threshold=3, seed=0, judge="label")
+    many, dropped = pair_records(records, strategy="split", threshold=3, seed=0, judge="label", pairs_per_study=4)
+    assert dropped == {"all_at_or_above_threshold": 1}
+    by_study = {}
+    for pair in many:
+        assert pair["chosen_score"] >= 3 > pair["rejected_score"] and pair["chosen"] != pair["rejected"]
+        by_study.setdefault(pair["id"], []).append((pair["chosen_index"], pair["rejected_index"]))
+    assert len(by_study["s0"]) == 4 and len(set(by_study["s0"])) == 4  # 3 good x 3 bad: 4 of the 9 combinations
+    # one good candidate "a"; of the bad ones, candidate 4 has the same text: never paired with it
+    assert sorted(by_study["s2"]) == [(0, 1), (0, 2), (0, 3), (0, 5)]
+    assert [p["id"] for p in one] == ["s0", "s2"]
+    again, _ = pair_records(records, strategy="split", threshold=3, seed=0, judge="label", pairs_per_study=4)
+    assert again == many  # seeded per study
+    with pytest.raises(ConfigError, match="split strategy"):
+        pair_records(records, strategy="best-worst", threshold=3, seed=0, judge="label", pairs_per_study=2)
+    with pytest.raises(ConfigError, match=">= 1"):
+        pair_records(records, strategy="split", threshold=3, seed=0, judge="label", pairs_per_study=0)

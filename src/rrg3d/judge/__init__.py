@@ -4,7 +4,8 @@
 * :class:`~rrg3d.judge.local.LocalLMJudge` — a local Hugging Face causal LM (default: the packaged SmolLM2);
 * :class:`~rrg3d.judge.rule.RuleJudge` — deterministic, from the abnormality labeler's agreement;
 * :class:`~rrg3d.judge.label.LabelJudge` — deterministic and verifiable: the candidate's abnormality labels against
-  the study's truth labels (or the reference's), one point off per hallucinated or omitted abnormality.
+  the study's truth labels (or the reference's): one point off per hallucinated or omitted abnormality, or
+  (``label:f1``) the study's F1 mapped to 1–5.
 
 Prompts (:mod:`rrg3d.judge.prompts`): ``score`` (1–5 on accuracy, completeness, clarity, consistency) and
 ``findings_match`` (the matched-findings rubric: error counts in GREEN's six categories and matched findings, scored
@@ -12,7 +13,8 @@ matched / (matched + significant errors); our prompt, not the GREEN model; ``gre
 :func:`make_judge` builds a judge from a command-line spec::
 
     rule                      the labeler-agreement judge
-    label                     the truth-label judge (truth passed to evaluate(..., truths=...))
+    label                     the truth-label judge (truth passed to evaluate(..., truths=...)): 5 − errors
+    label:f1                  the same labels, scored 1 + 4 · F1 of the study
     http:MODEL@BASE_URL       e.g. http:gpt-4o@https://api.openai.com/v1 (key from $RRG3D_JUDGE_API_KEY)
     local                     the packaged SmolLM2-135M-Instruct
     local:PATH_OR_HUB_ID      any causal LM folder (or hub id where a hub is reachable)
@@ -43,10 +45,14 @@ def make_judge(spec: str, *, cache: JudgeCache | str | os.PathLike[str] | bool |
         from rrg3d.judge.rule import RuleJudge
 
         return RuleJudge(labeler)
-    if spec == "label":
-        from rrg3d.judge.label import LabelJudge
+    if spec == "label" or spec.startswith("label:"):
+        from rrg3d.judge.label import MODES, LabelJudge
 
-        return LabelJudge(labeler)
+        mode = spec.partition(":")[2] or "errors"
+        if mode not in MODES:
+            raise JudgeError(f"unknown label-judge mode in {spec!r} (use label, or label:MODE with MODE one of "
+                             f"{', '.join(MODES)})")
+        return LabelJudge(labeler, mode=mode)
     if spec.startswith("http:"):
         match = _HTTP_SPEC.match(spec)
         if not match:
@@ -61,4 +67,5 @@ def make_judge(spec: str, *, cache: JudgeCache | str | os.PathLike[str] | bool |
 
         target = spec.partition(":")[2] or None
         return LocalLMJudge(target, max_new_tokens=max_new_tokens, cache=resolved)
-    raise JudgeError(f"unknown judge spec {spec!r} (use label, rule, http:MODEL@BASE_URL, local or local:PATH)")
+    raise JudgeError(f"unknown judge spec {spec!r} (use label, label:f1, rule, http:MODEL@BASE_URL, local or "
+                     "local:PATH)")

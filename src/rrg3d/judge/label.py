@@ -5,9 +5,17 @@ where the manifest has them (``truths``: the phantoms' labels are exact, CT-RATE
 reference report's labels otherwise. Labels the truth leaves unknown (NaN or missing) are not counted. Per candidate,
 ``fp`` = abnormalities stated that the truth lacks (hallucinated), ``fn`` = true abnormalities not stated (omitted).
 
-* ``score``: ``max(1, 5 − (fp + fn))`` — 5 when every known label agrees, one point off per wrong abnormality,
-  1 from four errors on. With the usual preference threshold of 3, a candidate is preferred when it gets at most two
-  abnormalities wrong.
+* ``score``, by the judge's ``mode``:
+
+  - ``errors`` (spec ``label``): ``max(1, 5 − (fp + fn))`` — 5 when every known label agrees, one point off per
+    wrong abnormality, 1 from four errors on. With the usual preference threshold of 3, a candidate is preferred when
+    it gets at most two abnormalities wrong. An error is an error whichever side it is on, so where a model's stated
+    findings are mostly wrong, dropping findings raises the score: the reward favours saying less.
+  - ``f1`` (spec ``label:f1``): ``1 + 4 · F1`` with the study's ``F1 = 2·tp / (2·tp + fp + fn)`` (1 when the truth
+    and the candidate both state no abnormality) — 5 when every known label agrees, 1 when no stated abnormality is
+    true. A threshold of 3 prefers a candidate whose F1 is at least 0.5. The per-study twin of the CE micro-F1: a
+    correct finding counts twice, so stating a finding pays when it is likely enough to be right, and saying nothing
+    about an abnormal study scores 1.
 * ``findings_match``: as the rule judge's (matched = ``tp``, or 1 when both sides are normal; significant errors
   (a) false finding = ``fp``, (b) missing finding = ``fn``).
 
@@ -28,11 +36,30 @@ from rrg3d.judge.rule import RuleJudge
 
 #: the score of a candidate with no wrong abnormality; each error costs one point down to the floor
 TOP_SCORE, FLOOR = 5.0, 1.0
+#: how a candidate's counts become its 1–5 score (the module doc)
+MODES = ("errors", "f1")
 
 
 def label_score(fp: int, fn: int) -> float:
-    """The 1–5 score of a candidate with ``fp`` hallucinated and ``fn`` omitted abnormalities."""
+    """The ``errors`` score (1–5) of a candidate with ``fp`` hallucinated and ``fn`` omitted abnormalities."""
     return max(FLOOR, TOP_SCORE - float(fp + fn))
+
+
+def f1_score(tp: int, fp: int, fn: int) -> float:
+    """The ``f1`` score (1–5) of a candidate: ``1 + 4 · F1`` over the study's known labels (5 when neither the truth
+    nor the candidate has an abnormality)."""
+    if tp + fp + fn == 0:
+        return TOP_SCORE
+    return FLOOR + (TOP_SCORE - FLOOR) * 2.0 * tp / (2.0 * tp + fp + fn)
+
+
+def mode_score(mode: str, tp: int, fp: int, fn: int) -> float:
+    """The 1–5 score of a candidate's counts under ``mode``."""
+    if mode == "errors":
+        return label_score(fp, fn)
+    if mode == "f1":
+        return f1_score(tp, fp, fn)
+    raise ValueError(f"unknown label-judge mode {mode!r} (use {' or '.join(MODES)})")
 
 
 def truth_matrix(truths: Sequence[Sequence[float] | None], n_labels: int) -> np.ndarray:
@@ -49,18 +76,21 @@ def truth_matrix(truths: Sequence[Sequence[float] | None], n_labels: int) -> np.
 
 
 class LabelJudge(Judge):
-    """``LabelJudge(labeler=None)``; :meth:`evaluate` takes ``truths`` (per pair a vector of the labeler's labels,
-    0/1/NaN, or None for "use the reference's labels")."""
+    """``LabelJudge(labeler=None, mode="errors")``; :meth:`evaluate` takes ``truths`` (per pair a vector of the
+    labeler's labels, 0/1/NaN, or None for "use the reference's labels")."""
 
     uses_truth = True
 
-    def __init__(self, labeler: Any = None) -> None:
+    def __init__(self, labeler: Any = None, mode: str = "errors") -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown label-judge mode {mode!r} (use {' or '.join(MODES)})")
         if labeler is None:
             from rrg3d.text.labeler import load_labeler
 
             labeler = load_labeler(None)
         self.labeler = labeler
-        self.id = f"label:errors-v1:{getattr(labeler, 'name', type(labeler).__name__)}"
+        self.mode = mode
+        self.id = f"label:{mode}-v1:{getattr(labeler, 'name', type(labeler).__name__)}"
 
     @property
     def label_names(self) -> tuple[str, ...]:
@@ -103,7 +133,7 @@ class LabelJudge(Judge):
             if kind == "findings_match":
                 results.append(RuleJudge._one(kind, tp, fp, fn))
                 continue
-            score = label_score(fp, fn)
+            score = mode_score(self.mode, tp, fp, fn)
             explanation = f"{tp} true abnormalities stated, {fp} stated but absent, {fn} present but not stated"
             results.append(JudgeResult(score, True, raw=f"Explanation: {explanation}.\nScore: {score:g}",
                                        explanation=explanation, counts={"tp": tp, "fp": fp, "fn": fn}))

@@ -4,7 +4,8 @@
 each against the reference from 1 to 5, and pairs them:
 
 * ``split`` (their strategy 1, the one they kept): per study a random candidate scoring ≥ ``threshold`` is chosen
-  and a random one scoring below it rejected; a study whose candidates all fall on one side gives no pair;
+  and a random one scoring below it rejected; a study whose candidates all fall on one side gives no pair. With
+  ``pairs_per_study`` K > 1 (ours), up to K distinct such combinations of a study are kept;
 * ``best-worst`` (their strategy 2): the best candidate is chosen and the worst rejected; when no candidate reaches
   the threshold the reference report is chosen instead; a study whose candidates all score the same (at or above
   the threshold) gives no pair.
@@ -21,6 +22,10 @@ Files (``OUT`` is the pairs file)::
     OUT.errors.jsonl             studies that failed (unreadable volume, judge failure), retried on the next run
     OUT.summary.json             studies, pairs, dropped (by reason), score histogram, settings
     OUT.judge_cache.sqlite       the answers of a model judge (http:, local:), so a rerun asks nothing twice
+
+Another judge on the same samples (``rescore_from``, ``--rescore-from CANDIDATES``): the candidates of a file built
+with the same model and sampling settings but another judge are scored by this run's judge instead of being sampled
+again, so judges are compared on identical candidates and a new judge costs only its own answers.
 
 Sampling is seeded per study (the seed and the study id), so a resumed or repeated run draws the same candidates
 whatever the order or the batch.
@@ -67,12 +72,19 @@ class PrefsSettings:
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
+    def sampling_fingerprint(self) -> str:
+        """What the candidate texts depend on: every setting but the judge (two judges' files of the same samples
+        share it)."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "judge"}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
 
 @dataclasses.dataclass
 class PrefsSummary:
     studies: int = 0
     sampled: int = 0  # studies sampled and judged by this call
     resumed: int = 0  # studies found done in the candidates file
+    rescored: int = 0  # studies whose candidates came from another judge's file (rescore_from), judged now
     failed: int = 0
     pairs: int = 0
     dropped: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -146,22 +158,55 @@ def make_pair(candidates: Sequence[str], scores: Sequence[float | None], *, stra
             "rejected_score": scores[rejected], "chosen_index": chosen, "rejected_index": rejected}, None
 
 
-def pair_records(records: Sequence[dict[str, Any]], *, strategy: str, threshold: float, seed: int, judge: str
-                 ) -> tuple[list[dict[str, Any]], Counter[str]]:
-    """Pairs of candidates records (one per study at most) and the count of studies dropped, by reason."""
+def split_pairs(candidates: Sequence[str], scores: Sequence[float | None], *, threshold: float, rng: random.Random,
+                count: int) -> tuple[list[dict[str, Any]], str | None]:
+    """Up to ``count`` split pairs of one study: distinct (chosen ≥ threshold, rejected < threshold) combinations
+    of different texts, drawn at random; ``count=1`` draws exactly :func:`make_pair`'s pair."""
+    if count == 1:
+        pair, reason = make_pair(candidates, scores, strategy="split", threshold=threshold, rng=rng)
+        return ([pair] if pair else []), reason
+    usable = [i for i, (text, score) in enumerate(zip(candidates, scores, strict=True))
+              if score is not None and isinstance(text, str) and text.strip()]
+    if not usable:
+        return [], "too_few_candidates"
+    good = [i for i in usable if scores[i] >= threshold]
+    bad = [i for i in usable if scores[i] < threshold]
+    if not bad or not good:
+        return [], "all_at_or_above_threshold" if not bad else "all_below_threshold"
+    combos = [(c, r) for c in good for r in bad if str(candidates[c]).strip() != str(candidates[r]).strip()]
+    if not combos:
+        return [], "identical"
+    return [{"chosen": str(candidates[c]).strip(), "rejected": str(candidates[r]).strip(),
+             "chosen_score": scores[c], "rejected_score": scores[r], "chosen_index": c, "rejected_index": r}
+            for c, r in rng.sample(combos, min(count, len(combos)))], None
+
+
+def pair_records(records: Sequence[dict[str, Any]], *, strategy: str, threshold: float, seed: int, judge: str,
+                 pairs_per_study: int = 1) -> tuple[list[dict[str, Any]], Counter[str]]:
+    """Pairs of candidates records (one per study, or up to ``pairs_per_study`` with the split strategy) and the
+    count of studies dropped, by reason."""
+    if pairs_per_study < 1:
+        raise ConfigError(f"--pairs-per-study must be >= 1, got {pairs_per_study}")
+    if pairs_per_study > 1 and strategy != "split":
+        raise ConfigError("--pairs-per-study > 1 needs the split strategy (best-worst has one best and one worst)")
     pairs, dropped = [], Counter()
     for record in records:
         rng = random.Random(study_seed(seed + 1, record["id"]))  # the pairing draw, apart from the sampling seed
-        pair, reason = make_pair(record["candidates"], record["scores"], strategy=strategy, threshold=threshold,
-                                 rng=rng, reference=record.get("reference"),
-                                 reference_score=record.get("reference_score"))
-        if pair is None:
+        if strategy == "split":
+            found, reason = split_pairs(record["candidates"], record["scores"], threshold=threshold, rng=rng,
+                                        count=pairs_per_study)
+        else:
+            pair, reason = make_pair(record["candidates"], record["scores"], strategy=strategy, threshold=threshold,
+                                     rng=rng, reference=record.get("reference"),
+                                     reference_score=record.get("reference_score"))
+            found = [pair] if pair else []
+        if not found:
             dropped[str(reason)] += 1
             continue
-        pairs.append({"id": record["id"], **pair, "judge": judge, "strategy": strategy, "threshold": threshold,
-                      "candidates": record["candidates"], "scores": record["scores"],
-                      "reference": record.get("reference"), "split": record.get("split"),
-                      "manifest": record.get("manifest"), "labels": record.get("labels")})
+        pairs += [{"id": record["id"], **pair, "judge": judge, "strategy": strategy, "threshold": threshold,
+                   "candidates": record["candidates"], "scores": record["scores"],
+                   "reference": record.get("reference"), "split": record.get("split"),
+                   "manifest": record.get("manifest"), "labels": record.get("labels")} for pair in found]
     return pairs, dropped
 
 
@@ -186,6 +231,25 @@ def _read_done(path: Path, fingerprint: str) -> dict[str, dict[str, Any]]:
     return done
 
 
+def _read_samples(path: Path, sampling: str) -> dict[str, dict[str, Any]]:
+    """The candidates of another judge's candidates file, by study, where they were sampled as this run samples."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such candidates file to rescore")
+    found, other = {}, 0
+    for number, record in iter_jsonl(path, what="candidates"):
+        if record.get("sampling") != sampling:
+            other += 1
+            continue
+        if not isinstance(record.get("candidates"), list) or not record.get("id"):
+            raise RRG3DError(f"{path}:{number}: a candidates record needs an id and a list of candidates")
+        found[str(record["id"])] = record
+    if not found:
+        raise ConfigError(f"{path}: none of its {other} records was sampled with this run's model and settings "
+                          "(model, samples, temperature, seed, split, field, max_new_tokens; records written before "
+                          "rrg3d recorded them carry no sampling fingerprint), so there is nothing to rescore")
+    return found
+
+
 def _judge_scores(judge: Any, reference: str, candidates: list[str], truth: Sequence[float] | None
                   ) -> tuple[list[float | None], list[str | None]]:
     """Each candidate's score (None where the judge gave none) and why not."""
@@ -205,13 +269,16 @@ def build_preferences(manifest: str | os.PathLike[str], model_path: str | os.Pat
                       split: str = "train", seed: int = 0, field: str = "report", max_new_tokens: int | None = None,
                       candidates: str | os.PathLike[str] | None = None, cache_dir: str | os.PathLike[str] | None = None,
                       limit: int | None = None, skip: int = 0, device: str | None = None, progress: bool = True,
-                      judge_options: dict[str, Any] | None = None) -> PrefsSummary:
+                      judge_options: dict[str, Any] | None = None,
+                      rescore_from: str | os.PathLike[str] | None = None, pairs_per_study: int = 1) -> PrefsSummary:
     """Sample ``samples`` reports per study of ``split`` from the checkpoint ``model_path``, score each with
     ``judge`` (a :func:`rrg3d.judge.make_judge` spec), pair them by ``strategy`` and write ``out`` (see the module
     doc for the files). ``skip`` leaves out the split's first studies and ``limit`` keeps the next ones: skip those a
     finding classifier was fitted on (the first ``data.fit_samples`` training studies), whose calls are better there
-    than on studies it never saw, so pairs built on them would not show the errors it makes at test time. Resumable;
-    failures are recorded and the batch goes on."""
+    than on studies it never saw, so pairs built on them would not show the errors it makes at test time.
+    ``rescore_from`` (another judge's candidates file of the same samples) gives the candidates to judge instead of
+    sampling them. ``pairs_per_study`` > 1 (split strategy) keeps up to that many distinct pairs of a study.
+    Resumable; failures are recorded and the batch goes on."""
     import torch
     from tqdm.auto import tqdm
 
@@ -225,6 +292,8 @@ def build_preferences(manifest: str | os.PathLike[str], model_path: str | os.Pat
         raise ConfigError(f"unknown pairing strategy {strategy!r} (use {' or '.join(STRATEGIES)})")
     if skip < 0:
         raise ConfigError(f"--skip must be >= 0, got {skip}")
+    pair_records([], strategy=strategy, threshold=threshold, seed=seed, judge=judge,
+                 pairs_per_study=pairs_per_study)  # refuses a bad pairs_per_study before any sampling
     if samples < 2:
         raise ConfigError(f"--samples must be >= 2 to form a pair, got {samples}")
     if temperature <= 0:
@@ -241,8 +310,12 @@ def build_preferences(manifest: str | os.PathLike[str], model_path: str | os.Pat
     settings = PrefsSettings(model=str(folder.resolve()), judge=str(scorer.id), samples=samples,
                              temperature=temperature, seed=seed, split=split, field=field,
                              max_new_tokens=max_new_tokens)
-    fingerprint = settings.fingerprint()
+    fingerprint, sampling = settings.fingerprint(), settings.sampling_fingerprint()
     done = _read_done(files["candidates"], fingerprint)
+    if rescore_from is not None and Path(rescore_from).resolve() == files["candidates"].resolve():
+        raise ConfigError(f"{rescore_from}: --rescore-from names this run's own candidates file; give the other "
+                          "judge's file and a new --out (or --candidates)")
+    samples_from = _read_samples(Path(rescore_from), sampling) if rescore_from is not None else {}
     dataset = build_dataset(manifest, model.config.preprocess, split=split, cache_dir=cache_dir, progress=progress,
                             report_field=field)
     if len(dataset) == 0:
@@ -266,10 +339,14 @@ def build_preferences(manifest: str | os.PathLike[str], model_path: str | os.Pat
             continue
         record = records_by_id.get(entry.id, {})
         truth = labels_vector(record.get("labels"), label_names) if label_names else None
+        source = samples_from.get(entry.id)
         try:
-            volume = torch.from_numpy(dataset.load_volume(index))[None]
-            texts = model.sample_reports(volume, samples, generation.replace(seed=study_seed(seed, entry.id)),
-                                         styles=[(entry.style, entry.sex)])[0]
+            if source is not None:  # another judge's candidates: judged again, not sampled again
+                texts = [str(text) for text in source["candidates"]]
+            else:
+                volume = torch.from_numpy(dataset.load_volume(index))[None]
+                texts = model.sample_reports(volume, samples, generation.replace(seed=study_seed(seed, entry.id)),
+                                             styles=[(entry.style, entry.sex)])[0]
             scores, problems = _judge_scores(scorer, entry.report, texts, truth)
             if all(score is None for score in scores):
                 raise RRG3DError(f"the judge scored none of the {samples} candidates ({problems[0]})")
@@ -279,18 +356,24 @@ def build_preferences(manifest: str | os.PathLike[str], model_path: str | os.Pat
             log.warning("study %s: %s", entry.id, exc)
             bar.update(1)
             continue
-        done[entry.id] = {"id": entry.id, "split": entry.split, "settings": fingerprint, "reference": entry.report,
+        done[entry.id] = {"id": entry.id, "split": entry.split, "settings": fingerprint, "sampling": sampling,
+                          "judge": str(scorer.id), "reference": entry.report,
                           "reference_score": None, "candidates": texts, "scores": scores,
                           "judge_problems": problems if any(problems) else None, "manifest": str(manifest),
-                          "labels": record.get("labels")}
+                          "labels": record.get("labels"),
+                          **({"rescored_from": str(Path(rescore_from).resolve())} if source is not None else {})}
         append_jsonl(files["candidates"], done[entry.id])
-        summary.sampled += 1
+        if source is not None:
+            summary.rescored += 1
+        else:
+            summary.sampled += 1
         bar.update(1)
     bar.close()
     chosen = [done[dataset.entries[i].id] for i in indices if dataset.entries[i].id in done]
     if strategy == "best-worst":
         _fill_reference_scores(chosen, scorer, label_names, files["candidates"], fingerprint)
-    pairs, dropped = pair_records(chosen, strategy=strategy, threshold=threshold, seed=seed, judge=str(scorer.id))
+    pairs, dropped = pair_records(chosen, strategy=strategy, threshold=threshold, seed=seed, judge=str(scorer.id),
+                                  pairs_per_study=pairs_per_study)
     atomic_write_text(files["pairs"], "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
     all_scores = [s for r in chosen for s in r["scores"] if s is not None]
     summary.pairs = len(pairs)
@@ -301,7 +384,8 @@ def build_preferences(manifest: str | os.PathLike[str], model_path: str | os.Pat
     summary.seconds = time.perf_counter() - start
     atomic_write_json(files["summary"], {**summary.as_dict(), "settings": dataclasses.asdict(settings),
                                          "strategy": strategy, "threshold": threshold, "manifest": str(manifest),
-                                         "skip": skip, "limit": limit,
+                                         "skip": skip, "limit": limit, "pairs_per_study": pairs_per_study,
+                                         "rescore_from": str(rescore_from) if rescore_from is not None else None,
                                          "files": {k: str(v) for k, v in files.items()}})
     if cache is not None:
         scorer.close()
