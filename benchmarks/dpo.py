@@ -70,6 +70,20 @@ SFT_ARM = "small_resnet3d/image_labels1/sft/final"
 TARGETS = {"hallucinated_reduction": 0.25, "judge_gain": 0.3}
 
 
+def label_judge_spec(text: str) -> str:
+    """``label`` or ``label:MODE`` (a label-judge mode: errors, f1, f0.5, ...)."""
+    from rrg3d.judge.label import check_mode
+
+    try:
+        check_mode(text.partition(":")[2] or "errors")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not (text == "label" or text.startswith("label:")):
+        raise argparse.ArgumentTypeError(f"{text!r}: the benchmark scores pairs with a label judge (label, label:f1, "
+                                         "label:f0.5)")
+    return "label" if text == "label:errors" else text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="/tmp/exp/p1200", help="the learnability work folder (phantoms, cache)")
@@ -85,9 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefs-skip", type=int, default=None,
                         help="leave out the first N training phantoms (default: the SFT run's data.fit_samples when "
                              "its model has a finding classifier, the studies the classifier was fitted on; else 0)")
-    parser.add_argument("--judge", default="label", choices=("label", "label:f1"),
-                        help="the pair judge: label (5 − wrong abnormalities) or label:f1 (1 + 4·F1 of the study); "
-                             "another judge rescores the label judge's candidates when they exist")
+    parser.add_argument("--judge", default="label", type=label_judge_spec,
+                        help="the pair judge: label (5 − wrong abnormalities), label:f1 (1 + 4·F1 of the study) or "
+                             "label:fβ (e.g. label:f0.5: a hallucination costs four omissions); another judge "
+                             "rescores the label judge's candidates")
     parser.add_argument("--eval-split", default="test", choices=("test", "val"),
                         help="the phantoms the systems are compared on: choose settings on val, report test")
     parser.add_argument("--pairs-per-study", type=int, default=1,

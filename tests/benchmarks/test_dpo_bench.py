@@ -38,10 +38,25 @@ def test_fresh_phantoms_match_the_benchmark_set_with_enough_training_studies(dpo
 
 def test_runs_with_other_settings_keep_their_own_folders(dpo):
     parse = dpo.build_parser().parse_args
-    names = {dpo.dpo_run_name("split", parse(extra)) for extra in
-             ([], ["--prefs-from", "train"], ["--lr", "1e-3"], ["--beta", "0.2"], ["--epochs", "2"], ["--loss", "ipo"])}
-    assert len(names) == 6
+    variants = ([], ["--prefs-from", "train"], ["--lr", "1e-3"], ["--beta", "0.2"], ["--epochs", "2"],
+                ["--loss", "ipo"], ["--judge", "label:f1"], ["--judge", "label:f0.5"], ["--pairs-per-study", "3"])
+    names = {dpo.dpo_run_name("split", parse(extra)) for extra in variants}
+    pairs = {dpo.pairs_name("split", parse(extra)) for extra in variants}
+    assert len(names) == len(variants) and len(pairs) == 5  # pairs: by source, judge, pairs per study
     assert dpo.dpo_run_name("split", parse([])) != dpo.dpo_run_name("best-worst", parse([]))
+    # the label judge keeps the names its earlier runs have
+    assert dpo.pairs_name("split", parse([])) == "pairs_fresh_split.jsonl"
+    assert dpo.dpo_run_name("split", parse([])) == "run_fresh_split_sigmoid_b0.1_lr0.0001_e1"
+    assert dpo.split_suffix(parse([])) == "" and dpo.split_suffix(parse(["--eval-split", "val"])) == "_val"
+
+
+def test_the_pair_judge_is_a_label_judge(dpo):
+    parse = dpo.build_parser().parse_args
+    assert parse(["--judge", "label:errors"]).judge == "label" and parse(["--judge", "label:f0.75"]).judge == \
+        "label:f0.75"
+    for bad in ("rule", "label:f0", "label:precision"):
+        with pytest.raises(SystemExit):
+            parse(["--judge", bad])
 
 
 def test_pair_contrast_counts_what_chosen_and_rejected_reports_get_wrong(dpo, tmp_path):

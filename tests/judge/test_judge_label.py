@@ -7,7 +7,7 @@ import math
 import pytest
 
 from rrg3d.judge import JudgeError, make_judge
-from rrg3d.judge.label import LabelJudge, f1_score, label_score
+from rrg3d.judge.label import LabelJudge, f1_score, fbeta_score, label_score
 from rrg3d.text.labels import CTRATE_LABELS
 
 
@@ -78,3 +78,23 @@ def test_f1_mode_scores_one_plus_four_times_the_study_f1(stub_labeler):
         make_judge("label:recall", labeler=stub_labeler, cache=False)
     with pytest.raises(ValueError, match="label-judge mode"):
         LabelJudge(stub_labeler, mode="recall")
+
+
+def test_fbeta_mode_weighs_hallucinations_over_omissions(stub_labeler):
+    # beta 0.5: one hallucination costs what four omissions cost
+    assert fbeta_score(2, 1, 0, 0.5) == pytest.approx(1 + 4 * 2.5 / 3.5)
+    assert fbeta_score(2, 0, 1, 0.5) == pytest.approx(1 + 4 * 2.5 / 2.75)
+    assert fbeta_score(2, 1, 1, 1.0) == f1_score(2, 1, 1) and fbeta_score(0, 0, 0, 0.5) == 5.0
+    judge = make_judge("label:f0.5", labeler=stub_labeler, cache=False)
+    assert judge.mode == "f0.5" and judge.id.startswith("label:f0.5-")
+    truth = _truth(cardiomegaly=1, effusion=1)
+    over, under = judge.evaluate(["x"] * 2, ["Cardiomegaly, effusion and a nodule.", "Cardiomegaly."],
+                                 truths=[truth] * 2)
+    assert over.score < under.score  # a hallucination costs more than an omission
+    f1 = make_judge("label:f1", labeler=stub_labeler, cache=False)
+    over1, under1 = f1.evaluate(["x"] * 2, ["Cardiomegaly, effusion and a nodule.", "Cardiomegaly."],
+                                truths=[truth] * 2)
+    assert over1.score > under1.score  # F1: one extra true finding outweighs one false one
+    for bad in ("label:f0", "label:fx", "label:f-1"):
+        with pytest.raises(JudgeError, match="label-judge mode"):
+            make_judge(bad, labeler=stub_labeler, cache=False)

@@ -14,7 +14,7 @@ matched / (matched + significant errors); our prompt, not the GREEN model; ``gre
 
     rule                      the labeler-agreement judge
     label                     the truth-label judge (truth passed to evaluate(..., truths=...)): 5 − errors
-    label:f1                  the same labels, scored 1 + 4 · F1 of the study
+    label:f1                  the same labels, scored 1 + 4 · F1 of the study (label:f0.5: Fβ, β = 0.5)
     http:MODEL@BASE_URL       e.g. http:gpt-4o@https://api.openai.com/v1 (key from $RRG3D_JUDGE_API_KEY)
     local                     the packaged SmolLM2-135M-Instruct
     local:PATH_OR_HUB_ID      any causal LM folder (or hub id where a hub is reachable)
@@ -46,12 +46,13 @@ def make_judge(spec: str, *, cache: JudgeCache | str | os.PathLike[str] | bool |
 
         return RuleJudge(labeler)
     if spec == "label" or spec.startswith("label:"):
-        from rrg3d.judge.label import MODES, LabelJudge
+        from rrg3d.judge.label import LabelJudge, check_mode
 
         mode = spec.partition(":")[2] or "errors"
-        if mode not in MODES:
-            raise JudgeError(f"unknown label-judge mode in {spec!r} (use label, or label:MODE with MODE one of "
-                             f"{', '.join(MODES)})")
+        try:
+            check_mode(mode)
+        except ValueError as exc:
+            raise JudgeError(f"{spec!r}: {exc}") from None
         return LabelJudge(labeler, mode=mode)
     if spec.startswith("http:"):
         match = _HTTP_SPEC.match(spec)
@@ -67,5 +68,5 @@ def make_judge(spec: str, *, cache: JudgeCache | str | os.PathLike[str] | bool |
 
         target = spec.partition(":")[2] or None
         return LocalLMJudge(target, max_new_tokens=max_new_tokens, cache=resolved)
-    raise JudgeError(f"unknown judge spec {spec!r} (use label, label:f1, rule, http:MODEL@BASE_URL, local or "
-                     "local:PATH)")
+    raise JudgeError(f"unknown judge spec {spec!r} (use label, label:f1, label:f0.5, rule, http:MODEL@BASE_URL, "
+                     "local or local:PATH)")

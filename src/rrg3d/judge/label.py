@@ -16,6 +16,9 @@ reference report's labels otherwise. Labels the truth leaves unknown (NaN or mis
     true. A threshold of 3 prefers a candidate whose F1 is at least 0.5. The per-study twin of the CE micro-F1: a
     correct finding counts twice, so stating a finding pays when it is likely enough to be right, and saying nothing
     about an abnormal study scores 1.
+  - ``fβ`` (spec ``label:f0.5``, any β > 0): ``1 + 4 · Fβ`` with ``Fβ = (1+β²)·tp / ((1+β²)·tp + β²·fn + fp)``.
+    β < 1 weighs hallucinations more than omissions (β = 0.5: a hallucinated finding costs four times an omitted
+    one) while a true finding still scores: the reward for "state what is there, not what is not".
 * ``findings_match``: as the rule judge's (matched = ``tp``, or 1 when both sides are normal; significant errors
   (a) false finding = ``fp``, (b) missing finding = ``fn``).
 
@@ -25,6 +28,7 @@ No model and no cache: the same answer every time, computed in microseconds.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,8 +40,8 @@ from rrg3d.judge.rule import RuleJudge
 
 #: the score of a candidate with no wrong abnormality; each error costs one point down to the floor
 TOP_SCORE, FLOOR = 5.0, 1.0
-#: how a candidate's counts become its 1–5 score (the module doc)
-MODES = ("errors", "f1")
+#: an ``f<β>`` mode (``f1``, ``f0.5``, ``f2``); the other mode is ``errors`` (the module doc)
+_FBETA = re.compile(r"^f(?P<beta>\d+(?:\.\d+)?)$")
 
 
 def label_score(fp: int, fn: int) -> float:
@@ -45,21 +49,34 @@ def label_score(fp: int, fn: int) -> float:
     return max(FLOOR, TOP_SCORE - float(fp + fn))
 
 
-def f1_score(tp: int, fp: int, fn: int) -> float:
-    """The ``f1`` score (1–5) of a candidate: ``1 + 4 · F1`` over the study's known labels (5 when neither the truth
+def fbeta_score(tp: int, fp: int, fn: int, beta: float = 1.0) -> float:
+    """The ``fβ`` score (1–5) of a candidate: ``1 + 4 · Fβ`` over the study's known labels (5 when neither the truth
     nor the candidate has an abnormality)."""
     if tp + fp + fn == 0:
         return TOP_SCORE
-    return FLOOR + (TOP_SCORE - FLOOR) * 2.0 * tp / (2.0 * tp + fp + fn)
+    b2 = float(beta) ** 2
+    return FLOOR + (TOP_SCORE - FLOOR) * (1 + b2) * tp / ((1 + b2) * tp + b2 * fn + fp)
+
+
+def f1_score(tp: int, fp: int, fn: int) -> float:
+    """The ``f1`` score (1–5): :func:`fbeta_score` with β = 1."""
+    return fbeta_score(tp, fp, fn, 1.0)
+
+
+def check_mode(mode: str) -> float | None:
+    """β of an ``f<β>`` mode, None for ``errors``; ValueError for anything else."""
+    if mode == "errors":
+        return None
+    match = _FBETA.match(str(mode))
+    if match is None or float(match["beta"]) <= 0:
+        raise ValueError(f"unknown label-judge mode {mode!r} (use errors, or f<beta> with beta > 0: f1, f0.5, f2)")
+    return float(match["beta"])
 
 
 def mode_score(mode: str, tp: int, fp: int, fn: int) -> float:
     """The 1–5 score of a candidate's counts under ``mode``."""
-    if mode == "errors":
-        return label_score(fp, fn)
-    if mode == "f1":
-        return f1_score(tp, fp, fn)
-    raise ValueError(f"unknown label-judge mode {mode!r} (use {' or '.join(MODES)})")
+    beta = check_mode(mode)
+    return label_score(fp, fn) if beta is None else fbeta_score(tp, fp, fn, beta)
 
 
 def truth_matrix(truths: Sequence[Sequence[float] | None], n_labels: int) -> np.ndarray:
@@ -82,8 +99,7 @@ class LabelJudge(Judge):
     uses_truth = True
 
     def __init__(self, labeler: Any = None, mode: str = "errors") -> None:
-        if mode not in MODES:
-            raise ValueError(f"unknown label-judge mode {mode!r} (use {' or '.join(MODES)})")
+        check_mode(mode)
         if labeler is None:
             from rrg3d.text.labeler import load_labeler
 
