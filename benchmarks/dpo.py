@@ -13,20 +13,24 @@ in ``benchmarks/results/dpo_classifier_fitted_on_all.json``). Then, timed:
    score 4.3 where its greedy test reports score about 2.6), so pairs built on them do not show the mistakes it makes
    on new scans; ``--prefs-from train`` uses the SFT run's training split, skipping the first ``--prefs-skip``
    studies (by default the run's ``data.fit_samples``, those its finding classifier was fitted on).
-   ``--samples`` impressions per study at temperature 1.0 (seeded per study), each scored by the label judge
-   against the phantom's true labels
-   (``max(1, 5 − wrong abnormalities)``), paired by strategy 1 (``split``: a random candidate scoring ≥ ``--threshold``
-   chosen, a random one below rejected) and, from the same candidates, strategy 2 (``best-worst``, the reference
-   chosen when nothing reaches the threshold). The threshold is the paper's 3 (at most two wrong abnormalities): the
-   image arm's samples of a new scan mostly get three or more wrong, and 4 leaves a third of the studies pairable
-   (``pairs_at_threshold_3`` counts the pairs 3 gives when another threshold is chosen);
-2. the ``dpo`` stage on each pair set (the recipe ``tiny_dpo`` with the overrides below: sigmoid DPO, β 0.1, one
-   epoch at batch 1, linear schedule with 10% warm-up, the LoRA adapter trains, the vision tower and the finding
-   classifier stay frozen);
-3. greedy reports for the test phantoms from the SFT model and from each DPO model with identical decoding, scored
-   against the phantoms' true labels — CE micro-F1 and precision, hallucinated findings per report (abnormalities the
-   report states that the truth lacks), omitted findings per report, the mean label-judge score — and against the
-   reference impressions (BLEU-4, ROUGE-L: pycocoevalcap's, through the evaluation suite); each DPO − SFT difference
+   ``--samples`` impressions per study at temperature 1.0 (seeded per study), each scored against the phantom's
+   true labels by a label judge: the candidates are sampled once, scored by the ``label`` judge (``max(1, 5 − wrong
+   abnormalities)``, ``candidates_fresh.jsonl``), and ``--judge`` other than that rescores the same candidates
+   (``rrg3d prefs build --rescore-from``). The default ``label:f0.75`` (``1 + 4·F0.75`` of the study's abnormalities)
+   was chosen on the validation phantoms (``--eval-split val``; docs/benchmarks.md#dpo has every setting tried):
+   ``label`` rewards stating fewer findings (an omission costs what a hallucination costs, and the SFT model's findings
+   are mostly wrong), ``label:f1`` rewards stating more. Pairs by strategy 1 (``split``: a random candidate scoring ≥
+   ``--threshold`` chosen, a random one below rejected; ``--pairs-per-study`` distinct ones) and, from the same
+   candidates, strategy 2 (``best-worst``, the reference chosen when nothing reaches the threshold). The threshold is
+   the paper's 3 (``pairs_at_threshold_3`` counts the pairs 3 gives when another threshold is chosen);
+2. the ``dpo`` stage on each pair set (the recipe ``tiny_dpo`` with the overrides below: RPO (DPO + the chosen
+   report's NLL; plain sigmoid DPO at lr 3e-4 collapsed to empty reports), β 0.1, lr 2e-4, one epoch at batch 1,
+   linear schedule with 10% warm-up, the LoRA adapter trains, the vision tower stays frozen);
+3. greedy reports for the test phantoms (``--eval-split``) from the SFT model and from each DPO model with identical
+   decoding, scored against the phantoms' true labels — CE micro-F1 and precision, hallucinated findings per report
+   (abnormalities the report states that the truth lacks), omitted findings per report, the mean label-judge score
+   (the ``label`` judge's, whatever judge built the pairs; the F1 mode's beside it) — and against the reference
+   impressions (BLEU-4, ROUGE-L: pycocoevalcap's, through the evaluation suite); each DPO − SFT difference
    with a paired bootstrap 95% interval over the test phantoms (2000 resamples, seeded).
 
 Targets (issue 21): hallucinated findings per report down by ≥ 25% with the interval of the difference below 0;
@@ -48,7 +52,7 @@ For a diagnosis-prompting SFT model (``--sft``) fit its classifier on part of th
 then::
 
     python benchmarks/dpo.py --work /tmp/exp/p1200 [--prefs-studies 200] [--threshold 3] [--samples 6] \\
-        [--lr 1e-4] [--beta 0.1] [--loss rpo]
+        [--judge label:f0.75] [--pairs-per-study 1] [--lr 2e-4] [--beta 0.1] [--loss rpo] [--eval-split test]
 """
 
 from __future__ import annotations
@@ -99,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefs-skip", type=int, default=None,
                         help="leave out the first N training phantoms (default: the SFT run's data.fit_samples when "
                              "its model has a finding classifier, the studies the classifier was fitted on; else 0)")
-    parser.add_argument("--judge", default="label", type=label_judge_spec,
+    parser.add_argument("--judge", default="label:f0.75", type=label_judge_spec,
                         help="the pair judge: label (5 − wrong abnormalities), label:f1 (1 + 4·F1 of the study) or "
                              "label:fβ (e.g. label:f0.5: a hallucination costs four omissions); another judge "
                              "rescores the label judge's candidates")
@@ -111,10 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--threshold", type=float, default=3.0,
                         help="good from this label-judge score (the paper's 3: at most two wrong abnormalities)")
-    parser.add_argument("--lr", type=float, default=1e-4,
+    parser.add_argument("--lr", type=float, default=2e-4,
                         help="DPO learning rate (LoRA adapter; sigmoid DPO at 3e-4 collapsed to empty reports)")
     parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--loss", default="sigmoid", choices=("sigmoid", "ipo", "rpo"))
+    parser.add_argument("--loss", default="rpo", choices=("sigmoid", "ipo", "rpo"))
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=128, help="greedy test reports and the samples")
     parser.add_argument("--max-length", type=int, default=256)

@@ -39,14 +39,16 @@ def test_fresh_phantoms_match_the_benchmark_set_with_enough_training_studies(dpo
 def test_runs_with_other_settings_keep_their_own_folders(dpo):
     parse = dpo.build_parser().parse_args
     variants = ([], ["--prefs-from", "train"], ["--lr", "1e-3"], ["--beta", "0.2"], ["--epochs", "2"],
-                ["--loss", "ipo"], ["--judge", "label:f1"], ["--judge", "label:f0.5"], ["--pairs-per-study", "3"])
+                ["--loss", "ipo"], ["--judge", "label"], ["--judge", "label:f0.5"], ["--pairs-per-study", "3"])
     names = {dpo.dpo_run_name("split", parse(extra)) for extra in variants}
     pairs = {dpo.pairs_name("split", parse(extra)) for extra in variants}
     assert len(names) == len(variants) and len(pairs) == 5  # pairs: by source, judge, pairs per study
     assert dpo.dpo_run_name("split", parse([])) != dpo.dpo_run_name("best-worst", parse([]))
-    # the label judge keeps the names its earlier runs have
-    assert dpo.pairs_name("split", parse([])) == "pairs_fresh_split.jsonl"
-    assert dpo.dpo_run_name("split", parse([])) == "run_fresh_split_sigmoid_b0.1_lr0.0001_e1"
+    # the label judge's errors mode keeps the names its earlier runs have
+    old = parse(["--judge", "label", "--loss", "sigmoid", "--lr", "1e-4"])
+    assert dpo.pairs_name("split", old) == "pairs_fresh_split.jsonl"
+    assert dpo.dpo_run_name("split", old) == "run_fresh_split_sigmoid_b0.1_lr0.0001_e1"
+    assert dpo.dpo_run_name("split", parse([])) == "run_fresh_f0.75_split_rpo_b0.1_lr0.0002_e1"
     assert dpo.split_suffix(parse([])) == "" and dpo.split_suffix(parse(["--eval-split", "val"])) == "_val"
 
 
