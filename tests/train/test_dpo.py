@@ -215,6 +215,7 @@ save_file(trainable_state(result.model), sys.argv[1])
 """
 
 
+@pytest.mark.slow  # two 2-process runs (~35 s); DDP itself is covered by tests/train/test_distributed.py
 def test_two_ddp_processes_share_the_reference_and_agree(tmp_path, pairs, sft_checkpoint, cache_dir, run_ddp):
     from safetensors.torch import load_file
 

@@ -169,10 +169,10 @@ def test_units_are_the_decoder_layers_and_the_vision_parts():
 
 
 # -- two CPU processes -------------------------------------------------------------------------------------------------
-def test_fsdp2_on_two_cpu_processes_matches_ddp_and_resumes_bit_for_bit(tmp_path, base_overrides):
+def test_fsdp2_on_two_cpu_processes_matches_ddp(tmp_path, base_overrides):
     """tiny_sft (LoRA inside the sharded decoder layers + the projector), 2 micro-batches per step (FSDP2's gradient
     sync skipped on the first), 3 steps over an epoch boundary: the losses and trained weights of FSDP2 equal DDP's
-    within float32 reduction noise; 2 steps + resume equal 3 straight steps exactly."""
+    within float32 reduction noise, and the portable checkpoint holds the trained weights."""
     common = [*base_overrides, *QUICK, "phases.0.steps=3", "train.gradient_accumulation_steps=2"]
     ddp = _run(tmp_path, "ddp", "tiny_sft", [*common, f"run_dir={tmp_path / 'run_ddp'}"], {})
     fsdp = _run(tmp_path, "fsdp", "tiny_sft", [*common, f"run_dir={tmp_path / 'run_fsdp'}"], FSDP_ENV)
@@ -184,6 +184,23 @@ def test_fsdp2_on_two_cpu_processes_matches_ddp_and_resumes_bit_for_bit(tmp_path
     for key in reference:
         torch.testing.assert_close(sharded[key], reference[key], rtol=1e-4, atol=1e-6)
 
+    # the portable checkpoint (process 0 wrote the gathered weights) loads alone and holds the trained weights
+    from rrg3d.models.checkpoint import load_checkpoint
+    from rrg3d.train.loop import trainable_state
+
+    loaded = trainable_state(load_checkpoint(tmp_path / "run_fsdp" / "final", trainable=True))
+    for key in sharded:
+        assert torch.equal(loaded[key], sharded[key]), key
+    assert (tmp_path / "run_fsdp" / "eval_log.csv").read_text().count("\n") == 2  # header + the last step
+
+
+@pytest.mark.slow
+def test_fsdp2_resumes_bit_for_bit_from_its_sharded_state(tmp_path, base_overrides):
+    """2 FSDP2 steps + resume from the sharded train state (one .distcp file per process) equal 3 straight steps
+    exactly (slow: three 2-process runs)."""
+    common = [*base_overrides, *QUICK, "phases.0.steps=3", "train.gradient_accumulation_steps=2"]
+    fsdp = _run(tmp_path, "fsdp", "tiny_sft", [*common, f"run_dir={tmp_path / 'run_fsdp'}"], FSDP_ENV)
+    sharded = _weights(tmp_path, "fsdp")
     resumed_run = tmp_path / "run_resume"
     first = _run(tmp_path, "first", "tiny_sft", [*common, "train.stop_after=2", f"run_dir={resumed_run}"], FSDP_ENV)
     assert first["step"] == 2 and first["losses"] == fsdp["losses"][:2]
@@ -195,15 +212,6 @@ def test_fsdp2_on_two_cpu_processes_matches_ddp_and_resumes_bit_for_bit(tmp_path
     resumed = _weights(tmp_path, "second")
     for key in sharded:
         assert torch.equal(resumed[key], sharded[key]), key
-
-    # the portable checkpoint (process 0 wrote the gathered weights) loads alone and holds the trained weights
-    from rrg3d.models.checkpoint import load_checkpoint
-    from rrg3d.train.loop import trainable_state
-
-    loaded = trainable_state(load_checkpoint(tmp_path / "run_fsdp" / "final", trainable=True))
-    for key in sharded:
-        assert torch.equal(loaded[key], sharded[key]), key
-    assert (tmp_path / "run_fsdp" / "eval_log.csv").read_text().count("\n") == 2  # header + the last step
 
 
 @pytest.mark.slow
