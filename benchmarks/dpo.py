@@ -237,16 +237,19 @@ def judge_tag(args: argparse.Namespace) -> str:
     return "" if args.judge == "label" else "_" + args.judge.partition(":")[2]
 
 
+def per_study_tag(args: argparse.Namespace) -> str:
+    """The pairs-per-study part of file names: empty for one pair per study (the names it always had)."""
+    return f"_k{args.pairs_per_study}" if args.pairs_per_study != 1 else ""
+
+
 def pairs_name(strategy: str, args: argparse.Namespace) -> str:
-    per_study = f"_k{args.pairs_per_study}" if args.pairs_per_study != 1 else ""
-    return f"pairs_{args.prefs_from}{judge_tag(args)}_{strategy}{per_study}.jsonl"
+    return f"pairs_{args.prefs_from}{judge_tag(args)}_{strategy}{per_study_tag(args)}.jsonl"
 
 
 def dpo_run_name(strategy: str, args: argparse.Namespace) -> str:
     """A DPO run's folder: the strategy and the settings that change it (reruns with others keep both)."""
-    per_study = f"_k{args.pairs_per_study}" if args.pairs_per_study != 1 else ""
-    return (f"run_{args.prefs_from}{judge_tag(args)}_{strategy}{per_study}_{args.loss}_b{args.beta:g}_lr{args.lr:g}"
-            f"_e{args.epochs}")
+    return (f"run_{args.prefs_from}{judge_tag(args)}_{strategy}{per_study_tag(args)}_{args.loss}_b{args.beta:g}"
+            f"_lr{args.lr:g}_e{args.epochs}")
 
 
 def split_suffix(args: argparse.Namespace) -> str:

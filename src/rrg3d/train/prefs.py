@@ -181,14 +181,19 @@ def split_pairs(candidates: Sequence[str], scores: Sequence[float | None], *, th
             for c, r in rng.sample(combos, min(count, len(combos)))], None
 
 
-def pair_records(records: Sequence[dict[str, Any]], *, strategy: str, threshold: float, seed: int, judge: str,
-                 pairs_per_study: int = 1) -> tuple[list[dict[str, Any]], Counter[str]]:
-    """Pairs of candidates records (one per study, or up to ``pairs_per_study`` with the split strategy) and the
-    count of studies dropped, by reason."""
+def check_pairs_per_study(strategy: str, pairs_per_study: int) -> None:
+    """Refuse a pairs-per-study count below 1, or above 1 with best-worst (one best and one worst per study)."""
     if pairs_per_study < 1:
         raise ConfigError(f"--pairs-per-study must be >= 1, got {pairs_per_study}")
     if pairs_per_study > 1 and strategy != "split":
         raise ConfigError("--pairs-per-study > 1 needs the split strategy (best-worst has one best and one worst)")
+
+
+def pair_records(records: Sequence[dict[str, Any]], *, strategy: str, threshold: float, seed: int, judge: str,
+                 pairs_per_study: int = 1) -> tuple[list[dict[str, Any]], Counter[str]]:
+    """Pairs of candidates records (one per study, or up to ``pairs_per_study`` with the split strategy) and the
+    count of studies dropped, by reason."""
+    check_pairs_per_study(strategy, pairs_per_study)
     pairs, dropped = [], Counter()
     for record in records:
         rng = random.Random(study_seed(seed + 1, record["id"]))  # the pairing draw, apart from the sampling seed
@@ -292,8 +297,7 @@ def build_preferences(manifest: str | os.PathLike[str], model_path: str | os.Pat
         raise ConfigError(f"unknown pairing strategy {strategy!r} (use {' or '.join(STRATEGIES)})")
     if skip < 0:
         raise ConfigError(f"--skip must be >= 0, got {skip}")
-    pair_records([], strategy=strategy, threshold=threshold, seed=seed, judge=judge,
-                 pairs_per_study=pairs_per_study)  # refuses a bad pairs_per_study before any sampling
+    check_pairs_per_study(strategy, pairs_per_study)  # before any sampling
     if samples < 2:
         raise ConfigError(f"--samples must be >= 2 to form a pair, got {samples}")
     if temperature <= 0:
