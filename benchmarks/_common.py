@@ -30,6 +30,16 @@ def vm_hwm_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
+def reset_vm_hwm() -> bool:
+    """Reset this process's peak resident memory (Linux ≥ 4.0: ``5`` into ``/proc/self/clear_refs``) to its current
+    resident set, so that :func:`vm_hwm_gb` measures from here; False where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def truth_scores(predictions: Path, references: Path, labeler: Any) -> dict[str, Any]:
     """Per test study, in reference order: the report's labels against the phantom's true labels (the label judge's
     counts, its score and the score of its ``f1`` mode)."""

@@ -43,7 +43,9 @@ per report, the classifier's own test micro-F1 (``dx``), the last validation los
 phase), training throughput (samples/s over the trained steps), peak memory and minutes. ``peak_gb`` is measured in
 the cell's own process (each cell and each CLIP run runs in a fresh child process): on a GPU
 ``torch.cuda.max_memory_allocated`` (tensors only), else the process's peak resident set (Linux ``VmHWM``, else
-``ru_maxrss``); calibration, training and evaluation together. Two image-blind reports, each said of every test
+``ru_maxrss``) of calibration and training; ``generation_peak_gb`` is the peak of generating and scoring the test
+reports (``--eval-batch-size`` at a time), measured apart from a reset peak, so the evaluation batch does not move
+``peak_gb``. Two image-blind reports, each said of every test
 study, are the reference rows of each training-set size: the majority-class report (the training report with the
 most frequent label vector; on phantoms the normal study, CE 0) and the best constant report (the training report
 whose labels, said of every training study, score the best CE micro-F1).
@@ -97,7 +99,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import vm_hwm_gb
+from _common import reset_vm_hwm, vm_hwm_gb
 
 ENCODERS = ("resnet3d", "vit3d", "ctvit_v")
 COMPRESSORS = ("pool", "pca", "perceiver", "pixel_shuffle")
@@ -562,6 +564,17 @@ def peak_memory() -> tuple[float, str]:
     return vm_hwm_gb(), "process_peak_rss"
 
 
+def reset_peak_memory() -> bool:
+    """Start :func:`peak_memory` afresh from the memory in use now; False where that is not possible (then the peak
+    keeps counting from the process start)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return True
+    return reset_vm_hwm()
+
+
 def log_rows(run: Path) -> list[dict[str, str]]:
     path = run / "train_log.csv"
     if not path.is_file():
@@ -732,6 +745,11 @@ def cell_job(spec: dict[str, Any]) -> dict[str, Any]:
     reused = [r for r in learnability.REUSED if Path(r) in (folder / "align", sft_dir)]
 
     tick = time.perf_counter()
+    # the peak of calibration and training (None when both runs were reused: nothing trained in this process), then
+    # the peak of generating and scoring, measured apart so that the evaluation batch does not move ``peak_gb``
+    trained_peak, kind = peak_memory()
+    trained_peak = None if len(reused) == 2 else trained_peak
+    generation_peak_apart = reset_peak_memory()
     device = "cuda" if torch.cuda.is_available() else None
     model = load_checkpoint(final, merge_lora=True, device=device)
     model.config.generation.max_new_tokens = settings["max_new_tokens"]
@@ -746,15 +764,17 @@ def cell_job(spec: dict[str, Any]) -> dict[str, Any]:
     from rrg3d.preprocess.presets import load_preset
 
     tokens = int(model.vision.num_tokens(load_preset(model.config.preprocess).shape))
-    peak, kind = peak_memory()
+    generation_peak, _ = peak_memory()
     align_stats, sft_stats = trained(folder / "align", settings["batch_size"]), trained(sft_dir, settings["batch_size"])
     seconds = align_stats["seconds"] + sft_stats["seconds"]
     samples = align_stats["samples"] + sft_stats["samples"]
     sft_rows = step_seconds(log_rows(sft_dir), settings["batch_size"])
     validation = last_eval(sft_dir)
     return {"status": "ok", **scores, **classifier, "tokens": tokens, "tokens_per_phase": spec["tokens_per_phase"],
-            "samples_per_s": round(samples / seconds, 4) if seconds else None, "peak_gb": round(peak, 3),
-            "peak_kind": kind, "minutes": round(seconds / 60, 2),
+            "samples_per_s": round(samples / seconds, 4) if seconds else None,
+            "peak_gb": None if trained_peak is None else round(trained_peak, 3), "peak_kind": kind,
+            "generation_peak_gb": round(generation_peak, 3) if generation_peak_apart else None,
+            "minutes": round(seconds / 60, 2),
             "align": {**align_stats, "planned_steps": align_steps, "seconds_per_step": align_step[0]},
             "sft": {**sft_stats, "planned_steps": sft_steps, "seconds_per_step": sft_step,
                     "seconds_per_phase": [round(sum(s for p, s in sft_rows if p == i), 2)
@@ -905,7 +925,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calibration-steps", type=int, default=4, help="steps per phase of a calibration run")
     parser.add_argument("--max-new-tokens", type=int, default=0,
                         help="report tokens generated (and trained on); 0: the longest validation report + 15%%")
-    parser.add_argument("--eval-batch-size", type=int, default=8)
+    parser.add_argument("--eval-batch-size", type=int, default=32)
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the intervals")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--workers", type=int, default=2, help="phantom generation processes")

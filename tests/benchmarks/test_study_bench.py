@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
@@ -206,6 +207,21 @@ def test_a_row_of_another_setup_moves_aside(study: ModuleType) -> None:
     assert results["other_setups"] == [{"key": "a", "setup_id": "old", "status": "ok"}]
 
 
+def test_the_generation_peak_is_measured_apart_from_training(study: ModuleType) -> None:
+    """A cell's ``peak_gb`` is its training peak: the peak restarts before the test reports are generated."""
+    import torch
+
+    if torch.cuda.is_available() or not Path("/proc/self/clear_refs").exists():
+        pytest.skip("the process peak resets through Linux's /proc/self/clear_refs")
+    block = np.ones(400_000_000 // 8)  # 400 MB touched, then returned to the system
+    del block
+    before, kind = study.peak_memory()
+    assert kind == "process_peak_rss"
+    assert study.reset_peak_memory()
+    after, _ = study.peak_memory()
+    assert after < before - 0.3
+
+
 @pytest.mark.slow
 def test_one_tiny_cell_end_to_end(study: ModuleType, tmp_path: Path) -> None:
     """Phantoms → calibration → align → SFT (diagnosis-prompt arm) → reports → scores, then a rerun that trains
@@ -225,6 +241,7 @@ def test_one_tiny_cell_end_to_end(study: ModuleType, tmp_path: Path) -> None:
     assert row["tokens"] == 64 and row["schedule"] == "single" and row["phantoms"] == 8
     assert 0.0 <= row["ce_micro_f1"] <= 1.0 and row["ci95"][0] <= row["ce_micro_f1"] <= row["ci95"][1]
     assert row["samples_per_s"] > 0 and row["peak_gb"] > 0 and row["minutes"] > 0
+    assert row["generation_peak_gb"] is None or row["generation_peak_gb"] > 0  # None where the peak cannot reset
     assert row["align"]["steps"] == row["align"]["planned_steps"] >= 1
     assert row["sft"]["steps"] == sum(row["sft"]["planned_steps"]) and row["test_studies"] == 3
     assert 0.0 <= row["classifier_test_micro_f1"] <= 1.0  # the dx arm: its classifier scored on the test studies
