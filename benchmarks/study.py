@@ -59,8 +59,8 @@ cell whose result is in the JSON for this setup, or whose run folder holds its r
 ``*/pca``) run parts; ``--plan`` prints the cells, their compressors and what is finished, and trains nothing.
 
 The whole study on CPU (2 cores): 64 cells (48 + 12 + 4) and 5 CT-CLIP runs (3 encoders on 1200 phantoms, the
-scale cell's encoder on 300 and 2400), each cell about 15 minutes with its calibration, validation, generation of
-the full test reports and scoring: roughly 16 hours. Run it in parts (one grid or one encoder at a time; every
+scale cell's encoder on 300 and 2400), each cell about 18 minutes with its calibration, validation, generation of
+the full test reports (about 6 minutes at ``--eval-batch-size`` 32) and scoring: roughly 20 hours. Run it in parts (one grid or one encoder at a time; every
 invocation resumes where the last stopped; ``--plan`` shows what is left):
 
     python benchmarks/study.py --work study_work --plan
