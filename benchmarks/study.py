@@ -59,9 +59,9 @@ cell whose result is in the JSON for this setup, or whose run folder holds its r
 ``*/pca``) run parts; ``--plan`` prints the cells, their compressors and what is finished, and trains nothing.
 
 The whole study on CPU (2 cores): 64 cells (48 + 12 + 4) and 5 CT-CLIP runs (3 encoders on 1200 phantoms, the
-scale cell's encoder on 300 and 2400), each cell about 18 minutes with its calibration, validation, generation of
-the full test reports (about 6 minutes at ``--eval-batch-size`` 32) and scoring: roughly 20 hours. Run it in parts (one grid or one encoder at a time; every
-invocation resumes where the last stopped; ``--plan`` shows what is left):
+scale cell's encoder on 300 and 2400), each cell about 19 minutes with its calibration, validation, generation of
+the full test reports (about 6 minutes at ``--eval-batch-size`` 32) and scoring: roughly 20 hours. Run it in parts
+(one grid or one encoder at a time; every invocation resumes where the last stopped; ``--plan`` shows what is left):
 
     python benchmarks/study.py --work study_work --plan
     python benchmarks/study.py --work study_work --grid encoders --cells resnet3d
@@ -610,8 +610,8 @@ def last_eval(run: Path) -> dict[str, float]:
 def calibrate(recipe: str, overrides: list[str], phases: list[Any], model_file: str, folder: Path,
               spec: dict[str, Any]) -> list[float]:
     """Seconds per optimizer step of each phase of a stage: measured on a short run of the same recipe and model
-    (``calibration_steps`` per phase, no validation, the first step of each phase left out; the median), cached in
-    ``WORK/calibration.json`` by everything that sets the step time."""
+    (``calibration_steps`` per phase, no validation; :func:`typical_step`), cached in ``WORK/calibration.json`` by
+    everything that sets the step time."""
     from rrg3d.train import train
     from rrg3d.utils.files import atomic_write_json
 
@@ -632,14 +632,22 @@ def calibrate(recipe: str, overrides: list[str], phases: list[Any], model_file: 
     times: dict[int, list[float]] = {}
     for phase, seconds in step_seconds(log_rows(folder), settings["batch_size"]):
         times.setdefault(phase, []).append(seconds)
-    import statistics as stats
-
-    per_phase = [float(stats.median(times[i][1:] or times[i])) for i in range(len(phases))]
+    per_phase = [typical_step(times[i]) for i in range(len(phases))]
     cache = json.loads(cache_file.read_text(encoding="utf-8")) if cache_file.is_file() else {}
     cache[key] = {"seconds_per_step": per_phase, "recipe": recipe, "phases": len(phases), "steps": steps,
                   "device": device, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
     atomic_write_json(cache_file, cache)
     return per_phase
+
+
+def typical_step(seconds: list[float]) -> float:
+    """The step time a plan divides its budget by: the mean of the measured steps after the first (warm-up). The
+    mean, not the median: a run's time is the sum of its steps, and step times are skewed (a batch is padded to its
+    longest report, so they vary about 2.5× on the full reports)."""
+    if not seconds:
+        raise ValueError("no step was timed")
+    steady = seconds[1:] or seconds
+    return float(sum(steady) / len(steady))
 
 
 def _cuda() -> bool:
@@ -922,7 +930,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fit-samples", type=int, default=512,
                         help="training studies that fit the PCA, the projector's standardisation and the classifier")
     parser.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "bf16"))
-    parser.add_argument("--calibration-steps", type=int, default=4, help="steps per phase of a calibration run")
+    parser.add_argument("--calibration-steps", type=int, default=8, help="steps per phase of a calibration run")
     parser.add_argument("--max-new-tokens", type=int, default=0,
                         help="report tokens generated (and trained on); 0: the longest validation report + 15%%")
     parser.add_argument("--eval-batch-size", type=int, default=32)

@@ -207,6 +207,15 @@ def test_a_row_of_another_setup_moves_aside(study: ModuleType) -> None:
     assert results["other_setups"] == [{"key": "a", "setup_id": "old", "status": "ok"}]
 
 
+def test_a_plan_divides_its_budget_by_the_mean_steady_step(study: ModuleType) -> None:
+    """Steps vary with the batch's longest report, so the median under-prices a budget; the warm-up step is left
+    out."""
+    assert study.typical_step([30.0, 4.0, 4.0, 10.0]) == pytest.approx(6.0)
+    assert study.typical_step([5.0]) == 5.0
+    with pytest.raises(ValueError, match="no step"):
+        study.typical_step([])
+
+
 def test_the_generation_peak_is_measured_apart_from_training(study: ModuleType) -> None:
     """A cell's ``peak_gb`` is its training peak: the peak restarts before the test reports are generated."""
     import torch
