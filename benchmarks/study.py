@@ -869,9 +869,13 @@ def plot(rows: list[dict[str, Any]], baselines: list[dict[str, Any]], phantoms: 
         axis.set_xlabel("visual tokens")
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("CE micro-F1 (test, 95% CI)")
-    axes[0][-1].legend(fontsize=7, loc="best")
-    figure.suptitle(f"{phantoms} training studies, full reports, equal training time", fontsize=10)
-    figure.tight_layout()
+    entries: dict[str, Any] = {}  # every panel's lines, once each: a compressor may appear in one panel only
+    for axis in axes[0]:
+        for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
+            entries.setdefault(label, handle)
+    figure.suptitle(f"{phantoms} training studies, full reports, equal training budget", fontsize=10)
+    figure.tight_layout(rect=(0.0, 0.0, 0.86, 1.0))
+    figure.legend(list(entries.values()), list(entries), fontsize=7, loc="center right")
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     plt.close(figure)
