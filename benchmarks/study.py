@@ -379,6 +379,24 @@ def finished_row(results: dict[str, Any], cell: Cell, setup_id: str) -> dict[str
     return None
 
 
+def recorded_clip_plan(results: dict[str, Any], clip_id: str, encoder: str, count: int) -> dict[str, Any] | None:
+    """The CT-CLIP plan (steps, step time) a finished cell of this CLIP setup, encoder and training-set size recorded,
+    or None. A lost work folder (a new machine) then pretrains the encoder with the same steps instead of planning
+    them anew from a step time measured on another machine: the cells already in the results and the cells still to
+    run share one encoder recipe."""
+    for row in results.get("cells", []):
+        clip = row.get("clip") or {}
+        if (row.get("status") != "ok" or row.get("encoder") != encoder or row.get("phantoms") != count
+                or not clip.get("steps") or not clip.get("final")):
+            continue
+        if clip.get("clip_id", "") != clip_id and clip_id not in Path(clip["final"]).parts:
+            continue
+        steps = int(clip["steps"])
+        per_step = clip.get("seconds_per_step") or (clip["seconds"] / steps if clip.get("seconds") else None)
+        return {"steps": [steps], "seconds_per_step": [per_step], "recovered_from": row["key"]}
+    return None
+
+
 def skipped_row(cell: Cell, info: dict[str, Any], setup_id: str, grids: list[str]) -> dict[str, Any]:
     """The row of a cell that cannot reach its token count (recorded so the grid can say why it is empty)."""
     return {**dataclasses.asdict(cell), "key": cell.key, "setup_id": setup_id, "grids": grids, "status": "skipped",
@@ -1099,9 +1117,17 @@ def main(argv: list[str] | None = None) -> int:
                 if not clip_file.is_file() or clip_file.read_text(encoding="utf-8") != clip_text:
                     clip_file.write_text(clip_text, encoding="utf-8")
                 result_path = clip_folder / "clip_result.json"
+                plan_file = clip_folder / "clip_plan.json"
                 if result_path.is_file() and (clip_folder / "clip" / "final" / "rrg3d.yaml").is_file():
                     clips[clip_key] = json.loads(result_path.read_text(encoding="utf-8"))
                 else:
+                    recorded = recorded_clip_plan(results, clip_id, cell.encoder, cell.phantoms)
+                    if recorded and not plan_file.is_file():
+                        print(f"CT-CLIP of {cell.encoder}: {recorded['steps'][0]} steps, as recorded by "
+                              f"{recorded['recovered_from']} in {out}", flush=True)
+                        plan_file.parent.mkdir(parents=True, exist_ok=True)
+                        plan_file.write_text(json.dumps({**recorded, "seconds": [args.clip_minutes * 60]}) + "\n",
+                                             encoding="utf-8")
                     print(f"CT-CLIP pretraining of {cell.encoder} on {cell.phantoms} training studies "
                           f"({args.clip_minutes:g} min)", flush=True)
                     clips[clip_key] = run_job({**common_spec, "kind": "clip", "folder": str(clip_folder),
@@ -1123,8 +1149,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{cell.key}: failed:\n{result.get('error')}", flush=True)
             result = {**result, **{k: None for k in ROW_KEYS if k not in KEY_FIELDS}}
         elif clip_row is not None:
-            result["clip"] = {k: clip_row.get(k) for k in ("final", "steps", "seconds", "samples_per_s", "peak_gb",
-                                                           "val")}
+            result["clip"] = {"clip_id": clip_id, **{k: clip_row.get(k) for k in (
+                "final", "steps", "seconds_per_step", "seconds", "samples_per_s", "peak_gb", "val")}}
             result["clip_minutes"] = round((clip_row.get("seconds") or 0) / 60, 2)
         put_row(results, {**row_base, **result})
         results["seconds_this_invocation"] = round(time.perf_counter() - start)

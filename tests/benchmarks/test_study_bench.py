@@ -200,6 +200,26 @@ def test_constant_reports_are_added_for_cells_trained_before_them(study: ModuleT
     assert after["baselines"][1]["encoder"] == "best constant report"
 
 
+def test_a_lost_clip_plan_is_recovered_from_the_results(study: ModuleType) -> None:
+    """A new work folder pretrains an encoder with the CT-CLIP steps its finished cells recorded (same CLIP setup,
+    encoder and training-set size), not with steps planned from a step time measured on another machine."""
+    final = "/old/work/clip/abc123/n1200/resnet3d/clip/final"
+    old_row = {"key": "resnet3d/pool/64", "encoder": "resnet3d", "phantoms": 1200, "status": "ok",
+               "clip": {"final": final, "steps": 564, "seconds": 170.8}}  # before clip_id and seconds_per_step
+    new_row = {"key": "vit3d/pool/64", "encoder": "vit3d", "phantoms": 1200, "status": "ok",
+               "clip": {"clip_id": "abc123", "final": "/w/vit3d/final", "steps": 300, "seconds": 160.0,
+                        "seconds_per_step": 0.5}}
+    results = {"cells": [{"key": "x", "encoder": "resnet3d", "phantoms": 1200, "status": "failed", "clip": None},
+                         old_row, new_row]}
+    plan = study.recorded_clip_plan(results, "abc123", "resnet3d", 1200)
+    assert plan["steps"] == [564] and plan["seconds_per_step"][0] == pytest.approx(170.8 / 564)
+    assert plan["recovered_from"] == "resnet3d/pool/64"
+    assert study.recorded_clip_plan(results, "abc123", "vit3d", 1200)["seconds_per_step"] == [0.5]
+    assert study.recorded_clip_plan(results, "other", "resnet3d", 1200) is None  # another CLIP setup
+    assert study.recorded_clip_plan(results, "abc123", "resnet3d", 300) is None  # another training-set size
+    assert study.recorded_clip_plan(results, "abc123", "ctvit_v", 1200) is None
+
+
 def test_a_row_of_another_setup_moves_aside(study: ModuleType) -> None:
     results = {"cells": [{"key": "a", "setup_id": "old", "status": "ok"}, {"key": "b", "setup_id": "new"}]}
     study.put_row(results, {"key": "a", "setup_id": "new", "status": "ok"})
