@@ -40,6 +40,40 @@ def reset_vm_hwm() -> bool:
     return True
 
 
+def machine_info(probe_seconds: float = 0.5) -> dict[str, Any]:
+    """What a wall-time budget depends on: CPU model, cores, torch threads and version, GPU, and a measured fp32
+    matmul speed (GFLOP/s over ``probe_seconds``; on the GPU where there is one), so that runs of one benchmark made
+    on different machines can be told apart and compared."""
+    import os
+    import platform
+    import time
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    size = 1024
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    torch.mm(a, b)  # warm-up
+    runs, start = 0, time.perf_counter()
+    while runs == 0 or time.perf_counter() - start < probe_seconds:
+        torch.mm(a, b)
+        runs += 1
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+            "matmul_gflops": round(2 * size**3 * runs / seconds / 1e9, 1)}
+
+
 def truth_scores(predictions: Path, references: Path, labeler: Any) -> dict[str, Any]:
     """Per test study, in reference order: the report's labels against the phantom's true labels (the label judge's
     counts, its score and the score of its ``f1`` mode)."""

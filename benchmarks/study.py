@@ -45,10 +45,11 @@ the cell's own process (each cell and each CLIP run runs in a fresh child proces
 ``torch.cuda.max_memory_allocated`` (tensors only), else the process's peak resident set (Linux ``VmHWM``, else
 ``ru_maxrss``) of calibration and training; ``generation_peak_gb`` is the peak of generating and scoring the test
 reports (``--eval-batch-size`` at a time), measured apart from a reset peak, so the evaluation batch does not move
-``peak_gb``. Two image-blind reports, each said of every test
-study, are the reference rows of each training-set size: the majority-class report (the training report with the
-most frequent label vector; on phantoms the normal study, CE 0) and the best constant report (the training report
-whose labels, said of every training study, score the best CE micro-F1).
+``peak_gb``. The budget is wall time, so the steps it buys depend on the machine: each cell and CLIP run records
+``machine`` (CPU model, cores, threads, torch, GPU, a measured fp32 matmul speed). Two image-blind reports, each
+said of every test study, are the reference rows of each training-set size: the majority-class report (the
+training report with the most frequent label vector; on phantoms the normal study, CE 0) and the best constant
+report (the training report whose labels, said of every training study, score the best CE micro-F1).
 
 Results: ``--out`` (default ``benchmarks/results/study.json``: ``{"cells": [...], "baselines": [...]}``, written
 atomically after every cell; rows of an earlier setup, e.g. another budget, are kept under ``other_setups``) and a
@@ -99,7 +100,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import reset_vm_hwm, vm_hwm_gb
+from _common import machine_info, reset_vm_hwm, vm_hwm_gb
 
 ENCODERS = ("resnet3d", "vit3d", "ctvit_v")
 COMPRESSORS = ("pool", "pca", "perceiver", "pixel_shuffle")
@@ -705,6 +706,7 @@ def clip_job(spec: dict[str, Any]) -> dict[str, Any]:
     import learnability
 
     start = time.perf_counter()
+    machine = machine_info()
     settings, clip = spec["settings"], spec["clip_settings"]
     folder = Path(spec["folder"])
     overrides = [*common_overrides(spec, spec["model_config"], 256), f"data.batch_size={clip['batch_size']}",
@@ -722,7 +724,7 @@ def clip_job(spec: dict[str, Any]) -> dict[str, Any]:
     peak, kind = peak_memory()
     return {"status": "ok", "final": str(final), "steps": steps[0], "seconds_per_step": per_step[0],
             **trained(folder / "clip", clip["batch_size"]), "val": metrics, "peak_gb": round(peak, 3),
-            "peak_kind": kind, "wall_minutes": round((time.perf_counter() - start) / 60, 2)}
+            "peak_kind": kind, "machine": machine, "wall_minutes": round((time.perf_counter() - start) / 60, 2)}
 
 
 def cell_job(spec: dict[str, Any]) -> dict[str, Any]:
@@ -735,6 +737,7 @@ def cell_job(spec: dict[str, Any]) -> dict[str, Any]:
     from rrg3d.train.data import build_dataset
 
     start = time.perf_counter()
+    machine = machine_info()  # the steps a time budget buys depend on it
     settings, cell = spec["settings"], Cell(**spec["cell"])
     folder, schedule = Path(spec["folder"]), spec["schedule"]
     model_file = spec["model_config"]
@@ -806,7 +809,7 @@ def cell_job(spec: dict[str, Any]) -> dict[str, Any]:
                     "seconds_per_phase": [round(sum(s for p, s in sft_rows if p == i), 2)
                                           for i in range(len(phases))]},
             "val_loss": validation.get("val_loss"), "val_image_gain": validation.get("image_gain"), "val": validation,
-            "reused_runs": reused, "eval_minutes": round((time.perf_counter() - tick) / 60, 2),
+            "reused_runs": reused, "machine": machine, "eval_minutes": round((time.perf_counter() - tick) / 60, 2),
             "wall_minutes": round((time.perf_counter() - start) / 60, 2),
             "runs": {"align": str(folder / "align"), "sft": str(sft_dir), "predictions": str(predictions)}}
 

@@ -220,6 +220,13 @@ def test_a_lost_clip_plan_is_recovered_from_the_results(study: ModuleType) -> No
     assert study.recorded_clip_plan(results, "abc123", "ctvit_v", 1200) is None
 
 
+def test_cells_record_the_machine_their_time_budget_ran_on(study: ModuleType) -> None:
+    """The steps a wall-time budget buys depend on the machine: its description and a measured matmul speed."""
+    info = study.machine_info(probe_seconds=0.05)
+    assert set(info) >= {"cpu", "cores", "torch_threads", "torch", "gpu", "matmul_gflops"}
+    assert info["cpu"] and info["cores"] >= 1 and info["torch_threads"] >= 1 and info["matmul_gflops"] > 0
+
+
 def test_a_row_of_another_setup_moves_aside(study: ModuleType) -> None:
     results = {"cells": [{"key": "a", "setup_id": "old", "status": "ok"}, {"key": "b", "setup_id": "new"}]}
     study.put_row(results, {"key": "a", "setup_id": "new", "status": "ok"})
@@ -271,6 +278,7 @@ def test_one_tiny_cell_end_to_end(study: ModuleType, tmp_path: Path) -> None:
     assert 0.0 <= row["ce_micro_f1"] <= 1.0 and row["ci95"][0] <= row["ce_micro_f1"] <= row["ci95"][1]
     assert row["samples_per_s"] > 0 and row["peak_gb"] > 0 and row["minutes"] > 0
     assert row["generation_peak_gb"] is None or row["generation_peak_gb"] > 0  # None where the peak cannot reset
+    assert row["machine"]["matmul_gflops"] > 0 and row["machine"]["cores"] >= 1  # what the time budget ran on
     assert row["align"]["steps"] == row["align"]["planned_steps"] >= 1
     assert row["sft"]["steps"] == sum(row["sft"]["planned_steps"]) and row["test_studies"] == 3
     assert 0.0 <= row["classifier_test_micro_f1"] <= 1.0  # the dx arm: its classifier scored on the test studies
