@@ -62,6 +62,8 @@ def machine_info(probe_seconds: float = 0.5) -> dict[str, Any]:
     size = 1024
     a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     torch.mm(a, b)  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()  # the timer starts with the warm-up finished, not merely launched
     runs, start = 0, time.perf_counter()
     while runs == 0 or time.perf_counter() - start < probe_seconds:
         torch.mm(a, b)
