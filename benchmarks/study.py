@@ -903,6 +903,91 @@ def plot(rows: list[dict[str, Any]], baselines: list[dict[str, Any]], phantoms: 
     return path
 
 
+STEP_METRICS = ("ce_micro_f1", "ce_micro_recall", "bleu_4", "words_per_report")
+
+
+def cell_steps(row: dict[str, Any]) -> int | None:
+    """Optimizer steps a finished cell trained: align plus SFT (all phases)."""
+    align, sft = (row.get("align") or {}).get("steps"), (row.get("sft") or {}).get("steps")
+    return None if align is None or sft is None else int(align) + int(sft)
+
+
+def steps_effect(rows: list[dict[str, Any]], min_cells: int = 4) -> dict[str, Any]:
+    """Per arm, Spearman's rank correlation between the steps a cell trained and each of ``STEP_METRICS``, over the
+    finished cells (an arm with fewer than ``min_cells`` is left out).
+
+    The budget is time, so a cell's steps depend on its step cost and on the machine as well as on its arm. A
+    correlation near ±1 says the grid ranks cells by how far they trained rather than by what they compare."""
+    from scipy.stats import spearmanr
+
+    effect: dict[str, Any] = {}
+    for arm in ARMS:
+        chosen = [(steps, r) for r in rows if r.get("status") == "ok" and r.get("arm") == arm
+                  and (steps := cell_steps(r)) is not None]
+        if len(chosen) < min_cells:
+            continue
+        steps = [s for s, _ in chosen]
+        entry: dict[str, Any] = {"cells": len(chosen), "steps": [min(steps), max(steps)]}
+        for metric in STEP_METRICS:
+            pairs = [(s, r[metric]) for s, r in chosen if r.get(metric) is not None]
+            if len(pairs) < min_cells or len({v for _, v in pairs}) < 2 or len({s for s, _ in pairs}) < 2:
+                continue
+            rho, p_value = spearmanr([s for s, _ in pairs], [v for _, v in pairs])
+            entry[metric] = {"rho": round(float(rho), 3), "p": round(float(p_value), 4), "cells": len(pairs)}
+        effect[arm] = entry
+    return effect
+
+
+def print_steps_effect(effect: dict[str, Any]) -> None:
+    if not effect:
+        return
+    print("\nSpearman's rho of training steps against each metric (p), per arm:")
+    for arm, entry in effect.items():
+        cells = ", ".join(f"{m} {entry[m]['rho']:+.2f} ({entry[m]['p']:.3f})" for m in STEP_METRICS if m in entry)
+        print(f"  {arm:<6} {entry['cells']} cells, {entry['steps'][0]}-{entry['steps'][1]} steps: {cells}", flush=True)
+
+
+def plot_steps(rows: list[dict[str, Any]], baselines: list[dict[str, Any]], phantoms: int, path: Path) -> Path | None:
+    """CE micro-F1 and BLEU-4 against the steps each finished cell trained, by arm and encoder (the best constant
+    report of ``phantoms`` training studies for reference): what the time budget bought each cell."""
+    chosen = [(steps, r) for r in rows if r.get("status") == "ok" and (steps := cell_steps(r)) is not None]
+    if not chosen:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10.0, 3.8))
+    markers = dict(zip(ENCODERS, ("o", "s", "^"), strict=True))
+    colours = dict(zip(ARMS, ("tab:blue", "tab:red"), strict=True))
+    for axis, metric, label in zip(axes, ("ce_micro_f1", "bleu_4"), ("CE micro-F1 (test)", "BLEU-4 (test)"),
+                                   strict=True):
+        for encoder, arm in itertools.product(ENCODERS, ARMS):
+            points = [(s, r[metric]) for s, r in chosen if r["encoder"] == encoder and r["arm"] == arm
+                      and r.get(metric) is not None]
+            if points:
+                axis.scatter([s for s, _ in points], [v for _, v in points], marker=markers[encoder],
+                             color=colours[arm], label=f"{encoder} ({arm})", alpha=0.8)
+        for baseline in baselines:
+            if baseline.get("arm") == "constant" and baseline["phantoms"] == phantoms and metric in baseline:
+                axis.axhline(baseline[metric], color="grey", linestyle="-.", label="best constant report")
+        axis.set_xlabel("optimizer steps (align + SFT)")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    entries: dict[str, Any] = {}
+    for axis in axes:
+        for handle, name in zip(*axis.get_legend_handles_labels(), strict=True):
+            entries.setdefault(name, handle)
+    figure.suptitle("What an equal time budget bought each cell", fontsize=10)
+    figure.tight_layout(rect=(0.0, 0.0, 0.83, 1.0))
+    figure.legend(list(entries.values()), list(entries), fontsize=7, loc="center right")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
 # --------------------------------------------------------------------------------------------------------- main
 
 
@@ -1174,8 +1259,13 @@ def main(argv: list[str] | None = None) -> int:
     print_table(current, baselines)
     picture = plot(current, baselines, args.phantoms, plot_path)
     results["plot"] = str(picture) if picture else None
+    results["steps_effect"] = steps_effect(current)
+    print_steps_effect(results["steps_effect"])
+    steps_path = plot_path.with_name(f"{plot_path.stem}_steps{plot_path.suffix}")
+    steps_picture = plot_steps(current, baselines, args.phantoms, steps_path)
+    results["steps_plot"] = str(steps_picture) if steps_picture else None
     save_results(out, results)
-    print(f"-> {out}" + (f", {picture}" if picture else ""), flush=True)
+    print(f"-> {out}" + "".join(f", {p}" for p in (picture, steps_picture) if p), flush=True)
     planned = {cell.key for cell in cells}
     return 1 if any(r.get("status") == "failed" and r["key"] in planned for r in current) else 0
 

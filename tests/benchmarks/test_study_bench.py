@@ -324,3 +324,26 @@ def test_training_sets_are_nested_and_the_test_set_is_fixed(study: ModuleType, t
     assert args.phantoms == 3 and args.scale_phantoms == [2, 3]  # all of its training studies at most
     subset = load_manifest(study.study_data(args, tmp_path / "real_work", 2))
     assert [r["split"] for r in subset] == ["train", "train", "test", "test", "val"]
+
+
+def test_the_steps_a_cell_trained_are_set_against_its_scores(study: ModuleType, tmp_path: Path) -> None:
+    def row(arm: str, steps: int, ce: float, bleu: float, status: str = "ok") -> dict:
+        return {"encoder": "resnet3d", "arm": arm, "status": status, "phantoms": 1200, "align": {"steps": 10},
+                "sft": {"steps": steps - 10}, "ce_micro_f1": ce, "ce_micro_recall": ce / 2, "bleu_4": bleu,
+                "words_per_report": 100.0}
+
+    rows = [row("image", 40 + 10 * i, 0.3 - 0.02 * i, 0.05 + 0.01 * i) for i in range(5)]
+    rows += [row("dx", 50, 0.3, 0.1), row("dx", 60, 0.2, 0.2), row("dx", 70, 0.1, 0.3)]  # too few cells
+    rows.append(row("image", 500, 0.9, 0.0, status="failed"))  # only finished cells count
+    effect = study.steps_effect(rows)
+    assert set(effect) == {"image"}
+    image = effect["image"]
+    assert image["cells"] == 5 and image["steps"] == [40, 80]
+    assert image["ce_micro_f1"]["rho"] == -1.0 and image["ce_micro_recall"]["rho"] == -1.0
+    assert image["bleu_4"]["rho"] == 1.0 and image["bleu_4"]["cells"] == 5
+    assert "words_per_report" not in image  # a constant metric has no rank correlation
+    assert study.cell_steps({"align": {"steps": 3}, "sft": {"steps": None}}) is None
+    baselines = [{"arm": "constant", "phantoms": 1200, "ce_micro_f1": 0.4, "bleu_4": 0.3}]
+    picture = study.plot_steps(rows, baselines, 1200, tmp_path / "steps.png")
+    assert picture is not None and picture.stat().st_size > 0
+    assert study.plot_steps([], baselines, 1200, tmp_path / "none.png") is None
