@@ -53,11 +53,14 @@ report (the training report whose labels, said of every training study, score th
 
 Results: ``--out`` (default ``benchmarks/results/study.json``: ``{"cells": [...], "baselines": [...]}``, written
 atomically after every cell; rows of an earlier setup, e.g. another budget, are kept under ``other_setups``) and a
-plot of CE micro-F1 against visual tokens per encoder (``--plot``, default the ``--out`` path with ``.png``). A
-cell whose result is in the JSON for this setup, or whose run folder holds its result, is not rerun; runs live under
-``WORK/runs/<setup id>/`` (``--work``, default ``study_work``). ``--grid`` and ``--cells`` (patterns over
-``encoder/compressor/tokens/schedule/phantoms/arm/standardize``, leading parts enough: ``resnet3d/pool/64``,
-``*/pca``) run parts; ``--plan`` prints the cells, their compressors and what is finished, and trains nothing.
+plot of CE micro-F1 against visual tokens per encoder (``--plot``, default the ``--out`` path with ``.png``). The
+budget is time, so cells differ in steps as well as in their arm: ``steps_effect`` in the JSON gives, per arm, the
+Spearman correlation of each cell's steps with its scores, and ``<plot>_steps.png`` plots CE micro-F1 and BLEU-4
+against steps. A cell whose result is in the JSON for this setup, or whose run folder holds its result, is not
+rerun; runs live under ``WORK/runs/<setup id>/`` (``--work``, default ``study_work``). ``--grid`` and ``--cells``
+(patterns over ``encoder/compressor/tokens/schedule/phantoms/arm/standardize``, leading parts enough:
+``resnet3d/pool/64``, ``*/pca``) run parts; ``--plan`` prints the cells, their compressors and what is finished,
+and trains nothing.
 
 The whole study on CPU (2 cores): 64 cells (48 + 12 + 4) and 5 CT-CLIP runs (3 encoders on 1200 phantoms, the
 scale cell's encoder on 300 and 2400), each cell about 19 minutes with its calibration, validation, generation of
