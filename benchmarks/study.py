@@ -893,12 +893,21 @@ def plot(rows: list[dict[str, Any]], baselines: list[dict[str, Any]], phantoms: 
         axis.set_xlabel("visual tokens")
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("CE micro-F1 (test, 95% CI)")
-    entries: dict[str, Any] = {}  # every panel's lines, once each: a compressor may appear in one panel only
-    for axis in axes[0]:
+    return save_figure(figure, axes[0], f"{phantoms} training studies, full reports, equal training budget", 0.86,
+                       path)
+
+
+def save_figure(figure: Any, axes: Any, title: str, right: float, path: Path) -> Path:
+    """Title ``figure``, give it one legend on the right (every panel's entries once each: a line may appear in one
+    panel only; the panels take ``right`` of the width), save it as ``path`` and close it."""
+    import matplotlib.pyplot as plt
+
+    entries: dict[str, Any] = {}
+    for axis in axes:
         for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
             entries.setdefault(label, handle)
-    figure.suptitle(f"{phantoms} training studies, full reports, equal training budget", fontsize=10)
-    figure.tight_layout(rect=(0.0, 0.0, 0.86, 1.0))
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout(rect=(0.0, 0.0, right, 1.0))
     figure.legend(list(entries.values()), list(entries), fontsize=7, loc="center right")
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
@@ -978,17 +987,7 @@ def plot_steps(rows: list[dict[str, Any]], baselines: list[dict[str, Any]], phan
         axis.set_xlabel("optimizer steps (align + SFT)")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
-    entries: dict[str, Any] = {}
-    for axis in axes:
-        for handle, name in zip(*axis.get_legend_handles_labels(), strict=True):
-            entries.setdefault(name, handle)
-    figure.suptitle("What an equal time budget bought each cell", fontsize=10)
-    figure.tight_layout(rect=(0.0, 0.0, 0.83, 1.0))
-    figure.legend(list(entries.values()), list(entries), fontsize=7, loc="center right")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return save_figure(figure, axes, "What an equal time budget bought each cell", 0.83, path)
 
 
 # --------------------------------------------------------------------------------------------------------- main
