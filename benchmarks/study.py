@@ -934,8 +934,8 @@ def steps_effect(rows: list[dict[str, Any]], min_cells: int = 4) -> dict[str, An
 
     effect: dict[str, Any] = {}
     for arm in ARMS:
-        chosen = [(steps, r) for r in rows if r.get("status") == "ok" and r.get("arm") == arm
-                  and (steps := cell_steps(r)) is not None]
+        chosen = [(count, r) for r in rows if r.get("status") == "ok" and r.get("arm") == arm
+                  and (count := cell_steps(r)) is not None]
         if len(chosen) < min_cells:
             continue
         steps = [s for s, _ in chosen]
