@@ -990,6 +990,133 @@ def plot_steps(rows: list[dict[str, Any]], baselines: list[dict[str, Any]], phan
     return save_figure(figure, axes, "What an equal time budget bought each cell", 0.83, path)
 
 
+def plot_grids(rows: list[dict[str, Any]], baselines: list[dict[str, Any]], scale_cell: tuple[str, str, int],
+               phantoms: int, path: Path) -> Path | None:
+    """The schedule and scale grids side by side: CE micro-F1 (95% CI) of single-scale against progressive training
+    per encoder and arm, and CE micro-F1 of ``scale_cell`` against its training-set size with the best constant
+    report of each size. A panel needs its cells (the scale curve two sizes at least); None when neither has them."""
+    finished = [r for r in rows if r.get("status") == "ok" and r.get("ce_micro_f1") is not None]
+    schedule = [r for r in finished if r.get("standardize") == "per_channel" and r["phantoms"] == phantoms]
+    encoder, compressor, tokens = scale_cell
+    scale = [r for r in finished if r["schedule"] == "single" and r.get("standardize") == "per_token"
+             and (r["encoder"], r["compressor"], r["tokens"]) == (encoder, compressor, tokens)]
+    panels = [name for name, chosen, needed in (("schedule", schedule, 1), ("scale", scale, 2))
+              if len({r["phantoms"] for r in chosen} if name == "scale" else chosen) >= needed]
+    if not panels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.8), squeeze=False)
+    colours = dict(zip(ARMS, ("tab:blue", "tab:red"), strict=True))
+
+    def interval(points: list[dict[str, Any]]) -> list[list[float]]:
+        return [[r["ce_micro_f1"] - (r["ci95"][0] if r["ci95"][0] is not None else r["ce_micro_f1"]) for r in points],
+                [(r["ci95"][1] if r["ci95"][1] is not None else r["ce_micro_f1"]) - r["ce_micro_f1"] for r in points]]
+
+    for axis, panel in zip(axes[0], panels, strict=True):
+        if panel == "schedule":
+            encoders = [e for e in ENCODERS if any(r["encoder"] == e for r in schedule)]
+            for (offset, kind), arm in itertools.product(enumerate(SCHEDULES), ARMS):
+                points = [r for e in encoders for r in schedule
+                          if r["encoder"] == e and r["schedule"] == kind and r["arm"] == arm]
+                if not points:
+                    continue
+                x = [encoders.index(r["encoder"]) + (offset - 0.5) * 0.3 + (0.06 if arm == "dx" else -0.06)
+                     for r in points]
+                axis.errorbar(x, [r["ce_micro_f1"] for r in points], yerr=interval(points), color=colours[arm],
+                              marker="o" if kind == "single" else "D", mfc="white" if kind == "progressive" else None,
+                              linestyle="none", capsize=3, label=f"{kind} ({arm})")
+            axis.set_xticks(range(len(encoders)), encoders)
+            axis.set_xlim(-0.6, len(encoders) - 0.4)
+            axis.set_title(f"single-scale vs progressive ({schedule[0]['compressor']}, {schedule[0]['tokens']} "
+                           "tokens)", fontsize=9)
+            for baseline in baselines:
+                if baseline.get("arm") == "constant" and baseline["phantoms"] == phantoms:
+                    axis.axhline(baseline["ce_micro_f1"], color="grey", linestyle="-.", label="best constant report")
+        else:
+            for arm in ARMS:
+                points = sorted((r for r in scale if r["arm"] == arm), key=lambda r: r["phantoms"])
+                if points:
+                    axis.errorbar([r["phantoms"] for r in points], [r["ce_micro_f1"] for r in points],
+                                  yerr=interval(points), color=colours[arm], marker="o", capsize=3,
+                                  label=f"{encoder}/{compressor}/{tokens} ({arm})")
+            constant = sorted((b for b in baselines if b.get("arm") == "constant"
+                               and b["phantoms"] in {r["phantoms"] for r in scale}), key=lambda b: b["phantoms"])
+            if constant:
+                axis.plot([b["phantoms"] for b in constant], [b["ce_micro_f1"] for b in constant], color="grey",
+                          linestyle="-.", marker="x", label="best constant report")
+            counts = sorted({r["phantoms"] for r in scale})
+            axis.set_xscale("log")
+            axis.set_xticks(counts, [str(c) for c in counts])
+            axis.minorticks_off()
+            axis.set_xlabel("training studies")
+            axis.set_title("data scale", fontsize=9)
+        axis.set_ylabel("CE micro-F1 (test, 95% CI)")
+        axis.grid(alpha=0.3)
+    return save_figure(figure, axes[0], "Schedule and data scale at an equal training budget", 0.8, path)
+
+
+MARGINAL_FACTORS = ("encoder", "compressor", "tokens")
+
+
+def grid_marginals(rows: list[dict[str, Any]], phantoms: int) -> dict[str, Any]:
+    """What the encoders grid says on average (single-scale cells at ``phantoms``, one seed each): per arm, the mean,
+    range and count of CE micro-F1 over the cells of each encoder, compressor and token count; and the diagnosis
+    prompt's effect over the pairs of cells that differ only in the arm (dx minus image: mean, range, how many pairs
+    gain, and the two-sided Wilcoxon signed-rank p)."""
+    chosen = [r for r in rows if r.get("status") == "ok" and r.get("ce_micro_f1") is not None
+              and r["schedule"] == "single" and r["phantoms"] == phantoms and r.get("standardize") == "per_token"]
+    summary: dict[str, Any] = {}
+    for arm in ARMS:
+        in_arm = [r for r in chosen if r["arm"] == arm]
+        if not in_arm:
+            continue
+        summary[arm] = {factor: {str(level): _spread([r["ce_micro_f1"] for r in in_arm if r[factor] == level])
+                                 for level in sorted({r[factor] for r in in_arm}, key=_level_order(factor))}
+                        for factor in MARGINAL_FACTORS}
+    by_key = {(r["encoder"], r["compressor"], r["tokens"], r["arm"]): r for r in chosen}
+    gains = [round(by_key[(*key[:3], "dx")]["ce_micro_f1"] - r["ce_micro_f1"], 6) for key, r in by_key.items()
+             if key[3] == "image" and (*key[:3], "dx") in by_key]
+    if gains:
+        effect: dict[str, Any] = {k: v for k, v in _spread(gains).items() if k != "cells"}
+        effect.update(pairs=len(gains), pairs_gaining=sum(g > 0 for g in gains))
+        if len(gains) >= 6 and any(g != 0 for g in gains):
+            from scipy.stats import wilcoxon
+
+            effect["wilcoxon_p"] = float(f"{float(wilcoxon(gains).pvalue):.3g}")
+        summary["dx_minus_image"] = effect
+    return summary
+
+
+def _spread(values: list[float]) -> dict[str, Any]:
+    return {"mean": round(sum(values) / len(values), 4), "min": round(min(values), 4), "max": round(max(values), 4),
+            "cells": len(values)}
+
+
+def _level_order(factor: str) -> Any:
+    order = {"encoder": ENCODERS, "compressor": COMPRESSORS}.get(factor)
+    return (lambda level: order.index(level) if level in order else len(order)) if order else (lambda level: level)
+
+
+def print_marginals(summary: dict[str, Any]) -> None:
+    if not summary:
+        return
+    print("\nCE micro-F1 averaged over the encoders grid (mean [min, max] over cells):")
+    for arm in ARMS:
+        for factor, levels in summary.get(arm, {}).items():
+            spread = ", ".join(f"{level} {v['mean']:.3f} [{v['min']:.3f}, {v['max']:.3f}]"
+                               for level, v in levels.items())
+            print(f"  {arm:<6} by {factor:<10} {spread}")
+    effect = summary.get("dx_minus_image")
+    if effect:
+        p_value = f", Wilcoxon p {effect['wilcoxon_p']:.2g}" if "wilcoxon_p" in effect else ""
+        print(f"  diagnosis prompt: {effect['mean']:+.3f} on average over {effect['pairs']} pairs "
+              f"[{effect['min']:+.3f}, {effect['max']:+.3f}], {effect['pairs_gaining']} gain{p_value}", flush=True)
+
+
 # --------------------------------------------------------------------------------------------------------- main
 
 
@@ -1261,13 +1388,21 @@ def main(argv: list[str] | None = None) -> int:
     print_table(current, baselines)
     picture = plot(current, baselines, args.phantoms, plot_path)
     results["plot"] = str(picture) if picture else None
-    results["steps_effect"] = steps_effect(current)
+    # the step confound is the encoders grid's: its cells differ in what they compare, not in their recipe
+    encoders_rows = [r for r in current if r["schedule"] == "single" and r["phantoms"] == args.phantoms
+                     and r.get("standardize") == "per_token"]
+    results["steps_effect"] = steps_effect(encoders_rows)
     print_steps_effect(results["steps_effect"])
+    results["marginals"] = grid_marginals(current, args.phantoms)
+    print_marginals(results["marginals"])
     steps_path = plot_path.with_name(f"{plot_path.stem}_steps{plot_path.suffix}")
-    steps_picture = plot_steps(current, baselines, args.phantoms, steps_path)
+    steps_picture = plot_steps(encoders_rows, baselines, args.phantoms, steps_path)
     results["steps_plot"] = str(steps_picture) if steps_picture else None
+    grids_path = plot_path.with_name(f"{plot_path.stem}_grids{plot_path.suffix}")
+    grids_picture = plot_grids(current, baselines, parse_scale_cell(args.scale_cell), args.phantoms, grids_path)
+    results["grids_plot"] = str(grids_picture) if grids_picture else None
     save_results(out, results)
-    print(f"-> {out}" + "".join(f", {p}" for p in (picture, steps_picture) if p), flush=True)
+    print(f"-> {out}" + "".join(f", {p}" for p in (picture, steps_picture, grids_picture) if p), flush=True)
     planned = {cell.key for cell in cells}
     return 1 if any(r.get("status") == "failed" and r["key"] in planned for r in current) else 0
 

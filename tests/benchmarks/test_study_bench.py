@@ -374,3 +374,53 @@ def test_the_steps_a_cell_trained_are_set_against_its_scores(study: ModuleType, 
     picture = study.plot_steps(rows, baselines, 1200, tmp_path / "steps.png")
     assert picture is not None and picture.stat().st_size > 0
     assert study.plot_steps([], baselines, 1200, tmp_path / "none.png") is None
+
+
+def test_the_schedule_and_scale_grids_are_plotted(study: ModuleType, tmp_path: Path) -> None:
+    def row(encoder: str, schedule: str, arm: str, phantoms: int, standardize: str, ce: float,
+            compressor: str = "pool", tokens: int = 64) -> dict:
+        return {"encoder": encoder, "compressor": compressor, "tokens": tokens, "schedule": schedule, "arm": arm,
+                "phantoms": phantoms, "standardize": standardize, "status": "ok", "ce_micro_f1": ce,
+                "ci95": [ce - 0.05, ce + 0.05]}
+
+    schedule = [row(e, s, a, 1200, "per_channel", 0.2) for e in ("resnet3d", "vit3d") for s in ("single", "progressive")
+                for a in ("image", "dx")]
+    scale = [row("resnet3d", "single", a, n, "per_token", 0.1 + n / 10000) for n in (300, 1200)
+             for a in ("image", "dx")]
+    others = [row("vit3d", "single", "image", 300, "per_token", 0.9),  # not the scale cell
+              {**row("resnet3d", "progressive", "image", 1200, "per_channel", 0.5), "status": "failed"}]
+    baselines = [{"arm": "constant", "phantoms": n, "ce_micro_f1": 0.4} for n in (300, 1200)]
+    cell = ("resnet3d", "pool", 64)
+    picture = study.plot_grids(schedule + scale + others, baselines, cell, 1200, tmp_path / "grids.png")
+    assert picture is not None and picture.stat().st_size > 0
+    # each grid alone gets its panel; one training-set size is no curve
+    assert study.plot_grids(schedule, baselines, cell, 1200, tmp_path / "schedule.png") is not None
+    assert study.plot_grids(scale, baselines, cell, 1200, tmp_path / "scale.png") is not None
+    one_size = [r for r in scale if r["phantoms"] == 1200]
+    assert study.plot_grids(one_size + others, baselines, cell, 1200, tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_the_encoders_grid_is_summarised_per_factor_and_per_prompt_pair(study: ModuleType) -> None:
+    def row(encoder: str, compressor: str, tokens: int, arm: str, ce: float, **extra) -> dict:
+        return {"encoder": encoder, "compressor": compressor, "tokens": tokens, "schedule": "single", "arm": arm,
+                "phantoms": 1200, "standardize": "per_token", "status": "ok", "ce_micro_f1": ce, **extra}
+
+    rows = []
+    for i, (encoder, compressor, tokens) in enumerate([(e, c, t) for e in ("vit3d", "resnet3d")
+                                                       for c in ("pool", "pca") for t in (64, 256)]):
+        rows += [row(encoder, compressor, tokens, "image", 0.1 + 0.01 * i),
+                 row(encoder, compressor, tokens, "dx", 0.2 + 0.01 * i - (0.2 if i == 0 else 0.0))]
+    rows += [row("resnet3d", "pool", 64, "image", 0.9, standardize="per_channel"),  # the schedule grid
+             row("resnet3d", "pool", 64, "image", 0.9, phantoms=300),  # the scale grid
+             row("ctvit_v", "pool", 64, "dx", 0.9, status="failed")]
+    summary = study.grid_marginals(rows, 1200)
+    image = summary["image"]
+    assert list(image["encoder"]) == ["resnet3d", "vit3d"]  # the grid's order, not the rows'
+    assert image["encoder"]["vit3d"] == {"mean": 0.115, "min": 0.1, "max": 0.13, "cells": 4}
+    assert image["tokens"]["64"]["cells"] == 4 and image["compressor"]["pca"]["cells"] == 4
+    effect = summary["dx_minus_image"]
+    assert effect["pairs"] == 8 and effect["pairs_gaining"] == 7
+    assert effect["min"] == -0.1 and effect["max"] == 0.1 and "cells" not in effect
+    assert 0.0 < effect["wilcoxon_p"] < 0.1
+    assert study.grid_marginals([], 1200) == {}
