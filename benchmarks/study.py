@@ -854,11 +854,23 @@ def print_table(rows: list[dict[str, Any]], baselines: list[dict[str, Any]]) -> 
     print("(* projector standardised per channel: the schedule grid)", flush=True)
 
 
+def encoders_grid_rows(rows: list[dict[str, Any]], phantoms: int) -> list[dict[str, Any]]:
+    """The rows of the encoders grid's kind: single-scale, ``phantoms`` training studies, per-token standardisation
+    (the schedule grid standardises per channel, the scale grid changes the data)."""
+    return [r for r in rows if r["schedule"] == "single" and r["phantoms"] == phantoms
+            and r.get("standardize") == "per_token"]
+
+
+def error_bars(points: list[dict[str, Any]]) -> list[list[float]]:
+    """``yerr`` for CE micro-F1 from each row's 95% interval (no bar where a bound is missing)."""
+    return [[r["ce_micro_f1"] - (r["ci95"][0] if r["ci95"][0] is not None else r["ce_micro_f1"]) for r in points],
+            [(r["ci95"][1] if r["ci95"][1] is not None else r["ce_micro_f1"]) - r["ce_micro_f1"] for r in points]]
+
+
 def plot(rows: list[dict[str, Any]], baselines: list[dict[str, Any]], phantoms: int, path: Path) -> Path | None:
     """CE micro-F1 against visual tokens, one panel per encoder, one line per compressor and arm (single-scale
     cells of the encoders grid at ``phantoms``), with the 95% intervals and the constant reports' levels."""
-    chosen = [r for r in rows if r.get("status") == "ok" and r["schedule"] == "single" and r["phantoms"] == phantoms
-              and r["standardize"] == "per_token"]
+    chosen = [r for r in encoders_grid_rows(rows, phantoms) if r.get("status") == "ok"]
     if not chosen:
         return None
     import matplotlib
@@ -880,10 +892,9 @@ def plot(rows: list[dict[str, Any]], baselines: list[dict[str, Any]], phantoms: 
                 continue
             x = [r["tokens"] for r in points]
             y = [r["ce_micro_f1"] for r in points]
-            low = [r["ce_micro_f1"] - (r["ci95"][0] if r["ci95"][0] is not None else r["ce_micro_f1"]) for r in points]
-            high = [(r["ci95"][1] if r["ci95"][1] is not None else r["ce_micro_f1"]) - r["ce_micro_f1"] for r in points]
-            axis.errorbar(x, y, yerr=[low, high], color=colours[compressor], linestyle="-" if arm == "image" else "--",
-                          marker="o" if arm == "image" else "s", capsize=3, label=f"{compressor} ({arm})")
+            axis.errorbar(x, y, yerr=error_bars(points), color=colours[compressor],
+                          linestyle="-" if arm == "image" else "--", marker="o" if arm == "image" else "s",
+                          capsize=3, label=f"{compressor} ({arm})")
         for baseline, style in levels:
             axis.axhline(baseline["ce_micro_f1"], color="grey", linestyle=style, label=baseline["encoder"])
         axis.set_xscale("log", base=2)
@@ -1012,10 +1023,6 @@ def plot_grids(rows: list[dict[str, Any]], baselines: list[dict[str, Any]], scal
     figure, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.8), squeeze=False)
     colours = dict(zip(ARMS, ("tab:blue", "tab:red"), strict=True))
 
-    def interval(points: list[dict[str, Any]]) -> list[list[float]]:
-        return [[r["ce_micro_f1"] - (r["ci95"][0] if r["ci95"][0] is not None else r["ce_micro_f1"]) for r in points],
-                [(r["ci95"][1] if r["ci95"][1] is not None else r["ce_micro_f1"]) - r["ce_micro_f1"] for r in points]]
-
     for axis, panel in zip(axes[0], panels, strict=True):
         if panel == "schedule":
             encoders = [e for e in ENCODERS if any(r["encoder"] == e for r in schedule)]
@@ -1026,7 +1033,7 @@ def plot_grids(rows: list[dict[str, Any]], baselines: list[dict[str, Any]], scal
                     continue
                 x = [encoders.index(r["encoder"]) + (offset - 0.5) * 0.3 + (0.06 if arm == "dx" else -0.06)
                      for r in points]
-                axis.errorbar(x, [r["ce_micro_f1"] for r in points], yerr=interval(points), color=colours[arm],
+                axis.errorbar(x, [r["ce_micro_f1"] for r in points], yerr=error_bars(points), color=colours[arm],
                               marker="o" if kind == "single" else "D", mfc="white" if kind == "progressive" else None,
                               linestyle="none", capsize=3, label=f"{kind} ({arm})")
             axis.set_xticks(range(len(encoders)), encoders)
@@ -1041,7 +1048,7 @@ def plot_grids(rows: list[dict[str, Any]], baselines: list[dict[str, Any]], scal
                 points = sorted((r for r in scale if r["arm"] == arm), key=lambda r: r["phantoms"])
                 if points:
                     axis.errorbar([r["phantoms"] for r in points], [r["ce_micro_f1"] for r in points],
-                                  yerr=interval(points), color=colours[arm], marker="o", capsize=3,
+                                  yerr=error_bars(points), color=colours[arm], marker="o", capsize=3,
                                   label=f"{encoder}/{compressor}/{tokens} ({arm})")
             constant = sorted((b for b in baselines if b.get("arm") == "constant"
                                and b["phantoms"] in {r["phantoms"] for r in scale}), key=lambda b: b["phantoms"])
@@ -1067,8 +1074,8 @@ def grid_marginals(rows: list[dict[str, Any]], phantoms: int) -> dict[str, Any]:
     range and count of CE micro-F1 over the cells of each encoder, compressor and token count; and the diagnosis
     prompt's effect over the pairs of cells that differ only in the arm (dx minus image: mean, range, how many pairs
     gain, and the two-sided Wilcoxon signed-rank p)."""
-    chosen = [r for r in rows if r.get("status") == "ok" and r.get("ce_micro_f1") is not None
-              and r["schedule"] == "single" and r["phantoms"] == phantoms and r.get("standardize") == "per_token"]
+    chosen = [r for r in encoders_grid_rows(rows, phantoms) if r.get("status") == "ok"
+              and r.get("ce_micro_f1") is not None]
     summary: dict[str, Any] = {}
     for arm in ARMS:
         in_arm = [r for r in chosen if r["arm"] == arm]
@@ -1389,8 +1396,7 @@ def main(argv: list[str] | None = None) -> int:
     picture = plot(current, baselines, args.phantoms, plot_path)
     results["plot"] = str(picture) if picture else None
     # the step confound is the encoders grid's: its cells differ in what they compare, not in their recipe
-    encoders_rows = [r for r in current if r["schedule"] == "single" and r["phantoms"] == args.phantoms
-                     and r.get("standardize") == "per_token"]
+    encoders_rows = encoders_grid_rows(current, args.phantoms)
     results["steps_effect"] = steps_effect(encoders_rows)
     print_steps_effect(results["steps_effect"])
     results["marginals"] = grid_marginals(current, args.phantoms)
