@@ -1009,10 +1009,12 @@ def plot_grids(rows: list[dict[str, Any]], baselines: list[dict[str, Any]], scal
     finished = [r for r in rows if r.get("status") == "ok" and r.get("ce_micro_f1") is not None]
     schedule = [r for r in finished if r.get("standardize") == "per_channel" and r["phantoms"] == phantoms]
     encoder, compressor, tokens = scale_cell
-    scale = [r for r in finished if r["schedule"] == "single" and r.get("standardize") == "per_token"
-             and (r["encoder"], r["compressor"], r["tokens"]) == (encoder, compressor, tokens)]
-    panels = [name for name, chosen, needed in (("schedule", schedule, 1), ("scale", scale, 2))
-              if len({r["phantoms"] for r in chosen} if name == "scale" else chosen) >= needed]
+    scale = scale_grid_rows(finished, scale_cell)
+    pretraining = [s for s in data_scale(rows, scale_cell) if s.get("clip_zero_shot_auroc") is not None
+                   or s.get("classifier_test_auroc") is not None]
+    panels = [name for name, chosen, needed in (("schedule", schedule, 1), ("scale", scale, 2),
+                                                 ("encoder", pretraining, 2))
+              if len({r["phantoms"] for r in chosen} if name != "schedule" else chosen) >= needed]
     if not panels:
         return None
     import matplotlib
@@ -1043,7 +1045,7 @@ def plot_grids(rows: list[dict[str, Any]], baselines: list[dict[str, Any]], scal
             for baseline in baselines:
                 if baseline.get("arm") == "constant" and baseline["phantoms"] == phantoms:
                     axis.axhline(baseline["ce_micro_f1"], color="grey", linestyle="-.", label="best constant report")
-        else:
+        elif panel == "scale":
             for arm in ARMS:
                 points = sorted((r for r in scale if r["arm"] == arm), key=lambda r: r["phantoms"])
                 if points:
@@ -1055,15 +1057,78 @@ def plot_grids(rows: list[dict[str, Any]], baselines: list[dict[str, Any]], scal
             if constant:
                 axis.plot([b["phantoms"] for b in constant], [b["ce_micro_f1"] for b in constant], color="grey",
                           linestyle="-.", marker="x", label="best constant report")
-            counts = sorted({r["phantoms"] for r in scale})
-            axis.set_xscale("log")
-            axis.set_xticks(counts, [str(c) for c in counts])
-            axis.minorticks_off()
-            axis.set_xlabel("training studies")
+            _training_studies_axis(axis, scale)
             axis.set_title("data scale", fontsize=9)
+        else:
+            for metric, label, style in (("clip_zero_shot_auroc", "CT-CLIP zero-shot AUROC (val)", "s--"),
+                                         ("clip_i2t_r1", "CT-CLIP image→report R@1 (val)", "^--"),
+                                         ("classifier_test_auroc", "dx arm's finding classifier AUROC (test)", "o:")):
+                points = [s for s in pretraining if s.get(metric) is not None]
+                if points:
+                    axis.plot([s["phantoms"] for s in points], [s[metric] for s in points], style, color="tab:green"
+                              if metric.startswith("clip") else "tab:red", mfc="white" if "r1" in metric else None,
+                              label=label)
+            _training_studies_axis(axis, pretraining)
+            axis.set_ylim(0, 1)
+            axis.set_title(f"what the data gave {encoder}", fontsize=9)
+            axis.set_ylabel("AUROC / recall")
+            axis.grid(alpha=0.3)
+            continue
         axis.set_ylabel("CE micro-F1 (test, 95% CI)")
         axis.grid(alpha=0.3)
     return save_figure(figure, axes[0], "Schedule and data scale at an equal training budget", 0.8, path)
+
+
+def _training_studies_axis(axis: Any, rows: list[dict[str, Any]]) -> None:
+    counts = sorted({r["phantoms"] for r in rows})
+    axis.set_xscale("log")
+    axis.set_xticks(counts, [str(c) for c in counts])
+    axis.minorticks_off()
+    axis.set_xlabel("training studies")
+
+
+def scale_grid_rows(rows: list[dict[str, Any]], scale_cell: tuple[str, str, int]) -> list[dict[str, Any]]:
+    """The finished single-scale, per-token cells of ``scale_cell`` (ENCODER, COMPRESSOR, TOKENS) at any training-set
+    size: the scale grid's cells and the encoders grid's cell it shares."""
+    return [r for r in rows if r.get("status") == "ok" and r.get("ce_micro_f1") is not None
+            and r["schedule"] == "single" and r.get("standardize") == "per_token"
+            and (r["encoder"], r["compressor"], r["tokens"]) == tuple(scale_cell)]
+
+
+def data_scale(rows: list[dict[str, Any]], scale_cell: tuple[str, str, int]) -> list[dict[str, Any]]:
+    """Per training-set size of ``scale_cell``: what the data bought the encoder (its CT-CLIP run's steps, validation
+    zero-shot AUROC and image→report recall@1; the dx arm's finding classifier's test AUROC) beside CE micro-F1 and the
+    SFT steps per arm, so a flat report curve can be told apart from an encoder that did not improve."""
+    sizes: dict[int, dict[str, Any]] = {}
+    for r in sorted(scale_grid_rows(rows, scale_cell), key=lambda r: (r["phantoms"], r["arm"])):
+        size = sizes.setdefault(r["phantoms"], {"phantoms": r["phantoms"]})
+        clip = r.get("clip") or {}
+        val = clip.get("val") or {}
+        for key, value in (("clip_steps", clip.get("steps")), ("clip_zero_shot_auroc", val.get("zero_shot_auroc")),
+                           ("clip_i2t_r1", val.get("i2t_R@1"))):
+            if value is not None:
+                size.setdefault(key, value)
+        if r.get("classifier_test_auroc") is not None:
+            size["classifier_test_auroc"] = r["classifier_test_auroc"]
+        size[f"ce_micro_f1_{r['arm']}"] = r["ce_micro_f1"]
+        size[f"sft_steps_{r['arm']}"] = (r.get("sft") or {}).get("steps")
+    return [sizes[count] for count in sorted(sizes)]
+
+
+def print_data_scale(summary: list[dict[str, Any]]) -> None:
+    if len(summary) < 2:
+        return
+    print("\nData scale (the scale cell per training-set size):")
+    print(f"  {'studies':>7} {'CLIP steps':>10} {'zero-shot AUROC':>15} {'R@1':>5} {'classifier AUROC':>16} "
+          + " ".join(f"{'CE ' + arm:>8}" for arm in ARMS))
+    def number(size: dict[str, Any], key: str, width: int) -> str:
+        value = size.get(key)
+        return f"{'–':>{width}}" if value is None else f"{value:>{width}.3f}"
+
+    for s in summary:
+        print(f"  {s['phantoms']:>7} {s.get('clip_steps') or '–':>10} {number(s, 'clip_zero_shot_auroc', 15)} "
+              f"{number(s, 'clip_i2t_r1', 5)} {number(s, 'classifier_test_auroc', 16)} "
+              + " ".join(number(s, f"ce_micro_f1_{arm}", 8) for arm in ARMS), flush=True)
 
 
 MARGINAL_FACTORS = ("encoder", "compressor", "tokens")
@@ -1404,6 +1469,8 @@ def main(argv: list[str] | None = None) -> int:
     steps_path = plot_path.with_name(f"{plot_path.stem}_steps{plot_path.suffix}")
     steps_picture = plot_steps(encoders_rows, baselines, args.phantoms, steps_path)
     results["steps_plot"] = str(steps_picture) if steps_picture else None
+    results["data_scale"] = data_scale(current, parse_scale_cell(args.scale_cell))
+    print_data_scale(results["data_scale"])
     grids_path = plot_path.with_name(f"{plot_path.stem}_grids{plot_path.suffix}")
     grids_picture = plot_grids(current, baselines, parse_scale_cell(args.scale_cell), args.phantoms, grids_path)
     results["grids_plot"] = str(grids_picture) if grids_picture else None

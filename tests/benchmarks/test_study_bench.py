@@ -401,6 +401,28 @@ def test_the_schedule_and_scale_grids_are_plotted(study: ModuleType, tmp_path: P
     assert not (tmp_path / "none.png").exists()
 
 
+def test_the_data_scale_summary_sets_the_encoder_beside_the_reports(study: ModuleType, tmp_path: Path) -> None:
+    def row(arm: str, phantoms: int, ce: float, auroc: float, classifier: float | None = None, **extra) -> dict:
+        return {"encoder": "resnet3d", "compressor": "pool", "tokens": 64, "schedule": "single", "arm": arm,
+                "phantoms": phantoms, "standardize": "per_token", "status": "ok", "ce_micro_f1": ce,
+                "ci95": [ce - 0.05, ce + 0.05], "sft": {"steps": 90}, "classifier_test_auroc": classifier,
+                "clip": {"steps": 700, "val": {"zero_shot_auroc": auroc, "i2t_R@1": auroc / 2}}, **extra}
+
+    rows = [row("image", 300, 0.14, 0.56), row("dx", 300, 0.23, 0.56, classifier=0.77),
+            row("image", 2400, 0.16, 0.71), row("dx", 2400, 0.30, 0.71, classifier=0.85),
+            row("image", 1200, 0.9, 0.9, standardize="per_channel"),  # the schedule grid's: another recipe
+            row("image", 1200, 0.9, 0.9, status="failed"), row("image", 1200, 0.9, 0.9, encoder="vit3d")]
+    summary = study.data_scale(rows, ("resnet3d", "pool", 64))
+    assert [s["phantoms"] for s in summary] == [300, 2400]
+    assert summary[0] == {"phantoms": 300, "clip_steps": 700, "clip_zero_shot_auroc": 0.56, "clip_i2t_r1": 0.28,
+                          "classifier_test_auroc": 0.77, "ce_micro_f1_image": 0.14, "ce_micro_f1_dx": 0.23,
+                          "sft_steps_image": 90, "sft_steps_dx": 90}
+    # the encoder's panel joins the CE curve once two sizes have their pretraining measured
+    picture = study.plot_grids(rows, [], ("resnet3d", "pool", 64), 1200, tmp_path / "scale.png")
+    assert picture is not None and picture.stat().st_size > 0
+    assert study.data_scale(rows[:2], ("resnet3d", "pool", 64))[0]["phantoms"] == 300
+
+
 def test_the_encoders_grid_is_summarised_per_factor_and_per_prompt_pair(study: ModuleType) -> None:
     def row(encoder: str, compressor: str, tokens: int, arm: str, ce: float, **extra) -> dict:
         return {"encoder": encoder, "compressor": compressor, "tokens": tokens, "schedule": "single", "arm": arm,
