@@ -56,7 +56,10 @@ atomically after every cell; rows of an earlier setup, e.g. another budget, are 
 plot of CE micro-F1 against visual tokens per encoder (``--plot``, default the ``--out`` path with ``.png``). The
 budget is time, so cells differ in steps as well as in their arm: ``steps_effect`` in the JSON gives, per arm, the
 Spearman correlation of each cell's steps with its scores, and ``<plot>_steps.png`` plots CE micro-F1 and BLEU-4
-against steps. A cell whose result is in the JSON for this setup, or whose run folder holds its result, is not
+against steps. ``marginals`` averages the encoders grid per encoder, compressor and token count and pairs its arms;
+``data_scale`` sets the scale cell's CE beside what each training-set size gave its encoder (CT-CLIP validation
+zero-shot AUROC and recall, the finding classifier's test AUROC); ``<plot>_grids.png`` plots the schedule and scale
+grids. A cell whose result is in the JSON for this setup, or whose run folder holds its result, is not
 rerun; runs live under ``WORK/runs/<setup id>/`` (``--work``, default ``study_work``). ``--grid`` and ``--cells``
 (patterns over ``encoder/compressor/tokens/schedule/phantoms/arm/standardize``, leading parts enough:
 ``resnet3d/pool/64``, ``*/pca``) run parts; ``--plan`` prints the cells, their compressors and what is finished,
